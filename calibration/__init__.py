@@ -1,0 +1,1 @@
+"""Calibration data and measurements (installed as ``tsa_patch.calibration``)."""

@@ -1,0 +1,102 @@
+"""Measure what users get: prefill a long prompt with TSA, then score the continuation densely, as decode sees it.
+
+TSA scores tokens with the last queries of the prompt, so it optimises the prefill for the END of the prompt,
+where generation starts. Teacher-forced metrics averaged over the whole prompt overstate its damage (rows in
+the middle lose keys they needed). The protocol here, used by calibration and evaluation alike:
+
+1. dense: prefill ``prompt`` with SDPA, then run the ``continuation`` tokens over the KV cache with SDPA;
+2. TSA: prefill ``prompt`` with the TSA implementation, then the same continuation with SDPA over its cache;
+3. compare the next-token distributions that predict each continuation token (the first one comes from the
+   prefill's last position): KL(dense || TSA), top-1 agreement, and the continuation's negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ContinuationMetrics:
+    """Averages over every continuation token of every sample.
+
+    Attributes:
+        kl: mean KL(dense || TSA) of the next-token distributions, in nats.
+        top1_agreement: fraction of positions where dense and TSA predict the same next token.
+        dense_nll, tsa_nll: mean negative log-likelihood of the true continuation tokens.
+        last_prompt_kl: KL at the prompt's last position only (the first generated token).
+    """
+
+    kl: float
+    top1_agreement: float
+    dense_nll: float
+    tsa_nll: float
+    last_prompt_kl: float
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) for k, v in self.__dict__.items()}
+
+
+def _cache_argument(model) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` on newer transformers 5.x, ``past_key_values`` on 5.17.
+
+    transformers renamed the argument and output field (the old name is deprecated until 5.40); drop this helper
+    once the oldest supported transformers has ``cache``.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tensor, prefill_impl: str,
+                           dense_impl: str) -> torch.Tensor:
+    """Log-probabilities (Lc, V) predicting each continuation token: prefill with one implementation, continue densely."""
+    model.set_attn_implementation(prefill_impl)
+    prefill = model(prompt, use_cache=True, logits_to_keep=1)
+    model.set_attn_implementation(dense_impl)
+    name = _cache_argument(model)
+    cache = getattr(prefill, name)
+    rest = model(continuation[:, :-1], **{name: cache}) if continuation.shape[1] > 1 else None
+    logits = prefill.logits[0, -1:] if rest is None else torch.cat([prefill.logits[0, -1:], rest.logits[0]])
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,
+                         dense_impl: str = "sdpa", on_sample: Callable[[], None] | None = None) -> ContinuationMetrics:
+    """Compare TSA with dense on the continuation of each sample (``sample[prompt_len:]``).
+
+    Args:
+        model: a model whose config carries a TSA policy, with ``sparse_impl`` registered.
+        samples: token id lists longer than ``prompt_len``.
+        prompt_len: tokens prefilled; the rest of each sample is the continuation.
+        sparse_impl: attention implementation of the TSA prefill (``tsa_v1``).
+        dense_impl: the dense implementation (reference prefill and every continuation).
+        on_sample: progress callback.
+
+    The model is left with ``sparse_impl`` set.
+    """
+    device = next(model.parameters()).device
+    kl, agree, dense_nll, tsa_nll, last_kl, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    try:
+        for ids in samples:
+            tokens = torch.tensor([ids], device=device)
+            prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
+            dense = _prefill_then_continue(model, prompt, continuation, dense_impl, dense_impl)  # (Lc, V)
+            sparse = _prefill_then_continue(model, prompt, continuation, sparse_impl, dense_impl)
+            per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
+            target = continuation[0, :, None]
+            kl += per_position_kl.sum().item()
+            last_kl += per_position_kl[0].item()
+            agree += (dense.argmax(-1) == sparse.argmax(-1)).sum().item()
+            dense_nll -= dense.gather(-1, target).sum().item()
+            tsa_nll -= sparse.gather(-1, target).sum().item()
+            count += continuation.shape[1]
+            if on_sample is not None:
+                on_sample()
+    finally:
+        model.set_attn_implementation(sparse_impl)
+    return ContinuationMetrics(kl=kl / count, top1_agreement=agree / count, dense_nll=dense_nll / count,
+                               tsa_nll=tsa_nll / count, last_prompt_kl=last_kl / len(samples))

@@ -1,0 +1,162 @@
+"""The transformers attention function that runs Token Sparse Attention, and its registration.
+
+``tsa_attention_forward`` has the contract of ``transformers.integrations.sdpa_attention.sdpa_attention_forward``:
+inputs (B, H, L, D) after RoPE and after the KV cache update, output (B, Lq, Hq, D) plus ``None`` weights.
+It reads the per-layer policy from ``module.config`` and ``module.layer_idx`` and takes the dense SDPA path,
+unchanged, for decode, short prompts, disabled layers and training. This file ships inside exported
+checkpoints: it imports only torch, transformers and its flat siblings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from .reference import causal_attention_ref, tsa_attention_ref
+
+_SDPA_BACKENDS = {
+    "auto": ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+    "cudnn": ["CUDNN_ATTENTION"],
+    "flash": ["FLASH_ATTENTION"],
+    "efficient": ["EFFICIENT_ATTENTION"],
+    "math": ["MATH"],
+}
+# Attribute of the attention module that holds the statistics of its last forward.
+_STATS_ATTR = "_tsa_last_forward"
+# Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
+_POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
+
+
+def policy_from_config(config) -> TsaPolicy:
+    """The validated ``TsaPolicy`` stored in ``config.tsa_policy`` (parsed once, then cached).
+
+    Raises:
+        ValueError: when the config carries no policy or an invalid one.
+    """
+    raw = getattr(config, CONFIG_KEY, None)
+    if raw is None:
+        raise ValueError(f"config has no '{CONFIG_KEY}' entry; load a tsa-patch export or call apply_policy_ first.")
+    cached = _POLICY_CACHE.get(id(raw))
+    if cached is None or cached[0] != raw:
+        cached = (copy.deepcopy(raw), TsaPolicy.from_dict(raw))
+        _POLICY_CACHE[id(raw)] = cached
+    return cached[1]
+
+
+def tsa_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Token Sparse Attention for one decoder layer (transformers ``AttentionInterface`` contract).
+
+    Args:
+        module: the model's attention module (gives ``config``, ``layer_idx``, ``training``).
+        query: (B, Hq, Lq, D) after RoPE.
+        key, value: (B, Hkv, Lk, D), the whole KV cache after its update; ``Lq <= Lk``.
+        attention_mask: ``sdpa_mask`` output: bool (B, 1, Lq, Lk) with True = attend, or None for an unpadded
+            causal prefill and for decode.
+        dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
+
+    Returns:
+        (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
+    """
+    policy = policy_from_config(module.config)
+    layer = policy.layers[module.layer_idx]
+    batch, num_heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+
+    # Dense path, unchanged: nothing to sparsify (decode, short prompts, dense layers) or training.
+    if not layer.active or module.training or q_len < policy.window or kv_len < policy.activation_length:
+        if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
+            setattr(module, _STATS_ATTR, _stats(module, "dense", q_len, kv_len, None))
+        with _backend(policy, query):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+
+    valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
+    out = query.new_zeros(batch, num_heads, q_len, head_dim)
+    kept_counts = []
+    with _backend(policy, query):
+        # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
+        for b in range(batch):
+            if valid is None:
+                q, k, v, rows = query[b], key[b], value[b], slice(None)
+            else:
+                positions = valid[b].nonzero()[:, 0]  # (n_b,) real tokens of sequence b
+                rows = positions[positions >= kv_len - q_len] - (kv_len - q_len)  # its real query rows
+                q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
+            if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
+                out[b][:, rows] = causal_attention_ref(q, k, v, scaling)
+                kept_counts.append(None)
+                continue
+            out_b, kept = tsa_attention_ref(q, k, v, tau=layer.tau, window=policy.window,
+                                            pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
+                                            selection=policy.selection, scaling=scaling)
+            out[b][:, rows] = out_b
+            kept_counts.append([kept.shape[1]] * kept.shape[0])
+    setattr(module, _STATS_ATTR, _stats(module, "sparse", q_len, kv_len, kept_counts))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
+    """(B, Lk) bool of real (non-padding) keys, read off the last query row of the 4-D mask; None if unpadded.
+
+    The last query row sees every real key under left padding (it is the newest real token) and under right
+    padding (``sdpa_mask`` masks padded keys, not padded queries), so it is the padding mask of the keys.
+    """
+    if attention_mask is None:
+        return None
+    last_row = attention_mask[:, 0, -1, -kv_len:]  # (B, Lk)
+    if last_row.dtype != torch.bool:  # additive float mask: 0 = attend, very negative = masked
+        last_row = last_row > torch.finfo(last_row.dtype).min / 2
+    return None if bool(last_row.all()) else last_row
+
+
+def _backend(policy: TsaPolicy, query: Tensor):
+    """SDPA backend context for the policy's ``dense_backend`` (PyTorch's own choice on CPU)."""
+    if query.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, name) for name in _SDPA_BACKENDS[policy.dense_backend]]
+    return sdpa_kernel(backends, set_priority=True)
+
+
+def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None) -> dict:
+    return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept}
+
+
+def tsa_statistics(model: torch.nn.Module) -> list[dict]:
+    """Per-layer statistics of the model's last prefill (a forward with more than one query token).
+
+    Each dict has ``layer``, ``path`` ("sparse" or "dense"), ``query_len``, ``kv_len`` and ``kept``: for a
+    sparse layer a list (one per sequence of the batch) of per-head kept-token counts, ``None`` for a sequence
+    that was too short; ``None`` for a dense layer.
+    """
+    found = [getattr(m, _STATS_ATTR) for m in model.modules() if hasattr(m, _STATS_ATTR)]
+    return sorted(found, key=lambda s: s["layer"])
+
+
+def register_tsa_attention() -> None:
+    """Register ``tsa_attention_forward`` and its mask function under ``ATTENTION_KEY`` (idempotent).
+
+    Both registrations are needed: transformers silently passes ``attention_mask=None`` to an attention
+    function whose key has no registered mask function, losing padding and causality.
+    """
+    AttentionInterface.register(ATTENTION_KEY, tsa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_KEY, sdpa_mask)

@@ -1,0 +1,167 @@
+"""The Token Sparse Attention policy: which layers go sparse, with which coverage threshold tau.
+
+This file ships inside exported checkpoints (flat, next to ``modeling_tsa.py``) and is also the schema the
+``tsa-patch`` CLI reads and writes, so the runtime and the tool validate a policy with the same code.
+It imports nothing beyond the standard library.
+
+A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone JSON file written by
+``tsa-patch calibrate``::
+
+    {"format_version": 1, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
+     "selection": "query_head", "dense_backend": "auto",
+     "layers": [{"enabled": false, "tau": 0.0}, {"enabled": true, "tau": 0.005}, ...],
+     "tool_version": "0.1.0", "source_model": "...", "calibration": {...}}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+POLICY_FORMAT_VERSION = 1
+# Attention and mask functions are registered under this key. The registry is process-global, so the key
+# carries the format version: two checkpoints with incompatible runtimes never overwrite each other.
+ATTENTION_KEY = f"tsa_v{POLICY_FORMAT_VERSION}"
+CONFIG_KEY = "tsa_policy"
+
+# "query_head": each query head keeps its own tokens; K/V are expanded to the query heads (the paper's choice).
+# "kv_group": the query heads sharing a KV head vote together and keep one token set; K/V are never expanded.
+SELECTION_MODES = ("query_head", "kv_group")
+# Dense attention kernel used on the compressed tensors (and on dense layers). "auto" prefers cuDNN, then
+# flash, then memory-efficient SDPA on CUDA; on CPU every value means PyTorch's default choice.
+DENSE_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """What one decoder layer does on a long prefill.
+
+    Args:
+        enabled: run Token Sparse Attention in this layer; ``False`` keeps the layer dense.
+        tau: token-coverage threshold in [0, 1): each prefill drops the least-important tail of tokens whose
+            head-averaged attention mass is below ``tau``. ``0`` drops nothing (the layer behaves densely).
+    """
+
+    enabled: bool = False
+    tau: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """True when the layer actually drops tokens."""
+        return self.enabled and self.tau > 0.0
+
+
+@dataclass(frozen=True)
+class TsaPolicy:
+    """A versioned, validated per-layer Token Sparse Attention policy.
+
+    Args:
+        layers: one ``LayerPolicy`` per decoder layer, in order.
+        window: the last ``window`` queries score every earlier key, and the last ``window`` tokens are always
+            kept (paper default 128: long enough to see the question at the end of a prompt).
+        pool_kernel: width of the average pool that smooths scores over neighbouring tokens (paper: 7), odd.
+        min_tokens: a sparse layer keeps at least this many tokens besides the window (paper: 1024), so short
+            prompts are never reduced to a handful of tokens.
+        activation_length: sequences shorter than this run dense; TSA's scoring cost is not repaid on them.
+        selection: one of ``SELECTION_MODES`` (how GQA heads choose tokens).
+        dense_backend: one of ``DENSE_BACKENDS``.
+        format_version: schema version; only ``POLICY_FORMAT_VERSION`` is understood.
+        tool_version: version of tsa-patch that wrote the policy ("" when written by hand).
+        source_model: the model the policy was calibrated on (hub id, folder or GGUF file), if known.
+        calibration: free-form provenance (method, data, samples, sequence length, seed, measurements).
+    """
+
+    layers: tuple[LayerPolicy, ...]
+    window: int = 128
+    pool_kernel: int = 7
+    min_tokens: int = 1024
+    activation_length: int = 2048
+    selection: str = "query_head"
+    dense_backend: str = "auto"
+    format_version: int = POLICY_FORMAT_VERSION
+    tool_version: str = ""
+    source_model: str | None = None
+    calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _check(self.format_version == POLICY_FORMAT_VERSION, "format_version", self.format_version,
+               f"this runtime understands format_version {POLICY_FORMAT_VERSION}; re-export with a matching tsa-patch")
+        _check(len(self.layers) > 0, "layers", "[]", "give one entry per decoder layer")
+        for i, layer in enumerate(self.layers):
+            _check(isinstance(layer, LayerPolicy), f"layers[{i}]", layer, "each layer is a LayerPolicy")
+            _check(isinstance(layer.enabled, bool), f"layers[{i}].enabled", layer.enabled, "use true or false")
+            _check(_is_number(layer.tau) and 0.0 <= layer.tau < 1.0, f"layers[{i}].tau", layer.tau,
+                   "tau must be in [0, 1); typical values are 0.005 to 0.02, and 0 keeps the layer dense")
+        _check(_is_int(self.window) and self.window >= 1, "window", self.window, "use a positive integer such as 128")
+        _check(_is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1, "pool_kernel",
+               self.pool_kernel, "use a positive odd integer such as 7")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+               "use a non-negative integer such as 1024")
+        _check(_is_int(self.activation_length) and self.activation_length > self.window, "activation_length",
+               self.activation_length, f"use an integer larger than window ({self.window})")
+        _check(self.selection in SELECTION_MODES, "selection", self.selection, f"use one of {list(SELECTION_MODES)}")
+        _check(self.dense_backend in DENSE_BACKENDS, "dense_backend", self.dense_backend,
+               f"use one of {list(DENSE_BACKENDS)}")
+        _check(isinstance(self.tool_version, str), "tool_version", self.tool_version, "use a string")
+        _check(self.source_model is None or isinstance(self.source_model, str), "source_model", self.source_model,
+               "use a string or null")
+        _check(isinstance(self.calibration, dict), "calibration", self.calibration, "use a JSON object")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """Indices of the layers that drop tokens."""
+        return [i for i, layer in enumerate(self.layers) if layer.active]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal policy."""
+        data = asdict(self)
+        data["layers"] = [asdict(layer) for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TsaPolicy:
+        """Build a policy from its dict form.
+
+        Raises:
+            ValueError: on unknown keys, a missing or unknown ``format_version``, or any out-of-range field;
+                the message names the field, the value and the fix.
+        """
+        _check(isinstance(data, dict), "policy", type(data).__name__, "a policy is a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, "policy", unknown, f"remove the unknown keys; known keys are {sorted(known)}")
+        _check("format_version" in data, "format_version", "missing", f"add \"format_version\": {POLICY_FORMAT_VERSION}")
+        _check("layers" in data, "layers", "missing", "give one {\"enabled\", \"tau\"} entry per decoder layer")
+        _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")
+        layers = []
+        for i, entry in enumerate(data["layers"]):
+            _check(isinstance(entry, dict) and set(entry) <= {"enabled", "tau"}, f"layers[{i}]", entry,
+                   "each layer is {\"enabled\": bool, \"tau\": float}")
+            layers.append(LayerPolicy(**entry))
+        return cls(**{**data, "layers": layers})
+
+    @classmethod
+    def uniform(cls, num_layers: int, tau: float, sparse_layers: list[int] | None = None, **options) -> TsaPolicy:
+        """A policy with one ``tau`` for ``sparse_layers`` (all layers when None) and dense elsewhere."""
+        chosen = set(range(num_layers) if sparse_layers is None else sparse_layers)
+        layers = [LayerPolicy(enabled=i in chosen, tau=tau if i in chosen else 0.0) for i in range(num_layers)]
+        return cls(layers=tuple(layers), **options)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value, fix: str) -> None:
+    # Explicit raise, never `assert`: `python -O` strips asserts and would accept any policy.
+    if not ok:
+        raise ValueError(f"invalid TSA policy: {name} = {value!r}; {fix}.")

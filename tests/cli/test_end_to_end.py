@@ -1,0 +1,132 @@
+"""calibrate -> export -> load in a fresh process, as a user would, with tsa_patch NOT importable there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tsa_patch.calibration.data import load_documents
+from tsa_patch.kernels.policy import TsaPolicy
+from tsa_patch.policy import read_policy, write_policy
+
+# Small window and floors so a 400-token prompt takes the sparse path on CPU in seconds.
+SMALL = ["--window", "16", "--min-tokens", "32", "--activation-length", "96"]
+
+USER_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+export, dense_export, source, ids_file = sys.argv[1:5]
+ids = torch.tensor([json.load(open(ids_file))])
+tokenizer = AutoTokenizer.from_pretrained(export)
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+report = {"class": type(model).__name__, "module": type(model).__module__,
+          "impl": model.config._attn_implementation, "eos": tokenizer.eos_token}
+with torch.no_grad():
+    tsa_logits = model(ids).logits
+    report["stats"] = model.tsa_statistics()
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    report["generated"] = generated.shape[1] - ids.shape[1]
+    dense = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    report["dense_impl"] = dense.config._attn_implementation
+    native = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    native_logits = native(ids).logits
+    report["sdpa_equals_native"] = torch.equal(dense(ids).logits, native_logits)
+    report["tsa_differs_from_native"] = not torch.equal(tsa_logits, native_logits)
+    report["tsa_finite"] = bool(torch.isfinite(tsa_logits).all())
+    tau0 = AutoModelForCausalLM.from_pretrained(dense_export, trust_remote_code=True, dtype=torch.float32)
+    report["tau0_impl"] = tau0.config._attn_implementation
+    report["tau0_equals_native"] = torch.equal(tau0(ids).logits, native_logits)
+print(json.dumps(report))
+"""
+
+NO_TRUST_SCRIPT = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])  # must not prompt (stdin is closed)
+print("tokenizer ok", type(tokenizer).__name__)
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except ValueError as err:
+    print("refused:", err)
+else:
+    print("LOADED WITHOUT trust_remote_code")
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, smollm2):
+    from typer.testing import CliRunner
+
+    from tsa_patch.cli.app import app
+
+    root = tmp_path_factory.mktemp("e2e")
+    runner = CliRunner()
+    calibrated = runner.invoke(app, ["calibrate", "--samples", "1", "--seq-len", "256", "--tau", "0.02", *SMALL,
+                                     "-o", str(root / "policy.json")])
+    assert calibrated.exit_code == 0, calibrated.stderr
+    exported = runner.invoke(app, ["export", str(root / "tsa"), "--policy", str(root / "policy.json")])
+    assert exported.exit_code == 0, exported.stderr
+    policy = read_policy(root / "policy.json")
+    dense_policy = TsaPolicy.from_dict({**policy.to_dict(), "layers": [{"enabled": True, "tau": 0.0}] * 30})
+    write_policy(dense_policy, root / "tau0.json")
+    exported = runner.invoke(app, ["export", str(root / "tau0"), "--policy", str(root / "tau0.json")])
+    assert exported.exit_code == 0, exported.stderr
+    return root, policy
+
+
+@pytest.fixture(scope="module")
+def user_report(exported, smollm2, tokenizer_ids, fresh_python):
+    root, _ = exported
+    result = fresh_python(USER_SCRIPT, str(root / "tsa"), str(root / "tau0"), str(smollm2.path), str(tokenizer_ids))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ids(tmp_path_factory, smollm2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    ids = tokenizer("\n\n".join(load_documents("paul-graham")[:3])).input_ids[:400]
+    path = tmp_path_factory.mktemp("ids") / "ids.json"
+    path.write_text(json.dumps(ids))
+    return path
+
+
+def test_trust_remote_code_builds_the_patched_class(user_report):
+    assert user_report["class"] == "TsaLlamaForCausalLM"
+    assert user_report["module"].startswith("transformers_modules.")
+    assert user_report["impl"] == "tsa_v1" and user_report["eos"] == "<|im_end|>"
+
+
+def test_sparse_path_runs_in_exactly_the_chosen_layers(user_report, exported):
+    _, policy = exported
+    stats = user_report["stats"]
+    assert [s["layer"] for s in stats if s["path"] == "sparse"] == policy.sparse_layers
+    for s in stats:
+        if s["path"] == "sparse":
+            assert 48 <= s["kept"][0][0] < 400  # min_tokens + window <= kept < prompt length
+    assert user_report["tsa_finite"] and user_report["tsa_differs_from_native"]
+
+
+def test_generate_works(user_report):
+    assert user_report["generated"] == 5
+
+
+def test_sdpa_override_gives_the_dense_model(user_report):
+    assert user_report["dense_impl"] == "sdpa" and user_report["sdpa_equals_native"]
+
+
+def test_tau_zero_export_equals_dense_logits(user_report):
+    assert user_report["tau0_impl"] == "tsa_v1" and user_report["tau0_equals_native"]
+
+
+def test_without_trust_remote_code_load_fails_loudly_and_tokenizer_loads(exported, fresh_python):
+    root, _ = exported
+    result = fresh_python(NO_TRUST_SCRIPT, str(root / "tsa"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenizer ok" in result.stdout
+    assert 'refused: Specified `attn_implementation="tsa_v1"` is not supported' in result.stdout

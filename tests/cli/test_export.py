@@ -1,0 +1,91 @@
+"""`tsa-patch export`: what it writes, and bad input (one line, exit 1, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tsa_patch.export import remote_code_files, sha256_file
+from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from tsa_patch.policy import write_policy
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    policy = TsaPolicy.uniform(30, 0.01, [20, 21], source_model="SmolLM2-135M-Instruct")
+    return write_policy(policy, tmp_path / "policy.json")
+
+
+def test_export_writes_a_complete_checkpoint(cli, tmp_path, policy_file, smollm2):
+    out = tmp_path / "export"
+    result = cli.invoke("export", out, "--policy", policy_file, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = cli.json(result.stdout)
+    names = {p.name for p in out.iterdir()}
+    code = {p.name for p in remote_code_files()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+            "tsa_provenance.json", "modeling_tsa.py"} | code <= names
+    assert "__init__.py" not in names and not any(p.is_dir() for p in out.iterdir())  # flat remote code
+    # weights byte-identical to the source
+    assert sha256_file(out / "model.safetensors") == sha256_file(smollm2.path / "model.safetensors")
+    assert report["weights_sha256"]["model.safetensors"] == sha256_file(smollm2.path / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_tsa.TsaLlamaForCausalLM"}
+    assert config["attn_implementation"] == ATTENTION_KEY and config["architectures"] == ["TsaLlamaForCausalLM"]
+    assert TsaPolicy.from_dict(config[CONFIG_KEY]).sparse_layers == [20, 21]
+    provenance = json.loads((out / "tsa_provenance.json").read_text())
+    assert provenance["remote_code_sha256"] == {p.name: sha256_file(p) for p in remote_code_files()}
+    assert provenance["command"].startswith("tsa-patch export")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "trust_remote_code=True" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "| 20 | sparse | 0.01 |" in card
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+def test_overwrite_replaces_a_previous_export(cli, tmp_path, policy_file, smollm2):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = cli.invoke("export", out, "--policy", policy_file, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_POLICIES = {
+    "missing": (None, "does not exist"),
+    "malformed": ("{\"layers\": [", "is not valid JSON"),
+    "tau-out-of-range": (json.dumps({**TsaPolicy.uniform(30, 0.01).to_dict(), "layers": [{"enabled": True, "tau": 1.0}] * 30}),
+                         "layers[0].tau = 1.0; tau must be in [0, 1)"),
+    "wrong-layer-count": (json.dumps(TsaPolicy.uniform(12, 0.01, source_model="SmolLM2-135M-Instruct").to_dict()),
+                          "the policy has 12 layers but model 'SmolLM2-135M-Instruct' has 30"),
+    "no-source-model": (json.dumps(TsaPolicy.uniform(30, 0.01).to_dict()), "records no source model; pass --model"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_POLICIES)
+def test_bad_policy_one_line_error_nothing_written(cli, tmp_path, name, smollm2):
+    text, fragment = BAD_POLICIES[name]
+    policy = tmp_path / "policy.json"
+    if text is not None:
+        policy.write_text(text)
+    before = cli.tree(tmp_path)
+    result = cli.invoke("export", tmp_path / "export", "--policy", policy)
+    cli.assert_one_line_error(result, fragment)
+    assert cli.tree(tmp_path) == before and not (tmp_path / "export").exists()
+
+
+def test_non_empty_out_dir_is_refused(cli, tmp_path, policy_file, smollm2):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = cli.tree(tmp_path)
+    result = cli.invoke("export", out, "--policy", policy_file)
+    cli.assert_one_line_error(result, "is not empty; choose another folder or pass --overwrite")
+    assert cli.tree(tmp_path) == before and {p.name for p in tmp_path.iterdir()} == {"export", "policy.json"}

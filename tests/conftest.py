@@ -1,0 +1,57 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct (converted once per cache), and fresh-process helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: hub ids resolve from the local cache or fail fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Prepended to every fresh-process script: makes `import tsa_patch` fail, as on a user's machine that only
+# has the exported checkpoint. Remote code that imported tsa_patch would break here.
+BLOCK_TSA_PATCH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _BlockTsaPatch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tsa_patch" or name.startswith("tsa_patch."):
+                raise ImportError("tsa_patch is not installed for checkpoint users")
+    sys.meta_path.insert(0, _BlockTsaPatch())
+    """
+)
+
+
+def run_python(code: str, *args: str, block_tsa_patch: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process (stdin closed: any interactive prompt fails instead of hanging)."""
+    script = (BLOCK_TSA_PATCH if block_tsa_patch else "") + textwrap.dedent(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env, cwd=Path(__file__).parent)
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """``run_python``: run a script in a fresh process where ``tsa_patch`` cannot be imported."""
+    return run_python
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model, resolved to its converted bf16 safetensors folder (converted once per cache)."""
+    from tsa_patch.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2):
+    """SmolLM2 loaded in float32 on CPU, with its tokenizer (shared: tests must restore any change they make)."""
+    from tsa_patch.models import load_model
+
+    return load_model(smollm2)

@@ -1,0 +1,126 @@
+"""tsa_attention_forward: the transformers contract, padding, chunked prefill, dense fallbacks, statistics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tsa_patch.kernels.attention import _STATS_ATTR, tsa_attention_forward
+from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch.kernels.reference import tsa_attention_ref
+
+
+class _Config:
+    pass
+
+
+class _Attention(torch.nn.Module):
+    """The attributes of a transformers attention module that the attention function reads."""
+
+    def __init__(self, policy: TsaPolicy, layer_idx: int = 0, groups: int = 2):
+        super().__init__()
+        self.config = _Config()
+        setattr(self.config, CONFIG_KEY, policy.to_dict())
+        self.layer_idx = layer_idx
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.eval()
+
+
+POLICY = TsaPolicy.uniform(2, 0.1, [0], window=8, min_tokens=4, activation_length=32)
+OPTIONS = dict(tau=0.1, window=8, pool_kernel=7, min_tokens=4, selection="query_head")
+
+
+def _padded_mask(lengths, kv_len, q_len, left=True):
+    """sdpa-style bool mask (B, 1, Lq, Lk): causal (bottom-right aligned) and real keys only."""
+    batch = len(lengths)
+    valid = torch.zeros(batch, kv_len, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if left:
+            valid[b, kv_len - n :] = True
+        else:
+            valid[b, :n] = True
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    return causal[None, None] & valid[:, None, None, :]
+
+
+@pytest.mark.parametrize("q_len", [None, 40])
+def test_left_padded_batch_gives_each_sequence_its_alone_result(q_len):
+    torch.manual_seed(0)
+    lengths, kv_len, d = [97, 61, 20], 97, 16
+    q_len = kv_len if q_len is None else q_len
+    module = _Attention(POLICY)
+    q, k, v = torch.randn(3, 4, q_len, d), torch.randn(3, 2, kv_len, d), torch.randn(3, 2, kv_len, d)
+    out, weights = tsa_attention_forward(module, q, k, v, _padded_mask(lengths, kv_len, q_len), scaling=d**-0.5)
+    assert weights is None and out.shape == (3, q_len, 4, d) and out.is_contiguous()
+    stats = getattr(module, _STATS_ATTR)
+    for b, n in enumerate(lengths):
+        alone_q = q[b : b + 1, :, max(0, q_len - n) :]
+        alone_kv = (k[b : b + 1, :, kv_len - n :], v[b : b + 1, :, kv_len - n :])
+        alone, _ = tsa_attention_forward(module, alone_q, *alone_kv, None, scaling=d**-0.5)
+        rows = alone.shape[1]
+        assert torch.allclose(out[b, q_len - rows :], alone[0], atol=1e-6, rtol=0), f"sequence {b}"
+        if n < POLICY.activation_length:
+            assert stats["kept"][b] is None  # too short alone: dense, also inside the batch
+        else:
+            assert stats["kept"][b] == getattr(module, _STATS_ATTR)["kept"][0]
+
+
+def test_right_padding_matches_alone():
+    torch.manual_seed(1)
+    lengths, kv_len, d = [80, 50], 80, 16
+    module = _Attention(POLICY)
+    q, k, v = torch.randn(2, 4, kv_len, d), torch.randn(2, 2, kv_len, d), torch.randn(2, 2, kv_len, d)
+    out, _ = tsa_attention_forward(module, q, k, v, _padded_mask(lengths, kv_len, kv_len, left=False),
+                                   scaling=d**-0.5)
+    alone, _ = tsa_attention_forward(module, q[1:, :, :50], k[1:, :, :50], v[1:, :, :50], None, scaling=d**-0.5)
+    assert torch.allclose(out[1, :50], alone[0], atol=1e-6, rtol=0)
+    assert (out[1, 50:] == 0).all()  # padded query rows are never computed
+
+
+def test_unpadded_batch_runs_the_reference_per_sequence():
+    torch.manual_seed(2)
+    module = _Attention(POLICY)
+    q, k, v = torch.randn(2, 4, 64, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=0.25)
+    for b in range(2):
+        ref, kept = tsa_attention_ref(q[b], k[b], v[b], scaling=0.25, **OPTIONS)
+        assert torch.equal(out[b].transpose(0, 1), ref)
+        assert getattr(module, _STATS_ATTR)["kept"][b] == [kept.shape[1]] * 4
+
+
+@pytest.mark.parametrize("case", ["decode", "dense_layer", "short_prompt", "training"])
+def test_dense_paths_equal_sdpa(case):
+    torch.manual_seed(3)
+    module = _Attention(POLICY, layer_idx=1 if case == "dense_layer" else 0)
+    if case == "training":
+        module.train()
+    q_len, kv_len = {"decode": (1, 64), "short_prompt": (20, 20)}.get(case, (64, 64))
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    assert torch.equal(out, ref)
+
+
+def test_policy_errors_are_reported_by_field():
+    module = _Attention(POLICY)
+    getattr(module.config, CONFIG_KEY)["layers"][0]["tau"] = 1.5
+    with pytest.raises(ValueError, match=r"layers\[0\]\.tau"):
+        tsa_attention_forward(module, torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16),
+                              torch.randn(1, 2, 64, 16), None)
+
+
+def test_import_does_not_initialise_cuda():
+    code = (
+        "import torch\n"
+        "def fail(*a, **k): raise RuntimeError('CUDA initialised at import')\n"
+        "torch.cuda.init = fail; torch.cuda._lazy_init = fail\n"
+        "import tsa_patch.kernels.modeling_tsa, tsa_patch.kernels.attention\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

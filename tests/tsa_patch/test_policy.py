@@ -1,0 +1,77 @@
+"""TsaPolicy schema (kernels/policy.py) and policy files (tsa_patch/policy.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tsa_patch.errors import PolicyError
+from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
+from tsa_patch.policy import read_policy, write_policy
+
+EXAMPLES = {
+    "paper-rule": TsaPolicy.uniform(30, 0.005, list(range(15, 30))),
+    "all-dense": TsaPolicy.uniform(4, 0.0),
+    "kv-group-cudnn": TsaPolicy.uniform(8, 0.02, [2, 3], selection="kv_group", dense_backend="cudnn", window=64),
+    "provenance": TsaPolicy.uniform(2, 0.01, tool_version="0.1.0", source_model="org/name",
+                                    calibration={"method": "representation-drift", "samples": 4}),
+}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_roundtrip(name, tmp_path):
+    policy = EXAMPLES[name]
+    assert TsaPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    assert read_policy(write_policy(policy, tmp_path / "p.json")) == policy
+
+
+def test_uniform_marks_only_chosen_layers():
+    policy = EXAMPLES["paper-rule"]
+    assert policy.sparse_layers == list(range(15, 30))
+    assert policy.layers[3] == LayerPolicy(enabled=False, tau=0.0)
+
+
+BAD = {
+    "tau-one": ({"layers": [{"enabled": True, "tau": 1.0}]}, r"layers\[0\]\.tau = 1\.0"),
+    "tau-negative": ({"layers": [{"enabled": True, "tau": -0.1}]}, r"layers\[0\]\.tau"),
+    "tau-nan": ({"layers": [{"enabled": True, "tau": math.nan}]}, r"layers\[0\]\.tau"),
+    "tau-string": ({"layers": [{"enabled": True, "tau": "0.1"}]}, r"layers\[0\]\.tau"),
+    "enabled-int": ({"layers": [{"enabled": 1, "tau": 0.1}]}, r"layers\[0\]\.enabled"),
+    "layer-extra-key": ({"layers": [{"enabled": True, "tau": 0.1, "k": 2}]}, r"layers\[0\]"),
+    "unknown-key": ({"layers": [], "taus": 1}, r"unknown keys"),
+    "no-layers": ({"layers": []}, r"layers = '\[\]'"),
+    "bad-version": ({"format_version": 99}, r"format_version = 99"),
+    "window-zero": ({"window": 0}, r"window = 0"),
+    "pool-even": ({"pool_kernel": 4}, r"pool_kernel = 4"),
+    "activation-short": ({"activation_length": 16, "window": 32}, r"activation_length = 16"),
+    "selection": ({"selection": "per_token"}, r"selection = 'per_token'"),
+    "backend": ({"dense_backend": "xformers"}, r"dense_backend = 'xformers'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_invalid_policies_name_the_field(name):
+    patch, pattern = BAD[name]
+    data = {**EXAMPLES["all-dense"].to_dict(), **patch}
+    with pytest.raises(ValueError, match=pattern):
+        TsaPolicy.from_dict(data)
+
+
+def test_missing_format_version_is_rejected():
+    data = EXAMPLES["all-dense"].to_dict()
+    del data["format_version"]
+    with pytest.raises(ValueError, match="format_version = 'missing'"):
+        TsaPolicy.from_dict(data)
+
+
+def test_read_policy_errors(tmp_path):
+    with pytest.raises(PolicyError, match="does not exist"):
+        read_policy(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        read_policy(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(PolicyError, match="a policy is a JSON object"):
+        read_policy(tmp_path / "list.json")

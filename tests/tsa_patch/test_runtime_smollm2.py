@@ -1,0 +1,79 @@
+"""The runtime on the real SmolLM2-135M-Instruct: padding, tau = 0, sparse layers, generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsa_patch.calibration.data import load_documents
+from tsa_patch.kernels.attention import tsa_statistics
+from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch.policy import apply_policy_
+
+# Small window and floors so that prompts of a few hundred tokens take the sparse path on CPU.
+SMALL = dict(window=16, min_tokens=32, activation_length=96)
+SPARSE_LAYERS = list(range(10, 30))
+
+
+@pytest.fixture
+def patched(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+
+    def apply(policy: TsaPolicy):
+        return apply_policy_(model, policy)
+
+    yield apply, model, tokenizer
+    model.set_attn_implementation("sdpa")
+    delattr(model.config, CONFIG_KEY)
+
+
+def _essay_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
+    text = "\n\n".join(load_documents("paul-graham")[:6])
+    return tokenizer(text).input_ids[offset : offset + n_tokens]
+
+
+def test_left_padded_batch_equals_each_sequence_alone(patched):
+    apply, model, tokenizer = patched
+    apply(TsaPolicy.uniform(30, 0.05, SPARSE_LAYERS, **SMALL))
+    sequences = [_essay_ids(tokenizer, 300), _essay_ids(tokenizer, 180, offset=1000)]
+    width = max(map(len, sequences))
+    ids = torch.full((2, width), tokenizer.pad_token_id)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, width - len(seq) :] = torch.tensor(seq)
+        mask[b, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, position_ids=positions).logits
+        batch_stats = tsa_statistics(model)
+        for b, seq in enumerate(sequences):
+            alone = model(torch.tensor([seq])).logits[0]
+            alone_stats = tsa_statistics(model)
+            assert (batched[b, width - len(seq) :] - alone).abs().max().item() < 2e-4, f"sequence {b}"
+            for layer in SPARSE_LAYERS:
+                assert batch_stats[layer]["path"] == "sparse"
+                assert batch_stats[layer]["kept"][b] == alone_stats[layer]["kept"][0]
+                assert alone_stats[layer]["kept"][0][0] < len(seq), "the sparse path must drop tokens"
+
+
+def test_tau_zero_gives_dense_logits(patched):
+    apply, model, tokenizer = patched
+    ids = torch.tensor([_essay_ids(tokenizer, 200)])
+    with torch.no_grad():
+        dense = model(ids).logits
+        apply(TsaPolicy.uniform(30, 0.0, **SMALL))
+        assert torch.equal(model(ids).logits, dense)
+
+
+def test_sparse_layers_drop_tokens_and_generate_works(patched):
+    apply, model, tokenizer = patched
+    apply(TsaPolicy.uniform(30, 0.02, SPARSE_LAYERS, **SMALL))
+    ids = torch.tensor([_essay_ids(tokenizer, 400)])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 405)
+    stats = tsa_statistics(model)  # the prefill's, not the decode steps'
+    assert [s["layer"] for s in stats if s["path"] == "sparse"] == SPARSE_LAYERS
+    for s in stats:
+        if s["path"] == "sparse":
+            kept = s["kept"][0]
+            assert len(kept) == 9 and SMALL["min_tokens"] + SMALL["window"] <= kept[0] < 400

@@ -1,0 +1,104 @@
+"""The model card (README.md) written into every export."""
+
+from __future__ import annotations
+
+import re
+
+from .kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from .models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME, ModelSource
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict) -> str:
+    """Markdown model card with YAML front matter: what changed, usage, the policy, provenance, limitations."""
+    base_model, license_ = _base_model_and_license(source)
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    if license_:
+        front.append(f"license: {license_}")
+    front += ["tags:", "- tsa-patch", "- token-sparse-attention", "- sparse-attention", "- long-context", "---"]
+    name = base_model or source.spec
+    sparse = policy.sparse_layers
+    rows = "\n".join(
+        f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} |" for i, layer in enumerate(policy.layers)
+    )
+    calibration = policy.calibration or {}
+    calibration_lines = "\n".join(
+        f"- {key}: `{value}`" for key, value in calibration.items() if key != "drift"
+    ) or "- (no calibration record: the policy was written by hand)"
+    return f"""{chr(10).join(front)}
+
+# {name} with Token Sparse Attention
+
+This checkpoint is **{name}** with its attention patched by
+tsa-patch {provenance["tool_version"]} to run **Token Sparse Attention** (TSA; Jo et al.,
+arXiv 2602.03216) during prefill. The weights are the original ones, byte for byte (SHA-256 in
+`tsa_provenance.json`). In {len(sparse)} of {policy.num_layers} layers, each head attends only to the tokens
+that carry its attention mass on long prompts: the least-important tail of total mass below tau is dropped,
+the attention kernel runs on the compact tensors, and the output is scattered back, so later layers can
+re-select any token. Decoding is unchanged.
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True, revision="COMMIT")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO", revision="COMMIT")
+out = model.generate(**tokenizer(long_prompt, return_tensors="pt"), max_new_tokens=64)
+print(model.tsa_statistics())  # per layer: sparse or dense, kept tokens per head in the last forward
+```
+
+`trust_remote_code=True` is required: the attention code ships as `modeling_tsa.py` and its flat siblings
+(`attention.py`, `reference.py`, `policy.py`; they import only torch and transformers, and do no I/O).
+Pin `revision` to a commit you have read. Without `trust_remote_code` the load fails on purpose
+(`attn_implementation="{ATTENTION_KEY}"` is not supported), instead of silently giving the dense model.
+Pass `attn_implementation="sdpa"` to get the original dense model for comparison.
+
+## Policy
+
+Stored in `config.json` under `{CONFIG_KEY}` (format version {policy.format_version}).
+Window {policy.window}, pooling kernel {policy.pool_kernel}, min tokens {policy.min_tokens},
+prompts shorter than {policy.activation_length} tokens run dense, selection `{policy.selection}`,
+dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.
+
+| layer | attention | tau |
+| --- | --- | --- |
+{rows}
+
+## Calibration
+
+{calibration_lines}
+
+## How this checkpoint was made
+
+```bash
+{provenance.get("command") or "(library call)"}
+```
+
+tsa-patch {provenance["tool_version"]}, transformers {provenance["versions"]["transformers"]},
+torch {provenance["versions"]["torch"]}, created {provenance["created"]}. Source: `{source.spec}`.
+
+## Limitations
+
+- Prefill only: decoding (one query token) and prompts shorter than {policy.activation_length} tokens use
+  dense SDPA.
+- Engines that do not run transformers' modeling code (vLLM, SGLang, TGI, llama.cpp) do not run the sparse
+  path; `architectures` names the TSA class so they refuse the checkpoint rather than serve it densely.
+- Dropped tokens get zero output from that head in that layer; the residual stream carries them. Accuracy
+  was measured only as described under Calibration.
+"""
+
+
+def _base_model_and_license(source: ModelSource) -> tuple[str | None, str | None]:
+    if source.spec == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE
+    base = source.spec if _HUB_ID.match(source.spec) else None
+    license_ = None
+    readme = source.path / "README.md"
+    if readme.is_file():
+        match = re.search(r"^license:\s*(\S+)\s*$", readme.read_text(errors="replace").split("\n---", 1)[0], re.M)
+        license_ = match.group(1) if match else None
+    return base, license_

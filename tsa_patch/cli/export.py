@@ -1,0 +1,53 @@
+"""`tsa-patch export OUT_DIR`: write a checkpoint that runs Token Sparse Attention with trust_remote_code=True."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import PolicyError
+from ..export import export
+from ..models import resolve_model
+from ..policy import read_policy
+from ._options import DEFAULT_POLICY_PATH, JsonOpt, PolicyOpt
+from ._output import Output, handle_errors
+
+EXPORT_EXAMPLES = """
+Examples:
+
+  tsa-patch export out/smollm2-tsa                      # policy from ./tsa_policy.json, model recorded in it
+
+  tsa-patch export out/llama-tsa --policy llama.json --model ./my-llama --overwrite
+"""
+
+
+@handle_errors
+def export_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be absent or empty unless --overwrite).")],
+    policy: PolicyOpt = DEFAULT_POLICY_PATH,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Source model; default: the one recorded in the policy.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Write weights, config.json with the policy, remote code, tokenizer, model card and provenance to OUT_DIR."""
+    out = Output(json_output)
+    loaded_policy = read_policy(policy)
+    spec = model or loaded_policy.source_model
+    if spec is None:
+        raise PolicyError(f"policy file '{policy}' records no source model; pass --model.")
+    with out.status("Resolving model"):
+        source = resolve_model(spec)
+    command = ["tsa-patch", "export", str(out_dir), "--policy", str(policy)]
+    command += ["--model", model] if model else []
+    command += ["--overwrite"] if overwrite else []
+    with out.status(f"Writing {out_dir}"):
+        result = export(source, loaded_policy, out_dir, overwrite=overwrite, command=shlex.join(command))
+    out.hint(
+        f"Exported {source.spec} with {len(loaded_policy.sparse_layers)} sparse layers to {result.out_dir}.\n"
+        f"Load it with: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r}, trust_remote_code=True)"
+    )
+    out.emit({"out_dir": str(result.out_dir), "source_model": source.spec, "weights_sha256": result.weights,
+              "remote_code_sha256": result.remote_code, "sparse_layers": loaded_policy.sparse_layers})
