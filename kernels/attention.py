@@ -19,7 +19,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from .reference import causal_attention_ref, tsa_attention_ref
+from .reference import causal_attention
+from .tsa import HAS_TRITON, tsa_attention
 
 _SDPA_BACKENDS = {
     "auto": ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
@@ -70,6 +71,8 @@ def tsa_attention_forward(
         attention_mask: ``sdpa_mask`` output: bool (B, 1, Lq, Lk) with True = attend, or None for an unpadded
             causal prefill and for decode.
         dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
+        tsa_keep_fraction (keyword, via ``model(..., tsa_keep_fraction=f)``): benchmarks only; every sparse
+            layer keeps this fraction of its candidate tokens instead of applying tau.
 
     Returns:
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
@@ -89,28 +92,32 @@ def tsa_attention_forward(
                                           scaling=scaling, is_causal=is_causal, **kwargs)
 
     valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
-    out = query.new_zeros(batch, num_heads, q_len, head_dim)
-    kept_counts = []
+    backend = "triton" if query.is_cuda and HAS_TRITON else "torch"
+    outputs, kept_counts = [], []
     with _backend(policy, query):
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
         for b in range(batch):
             if valid is None:
-                q, k, v, rows = query[b], key[b], value[b], slice(None)
+                q, k, v, rows = query[b], key[b], value[b], None
             else:
                 positions = valid[b].nonzero()[:, 0]  # (n_b,) real tokens of sequence b
                 rows = positions[positions >= kv_len - q_len] - (kv_len - q_len)  # its real query rows
                 q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
             if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
-                out[b][:, rows] = causal_attention_ref(q, k, v, scaling)
-                kept_counts.append(None)
-                continue
-            out_b, kept = tsa_attention_ref(q, k, v, tau=layer.tau, window=policy.window,
+                out_b, counts = causal_attention(q, k, v, scaling).transpose(0, 1), None  # (Lq_b, Hq, D)
+            else:
+                out_b, kept = tsa_attention(q, k, v, tau=layer.tau, window=policy.window,
                                             pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-                                            selection=policy.selection, scaling=scaling)
-            out[b][:, rows] = out_b
-            kept_counts.append([kept.shape[1]] * kept.shape[0])
+                                            selection=policy.selection, scaling=scaling, backend=backend,
+                                            keep_fraction=kwargs.get("tsa_keep_fraction"))
+                counts = [kept.shape[1]] * kept.shape[0]
+            if rows is not None:  # padded: place the real rows, padded query rows stay 0
+                out_b = out_b.new_zeros(q_len, num_heads, head_dim).index_copy_(0, rows, out_b)
+            outputs.append(out_b)
+            kept_counts.append(counts)
     setattr(module, _STATS_ATTR, _stats(module, "sparse", q_len, kv_len, kept_counts))
-    return out.transpose(1, 2).contiguous(), None
+    out = outputs[0][None] if batch == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
+    return out.contiguous(), None
 
 
 def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:

@@ -13,6 +13,20 @@ import pytest
 # Tests never touch the network: hub ids resolve from the local cache or fail fast.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Run the Triton kernels on CPU through the interpreter; this must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
 # Prepended to every fresh-process script: makes `import tsa_patch` fail, as on a user's machine that only
 # has the exported checkpoint. Remote code that imported tsa_patch would break here.
 BLOCK_TSA_PATCH = textwrap.dedent(

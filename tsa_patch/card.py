@@ -24,6 +24,7 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict) 
     rows = "\n".join(
         f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} |" for i, layer in enumerate(policy.layers)
     )
+    siblings = ", ".join(f"`{name}`" for name in sorted(provenance["remote_code_sha256"]) if name != "modeling_tsa.py")
     calibration = policy.calibration or {}
     calibration_lines = "\n".join(
         f"- {key}: `{value}`" for key, value in calibration.items() if key != "drift"
@@ -52,7 +53,7 @@ print(model.tsa_statistics())  # per layer: sparse or dense, kept tokens per hea
 ```
 
 `trust_remote_code=True` is required: the attention code ships as `modeling_tsa.py` and its flat siblings
-(`attention.py`, `reference.py`, `policy.py`; they import only torch and transformers, and do no I/O).
+({siblings}; they import only torch, transformers and, when present, triton, and do no I/O).
 Pin `revision` to a commit you have read. Without `trust_remote_code` the load fails on purpose
 (`attn_implementation="{ATTENTION_KEY}"` is not supported), instead of silently giving the dense model.
 Pass `attn_implementation="sdpa"` to get the original dense model for comparison.

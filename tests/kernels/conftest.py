@@ -11,7 +11,7 @@ def brute_scores(query, key, window, scaling):
     num_heads, _, _ = query.shape
     kv_heads, kv_len, _ = key.shape
     q, k = query.double(), key.double().repeat_interleave(num_heads // kv_heads, dim=0)
-    scores = torch.zeros(num_heads, kv_len - window, dtype=torch.float64)
+    scores = torch.zeros(num_heads, kv_len - window, dtype=torch.float64, device=query.device)
     for w in range(window):
         position = kv_len - window + w  # original position of this voting query
         logits = (q[:, q.shape[1] - window + w] [:, None, :] * k[:, : position + 1]).sum(-1) * scaling  # (Hq, pos+1)
@@ -28,9 +28,10 @@ def brute_restricted_attention(query, key, value, kept, scaling):
     group = num_heads // kv_heads
     k, v = key.double().repeat_interleave(group, 0), value.double().repeat_interleave(group, 0)
     kept_q = kept.repeat_interleave(num_heads // kept.shape[0], 0)
-    member = torch.zeros(num_heads, kv_len, dtype=torch.bool).scatter_(1, kept_q, True)
-    query_pos = torch.arange(kv_len - q_len, kv_len)
-    allowed = member[:, None, :] & (torch.arange(kv_len)[None, None, :] <= query_pos[None, :, None])
+    device = query.device
+    member = torch.zeros(num_heads, kv_len, dtype=torch.bool, device=device).scatter_(1, kept_q, True)
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    allowed = member[:, None, :] & (torch.arange(kv_len, device=device)[None, None, :] <= query_pos[None, :, None])
     logits = torch.einsum("hqd,hkd->hqk", query.double(), k) * scaling
     logits = logits.masked_fill(~allowed, float("-inf"))
     out = torch.einsum("hqk,hkd->hqd", torch.softmax(logits, -1).nan_to_num(0.0), v)

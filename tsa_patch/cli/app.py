@@ -7,6 +7,7 @@ import os
 import typer
 
 from .. import __version__
+from .bench import BENCH_EXAMPLES, bench_command
 from .calibrate import CALIBRATE_EXAMPLES, calibrate_command
 from .export import EXPORT_EXAMPLES, export_command
 
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate_command)
 app.command("export", epilog=EXPORT_EXAMPLES)(export_command)
+app.command("bench", epilog=BENCH_EXAMPLES)(bench_command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,144 @@
+"""Triton twin of ``score_keys_ref``: recent-window scoring in two passes, fp32 accumulation, no W x L tensor.
+
+Pass 1 (``_window_stats_kernel``): for each of the last W queries, the running max ``m`` and normaliser ``l`` of
+its causal softmax over ALL keys (online softmax, as in FlashAttention). The key range is split over several
+programs so that a long sequence fills the GPU; the splits are merged with a log-sum-exp in PyTorch.
+Pass 2 (``_key_scores_kernel``): for each block of candidate keys, ``mean_w exp(s_wj - m_w) / l_w``.
+Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T on tensor
+cores. Cost per head: 2 x (2 W Lk D) FLOPs; memory: K twice, Q_window and the (Hq, Lk - W) output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # the checkpoint still loads; attention.py then uses the PyTorch reference
+    _HAS_TRITON = False
+
+# log2(e): the kernels use exp2, the native instruction, so logits are pre-multiplied by it.
+_LOG2E = 1.4426950408889634
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _window_stats_kernel(Q, K, M, L, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
+                             kv_len, window, group, qk_scale, blocks_per_split,
+                             BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        head = tl.program_id(0)
+        w_block = tl.program_id(1)
+        split = tl.program_id(2)
+        offs_w = w_block * BLOCK_W + tl.arange(0, BLOCK_W)  # window query index, 0..W-1
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
+                    mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        query_pos = kv_len - window + offs_w
+        k_base = K + (head // group) * stride_kh
+        m_i = tl.full([BLOCK_W], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_W], tl.float32)
+        for i in range(0, blocks_per_split):
+            offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_W, BLOCK_N), log2 domain
+            visible = (offs_n[None, :] < kv_len) & (offs_n[None, :] <= query_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a split that sees no key keeps l = 0
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        out = head * stride_mh + split * stride_ms + offs_w
+        tl.store(M + out, m_i, mask=offs_w < window)
+        tl.store(L + out, l_i, mask=offs_w < window)
+
+    @triton.jit
+    def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_oh,
+                           candidates, window, group, qk_scale, inv_window,
+                           BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        head = tl.program_id(0)
+        n_block = tl.program_id(1)
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = tl.load(K + (head // group) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < candidates) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        # Candidate keys precede every window query, so no causal mask is needed here.
+        for w in range(0, window, BLOCK_W):
+            offs_w = w + tl.arange(0, BLOCK_W)
+            q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
+                        mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            m = tl.load(M + head * stride_mh + offs_w, mask=offs_w < window, other=0.0)
+            inv_l = 1.0 / tl.load(L + head * stride_mh + offs_w, mask=offs_w < window, other=1.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_W, BLOCK_N)
+            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+            acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
+        tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def score_keys(query: Tensor, key: Tensor, window: int, scaling: float) -> Tensor:
+    """Triton twin of ``reference.score_keys_ref`` (same arguments, same result up to rounding).
+
+    Args:
+        query: (Hq, Lq, D) with ``Lq >= window``; key: (Hkv, Lk, D); fp16, bf16 or fp32, on a CUDA device (or
+            any device under ``TRITON_INTERPRET=1``). The head dim must be unit-stride.
+        window, scaling: as for the reference.
+
+    Returns:
+        (Hq, Lk - window) float32 scores.
+    """
+    num_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len, _ = key.shape
+    if num_heads % kv_heads or q_len < window or window < 1 or key.shape[2] != head_dim:
+        raise ValueError(f"score_keys: bad shapes query {tuple(query.shape)}, key {tuple(key.shape)}, window {window}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        raise ValueError("score_keys: the head dim of query and key must be contiguous")
+    q_window = query[:, q_len - window :]  # (Hq, W, D) view
+    block_d = _block_d(head_dim)
+    block_w, block_n = 64, 64
+    # Enough key splits to give every SM a few programs in pass 1, each split a whole number of blocks.
+    target_programs = 4 * _multiprocessors(query.device)
+    splits = max(1, min(triton.cdiv(kv_len, 1024), target_programs // (num_heads * triton.cdiv(window, block_w))))
+    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n)
+    splits = triton.cdiv(kv_len, blocks_per_split * block_n)
+    m = torch.empty(num_heads, splits, window, device=query.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    qk_scale = scaling * _LOG2E
+    # fp32 inputs would otherwise be multiplied in tf32 (~1e-3 relative error); half precision is exact in fp32.
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    _window_stats_kernel[(num_heads, triton.cdiv(window, block_w), splits)](
+        q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+        m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, qk_scale, blocks_per_split,
+        BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
+        num_warps=4, num_stages=3)
+    # Merge the splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m). Every query sees key 0, so m is finite.
+    m_all = m.amax(dim=1)  # (Hq, W)
+    l_all = (l * torch.exp2(m - m_all[:, None])).sum(dim=1)
+    candidates = kv_len - window
+    out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
+    if candidates > 0:
+        _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
+            q_window, key, m_all, l_all, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+            m_all.stride(0), out.stride(0), candidates, window, num_heads // kv_heads, qk_scale, 1.0 / window,
+            BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
+        num_warps=4, num_stages=3)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another

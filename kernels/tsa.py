@@ -1,0 +1,86 @@
+"""Token Sparse Attention for one sequence: the paper's steps chained, on PyTorch or Triton stages.
+
+    score -> smooth -> coverage -> select -> compress -> attend -> decompress
+
+The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in the Triton
+twins of the scoring, compression and decompression stages (CUDA). Selection is the same PyTorch code on both
+(sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
+tensors is PyTorch SDPA under whatever backend the caller activated (cuDNN, flash, ...).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+# Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
+from .reference import (causal_attention, compress_ref, decompress_ref, query_rows, score_keys_ref,
+                        select_tokens_ref)
+from .triton_rows import _HAS_TRITON as _HAS_TRITON_ROWS
+from .triton_rows import compress, decompress
+from .triton_score import _HAS_TRITON as _HAS_TRITON_SCORE
+from .triton_score import score_keys
+
+HAS_TRITON = _HAS_TRITON_SCORE and _HAS_TRITON_ROWS
+_STAGES = {
+    "torch": (score_keys_ref, compress_ref, decompress_ref),
+    "triton": (score_keys, compress, decompress),
+}
+
+
+def tsa_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    tau: float,
+    window: int,
+    pool_kernel: int,
+    min_tokens: int,
+    selection: str,
+    scaling: float,
+    keep_fraction: float | None = None,
+    backend: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """Token Sparse Attention for one sequence (no batch dimension).
+
+    A full prefill (``Lq == Lk``) follows the paper: the last ``window`` queries score the keys
+    ``[0, Lk - window)``, each head keeps its top-K of them plus the window, and Q, K and V are all compressed;
+    a dropped query row gets output 0. A chunk of a longer prompt (``window <= Lq < Lk``) keeps every query of
+    the chunk and every chunk key, and drops only keys of the earlier context.
+
+    Args:
+        query: (Hq, Lq, D) after RoPE, the last ``Lq`` positions.
+        key, value: (Hkv, Lk, D), the whole sequence (nothing is evicted from the KV cache).
+        tau, window, pool_kernel, min_tokens: Dynamic Token Coverage knobs (``reference.select_tokens_ref``).
+        selection: "query_head" (each query head keeps its own tokens; K/V rows are gathered per query head, as
+            in the paper) or "kv_group" (the query heads of a KV group average their scores and share one set,
+            so K/V stay at Hkv heads).
+        scaling: softmax scale.
+        keep_fraction: benchmarks only: keep this fraction of the candidates instead of deriving the count
+            from ``tau`` (to time a stated operating point on random weights); None (the default) uses tau.
+        backend: "torch" or "triton".
+
+    Returns:
+        out: (Lq, Hq, D). For head h, a computed row equals dense causal attention restricted to h's kept
+            keys; a dropped row is exactly 0.
+        kept_indices: (Hs, K') ascending positions in ``[0, Lk)``.
+    """
+    score_keys, compress, decompress = _STAGES[backend]
+    num_heads, q_len, _ = query.shape
+    kv_heads, kv_len, _ = key.shape
+    candidates = kv_len - window if q_len == kv_len else kv_len - q_len
+
+    # 1. score: the last W queries vote for every earlier key (softmax in fp32).
+    scores = score_keys(query, key, window, scaling)[:, :candidates]  # (Hq, C)
+    if selection == "kv_group":
+        scores = scores.view(kv_heads, num_heads // kv_heads, candidates).mean(dim=1)  # (Hkv, C)
+    # 2-4. smooth, coverage, select.
+    keep = None if keep_fraction is None else round(keep_fraction * candidates)
+    kept = select_tokens_ref(scores, kv_len, tau, pool_kernel, min_tokens, keep)  # (Hs, K')
+    rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
+    # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
+    query_c, key_c, value_c = compress(query, key, value, kept, rows)
+    # 6. attend with a dense kernel.
+    out_c = causal_attention(query_c, key_c, value_c, scaling)  # (Hq, Lq', D)
+    # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
+    return decompress(out_c, rows, q_len), kept
