@@ -22,17 +22,34 @@ except ImportError:  # the checkpoint still loads; attention.py then uses the Py
 if _HAS_TRITON:
 
     @triton.jit
-    def _gather_rows_kernel(Src, Index, Dst, stride_sh, stride_sl, stride_ih, stride_dh, stride_dl,
-                            rows, heads_per_src, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HEAD_DIM: tl.constexpr):
-        head = tl.program_id(0)
+    def _gather_rows(Src, Index, Dst, head, stride_sh, stride_sl, stride_ih, stride_dh, stride_dl, heads, rows,
+                     heads_per_src, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # Rows Index[head, block] of source head head // heads_per_src into Dst[head, block].
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, BLOCK_D)
-        in_range = offs_r < rows
+        in_range = (offs_r < rows) & (head < heads)
         index = tl.load(Index + head * stride_ih + offs_r, mask=in_range, other=0)
         mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
         x = tl.load(Src + (head // heads_per_src) * stride_sh + index[:, None] * stride_sl + offs_d[None, :], mask=mask)
         tl.store(Dst + head * stride_dh + offs_r[:, None] * stride_dl + offs_d[None, :], x, mask=mask)
+
+    @triton.jit
+    def _compress_kernel(Q, K, V, Qc, Kc, Vc, Rows, Kept, stride_qh, stride_ql, stride_kh, stride_kl, stride_rh,
+                         stride_eh, stride_qch, stride_qcl, stride_kch, stride_kcl, num_heads, q_rows, sel_heads,
+                         kept_rows, group_q, group_kv, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HEAD_DIM: tl.constexpr):
+        # One launch for all three tensors: axis 2 picks Q (0), K (1) or V (2).
+        head = tl.program_id(0)
+        which = tl.program_id(2)
+        if which == 0:
+            _gather_rows(Q, Rows, Qc, head, stride_qh, stride_ql, stride_rh, stride_qch, stride_qcl, num_heads,
+                         q_rows, group_q, BLOCK_R, BLOCK_D, HEAD_DIM)
+        elif which == 1:
+            _gather_rows(K, Kept, Kc, head, stride_kh, stride_kl, stride_eh, stride_kch, stride_kcl, sel_heads,
+                         kept_rows, group_kv, BLOCK_R, BLOCK_D, HEAD_DIM)
+        else:
+            _gather_rows(V, Kept, Vc, head, stride_kh, stride_kl, stride_eh, stride_kch, stride_kcl, sel_heads,
+                         kept_rows, group_kv, BLOCK_R, BLOCK_D, HEAD_DIM)
 
     @triton.jit
     def _scatter_rows_kernel(Src, Index, Dst, stride_sh, stride_sl, stride_ih, stride_dl, stride_dh, rows,
@@ -50,18 +67,6 @@ if _HAS_TRITON:
 _BLOCK_R = 64
 
 
-def _gather(src: Tensor, index: Tensor) -> Tensor:
-    """rows ``index[h]`` of ``src[h // (H / Hsrc)]`` -> (H, R, D) contiguous."""
-    heads, rows = index.shape
-    head_dim = src.shape[-1]
-    dst = torch.empty(heads, rows, head_dim, device=src.device, dtype=src.dtype)
-    _gather_rows_kernel[(heads, triton.cdiv(rows, _BLOCK_R))](
-        src, index, dst, src.stride(0), src.stride(1), index.stride(0), dst.stride(0), dst.stride(1),
-        rows, heads // src.shape[0], BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim),
-        HEAD_DIM=head_dim, num_warps=4)
-    return dst
-
-
 def compress(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of ``reference.compress_ref`` (same arguments and results).
 
@@ -76,8 +81,21 @@ def compress(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: Tens
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.stride(-1) != 1:
             raise ValueError(f"compress: the head dim of {name} must be contiguous")
+    if key.stride() != value.stride():
+        raise ValueError("compress: key and value must have the same strides")
     kept, rows = kept.contiguous(), rows.contiguous()
-    return _gather(query, rows), _gather(key, kept), _gather(value, kept)
+    num_heads, head_dim = query.shape[0], query.shape[2]
+    sel_heads, kept_rows = kept.shape
+    query_c = torch.empty(num_heads, rows.shape[1], head_dim, device=query.device, dtype=query.dtype)
+    key_c = torch.empty(sel_heads, kept_rows, head_dim, device=key.device, dtype=key.dtype)
+    value_c = torch.empty_like(key_c)
+    grid = (num_heads, triton.cdiv(max(rows.shape[1], kept_rows), _BLOCK_R), 3)
+    _compress_kernel[grid](
+        query, key, value, query_c, key_c, value_c, rows, kept, query.stride(0), query.stride(1), key.stride(0),
+        key.stride(1), rows.stride(0), kept.stride(0), query_c.stride(0), query_c.stride(1), key_c.stride(0),
+        key_c.stride(1), num_heads, rows.shape[1], sel_heads, kept_rows, 1, sel_heads // key.shape[0],
+        BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim, num_warps=4)
+    return query_c, key_c, value_c
 
 
 def decompress(out_c: Tensor, rows: Tensor, q_len: int) -> Tensor:

@@ -2,8 +2,9 @@
 
 Pass 1 (``_window_stats_kernel``): for each of the last W queries, the running max ``m`` and normaliser ``l`` of
 its causal softmax over ALL keys (online softmax, as in FlashAttention). The key range is split over several
-programs so that a long sequence fills the GPU; the splits are merged with a log-sum-exp in PyTorch.
-Pass 2 (``_key_scores_kernel``): for each block of candidate keys, ``mean_w exp(s_wj - m_w) / l_w``.
+programs so that a long sequence fills the GPU.
+Pass 2 (``_key_scores_kernel``): merges the splits (log-sum-exp) and, for each block of candidate keys,
+computes ``mean_w exp(s_wj - m_w) / l_w``. Two launches in all: at short lengths launches dominate the cost.
 Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T on tensor
 cores. Cost per head: 2 x (2 W Lk D) FLOPs; memory: K twice, Q_window and the (Hq, Lk - W) output.
 """
@@ -60,8 +61,8 @@ if _HAS_TRITON:
         tl.store(L + out, l_i, mask=offs_w < window)
 
     @triton.jit
-    def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_oh,
-                           candidates, window, group, qk_scale, inv_window,
+    def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
+                           stride_oh, candidates, window, group, qk_scale, inv_window, splits,
                            BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                              PRECISION: tl.constexpr):
         head = tl.program_id(0)
@@ -76,8 +77,18 @@ if _HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m = tl.load(M + head * stride_mh + offs_w, mask=offs_w < window, other=0.0)
-            inv_l = 1.0 / tl.load(L + head * stride_mh + offs_w, mask=offs_w < window, other=1.0)
+            # Merge pass 1's key splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m). Every query sees key 0
+            # (split 0), so m is finite for real queries.
+            m = tl.full([BLOCK_W], float("-inf"), tl.float32)
+            for split in range(0, splits):
+                m = tl.maximum(m, tl.load(M + head * stride_mh + split * stride_ms + offs_w, mask=offs_w < window,
+                                          other=0.0))
+            l = tl.zeros([BLOCK_W], tl.float32)
+            for split in range(0, splits):
+                part = head * stride_mh + split * stride_ms + offs_w
+                m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
+                l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
+            inv_l = 1.0 / tl.where(offs_w < window, l, 1.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
@@ -123,15 +134,13 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float) -> Tenso
         m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, qk_scale, blocks_per_split,
         BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
         num_warps=4, num_stages=3)
-    # Merge the splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m). Every query sees key 0, so m is finite.
-    m_all = m.amax(dim=1)  # (Hq, W)
-    l_all = (l * torch.exp2(m - m_all[:, None])).sum(dim=1)
     candidates = kv_len - window
     out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
     if candidates > 0:
         _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
-            q_window, key, m_all, l_all, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-            m_all.stride(0), out.stride(0), candidates, window, num_heads // kv_heads, qk_scale, 1.0 / window,
+            q_window, key, m, l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+            m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, qk_scale, 1.0 / window,
+            splits,
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
         num_warps=4, num_stages=3)
     return out

@@ -82,5 +82,6 @@ def tsa_attention(
     query_c, key_c, value_c = compress(query, key, value, kept, rows)
     # 6. attend with a dense kernel.
     out_c = causal_attention(query_c, key_c, value_c, scaling)  # (Hq, Lq', D)
+    del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
     # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
     return decompress(out_c, rows, q_len), kept

@@ -65,27 +65,20 @@ class Timing:
     runs: int
 
 
-def time_cuda(fn: Callable[[], object], budget_s: float = 1.5, min_runs: int = 3, max_runs: int = 50) -> Timing:
-    """Time ``fn`` with CUDA events: two warm-up calls (compilation, autotuning, caches), then enough runs to
-    fill ``budget_s`` (between ``min_runs`` and ``max_runs``)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+def time_cuda(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 3, max_runs: int = 50) -> Timing:
+    """Time ``fn`` with CUDA events: one untimed warm-up call (compilation, autotuning, allocator), then timed
+    runs until ``budget_s`` is spent (between ``min_runs`` and ``max_runs``)."""
     fn()
-    end.record()
     torch.cuda.synchronize()
-    estimate_s = max(start.elapsed_time(end) / 1000, 1e-6)
-    runs = int(min(max_runs, max(min_runs, budget_s / estimate_s)))
-    times = []
-    for _ in range(runs):
+    times: list[float] = []
+    while len(times) < max_runs and (len(times) < min_runs or sum(times) < budget_s * 1000):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    runs = len(times)
     quantiles = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return Timing(median_ms=statistics.median(times), p20_ms=quantiles[0], p80_ms=quantiles[3], runs=runs)
 
@@ -228,13 +221,13 @@ def bench_prefill(model: str, seq_len: int, kept_fraction: float, sparse_layers:
     row = {"model": model, "seq_len": seq_len, "kept_fraction": kept_fraction, "sparse_layers": sparse_layers,
            "dtype": str(dtype).replace("torch.", "")}
     net.set_attn_implementation("sdpa")
-    row["dense-default"] = asdict(time_cuda(forward, budget_s=4.0, min_runs=2))
+    row["dense-default"] = asdict(time_cuda(forward, budget_s=3.0, min_runs=2))
     with _sdpa_context(["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]):
-        row["dense-cudnn"] = asdict(time_cuda(forward, budget_s=4.0, min_runs=2))
+        row["dense-cudnn"] = asdict(time_cuda(forward, budget_s=3.0, min_runs=2))
     policy = TsaPolicy.uniform(layers, 0.005, sparse_layers, window=WINDOW, min_tokens=MIN_TOKENS,
                                activation_length=WINDOW + 1)
     apply_policy_(net, policy)
-    row["tsa"] = asdict(time_cuda(lambda: forward(tsa_keep_fraction=kept_fraction), budget_s=4.0, min_runs=2))
+    row["tsa"] = asdict(time_cuda(lambda: forward(tsa_keep_fraction=kept_fraction), budget_s=3.0, min_runs=2))
     fastest = min(("dense-default", "dense-cudnn"), key=lambda n: row[n]["median_ms"])
     row["fastest_dense"] = fastest
     row["speedup"] = row[fastest]["median_ms"] / row["tsa"]["median_ms"]
