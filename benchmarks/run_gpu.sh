@@ -3,7 +3,7 @@
 # Usage on the GPU machine: bash benchmarks/run_gpu.sh [bench arguments...]; results land in $OUT.
 # SKIP_TESTS=1 skips the GPU tests (for a second call on the same code).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore::UserWarning
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
