@@ -64,12 +64,18 @@ def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float) -> T
     return probs[:, :, : kv_len - window].mean(dim=1)  # (Hq, Lk - W)
 
 
-def select_tokens_ref(scores: Tensor, seq_len: int, tau: float, pool_kernel: int, min_tokens: int,
+def smooth_scores_ref(scores: Tensor, pool_kernel: int) -> Tensor:
+    """Average-pool the scores over ``pool_kernel`` neighbouring tokens (zero-padded edges, as the paper) and
+    normalise each head to a distribution. scores (Hs, C) -> (Hs, C) float32, each row summing to 1."""
+    pooled = F.avg_pool1d(scores.float()[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2)[:, 0]
+    return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def select_tokens_ref(distribution: Tensor, seq_len: int, tau: float, min_tokens: int,
                       keep: int | None = None) -> Tensor:
     """Dynamic Token Coverage: how many tokens to keep (per layer) and which ones (per head).
 
-    Scores are smoothed with an average pool of width ``pool_kernel`` (zero-padded edges) and normalised per
-    head. From the head-averaged distribution, the least-important tail whose total mass is below ``tau`` is
+    From the head-averaged distribution, the least-important tail whose total mass is below ``tau`` is
     dropped; that fixes ``K`` (at least ``min_tokens``, at most ``C``). Each head then keeps its own top-``K``
     candidates, and every head keeps the tail ``[C, seq_len)``.
 
@@ -77,10 +83,9 @@ def select_tokens_ref(scores: Tensor, seq_len: int, tau: float, pool_kernel: int
     top-``K``, the head-averaged kept mass is at least ``1 - tau``.
 
     Args:
-        scores: (Hs, C) non-negative candidate scores (``score_keys_ref``, possibly averaged over a KV group).
+        distribution: (Hs, C) per-head distributions over the candidates (``smooth_scores_ref``).
         seq_len: sequence length ``Lk``; the tail ``[C, Lk)`` is always kept.
         tau: coverage threshold in [0, 1); 0 keeps every token.
-        pool_kernel: odd smoothing width (paper: 7).
         min_tokens: floor on ``K`` (paper: 1024).
         keep: force ``K`` instead of deriving it from ``tau`` (benchmarks at a stated operating point);
             None (the default) applies Dynamic Token Coverage.
@@ -88,16 +93,14 @@ def select_tokens_ref(scores: Tensor, seq_len: int, tau: float, pool_kernel: int
     Returns:
         kept_indices: (Hs, K + T) int64, ascending per head.
     """
-    num_heads, candidates = scores.shape
-    pooled = F.avg_pool1d(scores.float()[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2)[:, 0]
-    distribution = pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)  # (Hs, C), rows sum to 1
-    head_mean = distribution.mean(dim=0)  # (C,)
-    tail_mass = torch.sort(head_mean).values.cumsum(dim=0)  # ascending: least important first
-    coverage_keep = candidates - int((tail_mass < tau).sum())  # the one host sync of the layer
+    num_heads, candidates = distribution.shape
+    tail_mass = torch.sort(distribution.mean(dim=0)).values.cumsum(dim=0)  # ascending: least important first
+    # number of tail tokens whose cumulative mass stays below tau; .item() is the one host sync of the layer
+    coverage_keep = candidates - int(torch.searchsorted(tail_mass, tau))
     # A forced count still pays for the coverage computation above, so benchmarks time the real work.
     keep = min(candidates, max(min_tokens, coverage_keep if keep is None else keep))
     top = distribution.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (Hs, K)
-    tail = torch.arange(candidates, seq_len, device=scores.device).expand(num_heads, -1)  # (Hs, T)
+    tail = torch.arange(candidates, seq_len, device=distribution.device).expand(num_heads, -1)  # (Hs, T)
     return torch.cat([top, tail], dim=-1)
 
 

@@ -3,8 +3,8 @@
     score -> smooth -> coverage -> select -> compress -> attend -> decompress
 
 The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in the Triton
-twins of the scoring, compression and decompression stages (CUDA). Selection is the same PyTorch code on both
-(sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
+twins of the scoring, smoothing, compression and decompression stages (CUDA). Coverage and selection are the same
+PyTorch code on both (sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
 tensors is PyTorch SDPA under whatever backend the caller activated (cuDNN, flash, ...).
 """
 
@@ -14,16 +14,18 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .reference import (causal_attention, compress_ref, decompress_ref, query_rows, score_keys_ref,
-                        select_tokens_ref)
+                        select_tokens_ref, smooth_scores_ref)
 from .triton_rows import _HAS_TRITON as _HAS_TRITON_ROWS
 from .triton_rows import compress, decompress
 from .triton_score import _HAS_TRITON as _HAS_TRITON_SCORE
 from .triton_score import score_keys
+from .triton_select import _HAS_TRITON as _HAS_TRITON_SELECT
+from .triton_select import smooth_scores
 
-HAS_TRITON = _HAS_TRITON_SCORE and _HAS_TRITON_ROWS
+HAS_TRITON = _HAS_TRITON_SCORE and _HAS_TRITON_ROWS and _HAS_TRITON_SELECT
 _STAGES = {
-    "torch": (score_keys_ref, compress_ref, decompress_ref),
-    "triton": (score_keys, compress, decompress),
+    "torch": (score_keys_ref, smooth_scores_ref, compress_ref, decompress_ref),
+    "triton": (score_keys, smooth_scores, compress, decompress),
 }
 
 
@@ -65,18 +67,20 @@ def tsa_attention(
             keys; a dropped row is exactly 0.
         kept_indices: (Hs, K') ascending positions in ``[0, Lk)``.
     """
-    score_keys, compress, decompress = _STAGES[backend]
+    score_keys, smooth_scores, compress, decompress = _STAGES[backend]
     num_heads, q_len, _ = query.shape
     kv_heads, kv_len, _ = key.shape
     candidates = kv_len - window if q_len == kv_len else kv_len - q_len
 
     # 1. score: the last W queries vote for every earlier key (softmax in fp32).
-    scores = score_keys(query, key, window, scaling)[:, :candidates]  # (Hq, C)
+    scores = score_keys(query, key, window, scaling)[:, :candidates].contiguous()  # (Hq, C)
     if selection == "kv_group":
         scores = scores.view(kv_heads, num_heads // kv_heads, candidates).mean(dim=1)  # (Hkv, C)
-    # 2-4. smooth, coverage, select.
+    # 2. smooth: average pool, then one distribution per head.
+    distribution = smooth_scores(scores, pool_kernel)  # (Hs, C)
+    # 3-4. coverage (how many tokens) and selection (which ones).
     keep = None if keep_fraction is None else round(keep_fraction * candidates)
-    kept = select_tokens_ref(scores, kv_len, tau, pool_kernel, min_tokens, keep)  # (Hs, K')
+    kept = select_tokens_ref(distribution, kv_len, tau, min_tokens, keep)  # (Hs, K')
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
     query_c, key_c, value_c = compress(query, key, value, kept, rows)

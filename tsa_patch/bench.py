@@ -30,6 +30,7 @@ from .kernels.policy import TsaPolicy
 from .kernels.reference import causal_attention, query_rows, select_tokens_ref
 from .kernels.triton_rows import compress, decompress
 from .kernels.triton_score import score_keys
+from .kernels.triton_select import smooth_scores
 
 # Attention shapes (and whole-model configs) of the models benchmarks refer to.
 MODEL_CONFIGS = {
@@ -144,14 +145,16 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
     keep = round(kept_fraction * candidates)
     scores = score_keys(q, k, WINDOW, scaling)
     select_scores = scores.view(kv_heads, heads // kv_heads, -1).mean(1) if selection == "kv_group" else scores
-    kept = select_tokens_ref(select_scores, seq_len, 0.005, POOL_KERNEL, MIN_TOKENS, keep)
+    distribution = smooth_scores(select_scores, POOL_KERNEL)
+    kept = select_tokens_ref(distribution, seq_len, 0.005, MIN_TOKENS, keep)
     rows = query_rows(kept, heads, seq_len, seq_len)
     q_c, k_c, v_c = compress(q, k, v, kept, rows)
     with _sdpa_context(priority):
         out_c = causal_attention(q_c, k_c, v_c, scaling)
     stages = {
         "score": lambda: score_keys(q, k, WINDOW, scaling),
-        "select": lambda: select_tokens_ref(select_scores, seq_len, 0.005, POOL_KERNEL, MIN_TOKENS, keep),
+        "smooth": lambda: smooth_scores(select_scores, POOL_KERNEL),
+        "select": lambda: select_tokens_ref(distribution, seq_len, 0.005, MIN_TOKENS, keep),
         "compress": lambda: compress(q, k, v, kept, rows),
         "attend": lambda: causal_attention(q_c, k_c, v_c, scaling),
         "decompress": lambda: decompress(out_c, rows, seq_len),

@@ -17,6 +17,7 @@ from tsa_patch.kernels.reference import (
     query_rows,
     score_keys_ref,
     select_tokens_ref,
+    smooth_scores_ref,
 )
 
 SHAPES = [  # (Hq, Hkv, Lk, D, W): odd lengths, GQA, MHA, MQA
@@ -56,8 +57,10 @@ def _expected_keep(scores, tau, pool_kernel, min_tokens):
 def test_select_tokens_invariants(tau, min_tokens):
     heads, candidates, window, pool = 5, 301, 24, 7
     scores = torch.rand(heads, candidates) ** 8  # peaky, like attention
-    kept = select_tokens_ref(scores, candidates + window, tau, pool, min_tokens)
+    distribution = smooth_scores_ref(scores, pool)
+    kept = select_tokens_ref(distribution, candidates + window, tau, min_tokens)
     dist, keep = _expected_keep(scores, tau, pool, min_tokens)
+    assert torch.allclose(distribution.double(), dist, rtol=1e-5, atol=1e-9)
 
     assert kept.dtype == torch.int64 and kept.shape == (heads, keep + window)
     assert (kept[:, 1:] > kept[:, :-1]).all(), "indices must be strictly ascending"
@@ -72,10 +75,10 @@ def test_select_tokens_invariants(tau, min_tokens):
 
 
 def test_select_tokens_forced_keep_is_clamped():
-    scores = torch.rand(3, 100)
-    assert select_tokens_ref(scores, 110, 0.5, 7, 10, keep=40).shape == (3, 50)
-    assert select_tokens_ref(scores, 110, 0.5, 7, 60, keep=40).shape == (3, 70)  # min_tokens wins
-    assert select_tokens_ref(scores, 110, 0.5, 7, 0, keep=500).shape == (3, 110)  # at most every candidate
+    distribution = smooth_scores_ref(torch.rand(3, 100), 7)
+    assert select_tokens_ref(distribution, 110, 0.5, 10, keep=40).shape == (3, 50)
+    assert select_tokens_ref(distribution, 110, 0.5, 60, keep=40).shape == (3, 70)  # min_tokens wins
+    assert select_tokens_ref(distribution, 110, 0.5, 0, keep=500).shape == (3, 110)  # at most every candidate
 
 
 @pytest.mark.parametrize("selecting_heads", ["query", "kv"])

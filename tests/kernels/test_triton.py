@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsa_patch.kernels.reference import compress_ref, decompress_ref, query_rows, score_keys_ref
+from tsa_patch.kernels.reference import compress_ref, decompress_ref, query_rows, score_keys_ref, smooth_scores_ref
 from tsa_patch.kernels.triton_rows import compress, decompress
 from tsa_patch.kernels.triton_score import score_keys
+from tsa_patch.kernels.triton_select import smooth_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreted Triton is slow: small shapes on CPU, real ones on the GPU. bf16 only on the GPU (the 3.6
@@ -43,6 +44,17 @@ def test_score_keys_matches_reference(shape, dtype, brute):
         truth = brute.scores(q.cpu(), k.cpu(), w, d**-0.5).to(DEVICE)
     ref_error = brute.relative_error(score_keys_ref(q, k, w, d**-0.5), truth)
     assert brute.relative_error(out, truth) <= 2 * ref_error + 1e-6
+
+
+@pytest.mark.parametrize("pool_kernel", [1, 7])
+@pytest.mark.parametrize("candidates", [5, 1000, 4099] + ([131072 - 128] if DEVICE == "cuda" else []))
+def test_smooth_scores_matches_reference(candidates, pool_kernel, brute):
+    scores = torch.rand(8, candidates, device=DEVICE) ** 8
+    out = smooth_scores(scores, pool_kernel)
+    truth = smooth_scores_ref(scores.double(), pool_kernel)
+    assert out.shape == scores.shape and out.dtype == torch.float32
+    assert brute.relative_error(out, truth) <= 2 * brute.relative_error(smooth_scores_ref(scores, pool_kernel), truth) + 1e-7
+    assert torch.allclose(out.sum(-1), torch.ones(8, device=DEVICE, dtype=torch.float32), atol=1e-5)
 
 
 def test_score_keys_rejects_bad_shapes():
