@@ -9,7 +9,6 @@ checkpoints: it imports only torch, transformers and its flat siblings.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -18,17 +17,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .dense import dense_attention, sdpa_backend
 from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from .reference import causal_attention
 from .tsa import HAS_TRITON, tsa_attention
 
-_SDPA_BACKENDS = {
-    "auto": ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
-    "cudnn": ["CUDNN_ATTENTION"],
-    "flash": ["FLASH_ATTENTION"],
-    "efficient": ["EFFICIENT_ATTENTION"],
-    "math": ["MATH"],
-}
 # Attribute of the attention module that holds the statistics of its last forward.
 _STATS_ATTR = "_tsa_last_forward"
 # Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
@@ -87,14 +79,14 @@ def tsa_attention_forward(
     if not layer.active or module.training or q_len < policy.window or kv_len < policy.activation_length:
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
             setattr(module, _STATS_ATTR, _stats(module, "dense", q_len, kv_len, None))
-        with _backend(policy, query):
+        with sdpa_backend(policy.dense_backend, query.device):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
 
     valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
     backend = "triton" if query.is_cuda and HAS_TRITON else "torch"
     outputs, kept_counts = [], []
-    with _backend(policy, query):
+    with sdpa_backend(policy.dense_backend, query.device):
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
         for b in range(batch):
             if valid is None:
@@ -104,11 +96,13 @@ def tsa_attention_forward(
                 rows = positions[positions >= kv_len - q_len] - (kv_len - q_len)  # its real query rows
                 q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
             if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
-                out_b, counts = causal_attention(q, k, v, scaling).transpose(0, 1), None  # (Lq_b, Hq, D)
+                out_b = dense_attention(q, k, v, scaling, policy.dense_backend).transpose(0, 1)  # (Lq_b, Hq, D)
+                counts = None
             else:
                 out_b, kept = tsa_attention(q, k, v, tau=layer.tau, window=policy.window,
                                             pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-                                            selection=policy.selection, scaling=scaling, backend=backend,
+                                            selection=policy.selection, scaling=scaling,
+                                            dense_backend=policy.dense_backend, backend=backend,
                                             keep_fraction=kwargs.get("tsa_keep_fraction"))
                 counts = [kept.shape[1]] * kept.shape[0]
             if rows is not None:  # padded: place the real rows, padded query rows stay 0
@@ -132,16 +126,6 @@ def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
     if last_row.dtype != torch.bool:  # additive float mask: 0 = attend, very negative = masked
         last_row = last_row > torch.finfo(last_row.dtype).min / 2
     return None if bool(last_row.all()) else last_row
-
-
-def _backend(policy: TsaPolicy, query: Tensor):
-    """SDPA backend context for the policy's ``dense_backend`` (PyTorch's own choice on CPU)."""
-    if query.device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [getattr(SDPBackend, name) for name in _SDPA_BACKENDS[policy.dense_backend]]
-    return sdpa_kernel(backends, set_priority=True)
 
 
 def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None) -> dict:

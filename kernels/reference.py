@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 # Numerical floor for per-head normalisation (a head whose scores are all ~0 stays finite).
 _EPS = 1e-12
@@ -150,18 +149,3 @@ def decompress_ref(out_c: Tensor, rows: Tensor, q_len: int) -> Tensor:
     out = out_c.new_zeros(num_heads, q_len, head_dim)
     out.scatter_(1, rows[:, :, None].expand(-1, -1, head_dim), out_c)
     return out.transpose(0, 1)  # (Lq, Hq, D) view
-
-
-def causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
-    """Dense causal attention for one sequence whose queries are the last ``Lq`` of ``Lk`` positions.
-
-    query (Hq, Lq, D), key/value (Hs, Lk, D) with ``Hq % Hs == 0`` -> (Hq, Lq, D). The causal mask is aligned
-    bottom-right (query i sees keys up to ``Lk - Lq + i``). Runs on whatever SDPA backend is active.
-    """
-    q_len, kv_len = query.shape[1], key.shape[1]
-    gqa = query.shape[0] != key.shape[0]
-    # causal_lower_right keeps SDPA on its fused kernels; a materialised (Lq, Lk) mask would not.
-    mask, causal = (None, True) if q_len == kv_len else (causal_lower_right(q_len, kv_len), False)
-    out = F.scaled_dot_product_attention(query[None], key[None], value[None], attn_mask=mask, is_causal=causal,
-                                         scale=scaling, enable_gqa=gqa)
-    return out[0]

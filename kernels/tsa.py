@@ -5,7 +5,7 @@
 The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in the Triton
 twins of the scoring, smoothing, compression and decompression stages (CUDA). Coverage and selection are the same
 PyTorch code on both (sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
-tensors is PyTorch SDPA under whatever backend the caller activated (cuDNN, flash, ...).
+tensors is the policy's dense kernel (``dense.py``: SDPA with cuDNN first, or flash-attn).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
-from .reference import (causal_attention, compress_ref, decompress_ref, query_rows, score_keys_ref,
-                        select_tokens_ref, smooth_scores_ref)
+from .dense import dense_attention
+from .reference import compress_ref, decompress_ref, query_rows, score_keys_ref, select_tokens_ref, smooth_scores_ref
 from .triton_rows import _HAS_TRITON as _HAS_TRITON_ROWS
 from .triton_rows import compress, decompress
 from .triton_score import _HAS_TRITON as _HAS_TRITON_SCORE
@@ -40,6 +40,7 @@ def tsa_attention(
     min_tokens: int,
     selection: str,
     scaling: float,
+    dense_backend: str = "auto",
     keep_fraction: float | None = None,
     backend: str = "torch",
 ) -> tuple[Tensor, Tensor]:
@@ -58,6 +59,7 @@ def tsa_attention(
             in the paper) or "kv_group" (the query heads of a KV group average their scores and share one set,
             so K/V stay at Hkv heads).
         scaling: softmax scale.
+        dense_backend: the kernel that attends on the compact tensors (``dense.dense_attention``).
         keep_fraction: benchmarks only: keep this fraction of the candidates instead of deriving the count
             from ``tau`` (to time a stated operating point on random weights); None (the default) uses tau.
         backend: "torch" or "triton".
@@ -85,7 +87,7 @@ def tsa_attention(
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
     query_c, key_c, value_c = compress(query, key, value, kept, rows)
     # 6. attend with a dense kernel.
-    out_c = causal_attention(query_c, key_c, value_c, scaling)  # (Hq, Lq', D)
+    out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend)  # (Hq, Lq', D)
     del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
     # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
     return decompress(out_c, rows, q_len), kept

@@ -27,7 +27,8 @@ from importlib.metadata import version
 import torch
 
 from .kernels.policy import TsaPolicy
-from .kernels.reference import causal_attention, query_rows, select_tokens_ref
+from .kernels.dense import causal_attention, sdpa_backend
+from .kernels.reference import query_rows, select_tokens_ref
 from .kernels.triton_rows import compress, decompress
 from .kernels.triton_score import score_keys
 from .kernels.triton_select import smooth_scores
@@ -41,7 +42,8 @@ MODEL_CONFIGS = {
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=131072,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-DENSE_BACKENDS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION"}
+# Benchmark name -> policy dense_backend name (kernels/dense.py).
+DENSE_BACKENDS = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "sdpa-efficient": "efficient"}
 # The paper's TSA defaults (window 128, pooling 7, at least 1024 kept tokens).
 WINDOW, POOL_KERNEL, MIN_TOKENS = 128, 7, 1024
 
@@ -84,12 +86,6 @@ def time_cuda(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 3
     return Timing(median_ms=statistics.median(times), p20_ms=quantiles[0], p80_ms=quantiles[3], runs=runs)
 
 
-def _sdpa_context(backend_names: list[str]):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name) for name in backend_names], set_priority=True)
-
-
 def _peak_mib(fn: Callable[[], object]) -> float:
     """Peak memory allocated while ``fn`` runs, beyond what was allocated before it, in MiB."""
     torch.cuda.synchronize()
@@ -125,7 +121,7 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
                                                       v.repeat_interleave(heads // kv_heads, 0))
 
             def dense(backend=backend, key=key, value=value):
-                with _sdpa_context([backend]):
+                with sdpa_backend(backend, q.device):
                     return causal_attention(q, key, value, scaling)
             try:
                 row["dense"][name] = {**asdict(time_cuda(dense)), "peak_mib": _peak_mib(dense), "expanded_kv": expanded}
@@ -138,7 +134,6 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
     fastest = min(timed, key=lambda n: timed[n]["median_ms"])
     row["fastest_dense"] = fastest
     dense_ms = timed[fastest]["median_ms"]
-    priority = [DENSE_BACKENDS[fastest]] + [b for n, b in DENSE_BACKENDS.items() if n != fastest] + ["MATH"]
 
     # TSA stage by stage, each on the previous stage's real outputs.
     candidates = seq_len - WINDOW
@@ -149,7 +144,7 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
     kept = select_tokens_ref(distribution, seq_len, 0.005, MIN_TOKENS, keep)
     rows = query_rows(kept, heads, seq_len, seq_len)
     q_c, k_c, v_c = compress(q, k, v, kept, rows)
-    with _sdpa_context(priority):
+    with sdpa_backend("auto", q.device):  # TSA runs with the product's default dense kernel order
         out_c = causal_attention(q_c, k_c, v_c, scaling)
     stages = {
         "score": lambda: score_keys(q, k, WINDOW, scaling),
@@ -159,7 +154,7 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
         "attend": lambda: causal_attention(q_c, k_c, v_c, scaling),
         "decompress": lambda: decompress(out_c, rows, seq_len),
     }
-    with _sdpa_context(priority):
+    with sdpa_backend("auto", q.device):
         row["tsa_stages"] = {name: asdict(time_cuda(fn)) for name, fn in stages.items()}
         del q_c, k_c, v_c, out_c
 
@@ -225,7 +220,7 @@ def bench_prefill(model: str, seq_len: int, kept_fraction: float, sparse_layers:
            "dtype": str(dtype).replace("torch.", "")}
     net.set_attn_implementation("sdpa")
     row["dense-default"] = asdict(time_cuda(forward, budget_s=3.0, min_runs=2))
-    with _sdpa_context(["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]):
+    with sdpa_backend("auto", torch.device("cuda")):  # cuDNN first
         row["dense-cudnn"] = asdict(time_cuda(forward, budget_s=3.0, min_runs=2))
     policy = TsaPolicy.uniform(layers, 0.005, sparse_layers, window=WINDOW, min_tokens=MIN_TOKENS,
                                activation_length=WINDOW + 1)

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from tsa_patch.kernels.reference import (
-    causal_attention,
     compress_ref,
     decompress_ref,
     query_rows,
@@ -101,15 +100,3 @@ def test_compress_decompress_gather_the_right_rows(selecting_heads, q_len):
     member = torch.zeros(hq, q_len, dtype=torch.bool).scatter_(1, rows, True)
     assert torch.equal(out.transpose(0, 1)[member], q[member])
     assert (out.transpose(0, 1)[~member] == 0).all()
-
-
-@pytest.mark.parametrize("q_len", [50, 50 - 17])
-def test_causal_attention_is_bottom_right_aligned(q_len):
-    hq, hkv, lk, d = 4, 2, 50, 16
-    q, k, v = torch.randn(hq, q_len, d), torch.randn(hkv, lk, d), torch.randn(hkv, lk, d)
-    out = causal_attention(q, k, v, 0.25)
-    kq, vq = k.repeat_interleave(2, 0).double(), v.repeat_interleave(2, 0).double()
-    logits = torch.einsum("hqd,hkd->hqk", q.double(), kq) * 0.25
-    mask = torch.ones(q_len, lk, dtype=torch.bool).tril(lk - q_len)
-    ref = torch.einsum("hqk,hkd->hqd", torch.softmax(logits.masked_fill(~mask, float("-inf")), -1), vq)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5

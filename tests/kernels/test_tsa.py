@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tsa_patch.kernels.dense import causal_attention
 from tsa_patch.kernels.tsa import tsa_attention
 
 SHAPES = [(4, 2, 97, 32, 16), (6, 3, 200, 64, 32), (3, 3, 131, 16, 8), (4, 1, 64, 64, 8)]
@@ -77,8 +78,6 @@ def test_torch_backend_bf16_within_twice_torch_error(selection, brute):
 
 @pytest.mark.parametrize("selection", ["query_head", "kv_group"])
 def test_tau_zero_equals_dense(selection):
-    from tsa_patch.kernels.reference import causal_attention
-
     hq, hkv, lk, d = 6, 2, 150, 32
     q, k, v = _qkv(hq, hkv, lk, d, lk)
     out, kept = tsa_attention(q, k, v, tau=0.0, window=16, pool_kernel=7, min_tokens=0, selection=selection,
@@ -133,7 +132,7 @@ def test_triton_backend_interpreted_matches_reference(shape, dtype, selection, b
 @pytest.mark.parametrize("q_len", ["full", "chunk"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 def test_triton_backend_on_gpu_within_twice_torch_error(shape, q_len, dtype, selection, brute):
-    from tsa_patch.kernels.reference import causal_attention, compress_ref, decompress_ref, query_rows
+    from tsa_patch.kernels.reference import compress_ref, decompress_ref, query_rows
 
     def twice_plain_torch(q, k, v, kept, truth):
         """2x the error of the PyTorch stages in the same dtype on the same kept set."""

@@ -39,7 +39,7 @@ def calibrate_command(
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
     activation_length: Annotated[int, typer.Option("--activation-length", help="Shorter prompts run dense.")] = _DEFAULTS.activation_length,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
-    dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto, cudnn, flash, efficient or math.")] = _DEFAULTS.dense_backend,
+    dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the policy file.")] = DEFAULT_POLICY_PATH,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
