@@ -40,7 +40,13 @@ class ContinuationMetrics:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
 
 
-def _cache_argument(model) -> str:
+def dense_implementation(model) -> str:
+    """The dense attention implementation to compare against: "sdpa", or "eager" for models that have no SDPA
+    path (Gemma 2, whose logit soft-capping SDPA cannot apply)."""
+    return "sdpa" if getattr(model, "_supports_sdpa", True) else "eager"
+
+
+def cache_argument(model) -> str:
     """The KV-cache keyword of ``model.forward``: ``cache`` on newer transformers 5.x, ``past_key_values`` on 5.17.
 
     transformers renamed the argument and output field (the old name is deprecated until 5.40); drop this helper
@@ -56,7 +62,7 @@ def _prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tens
     model.set_attn_implementation(prefill_impl)
     prefill = model(prompt, use_cache=True, logits_to_keep=1)
     model.set_attn_implementation(dense_impl)
-    name = _cache_argument(model)
+    name = cache_argument(model)
     cache = getattr(prefill, name)
     rest = model(continuation[:, :-1], **{name: cache}) if continuation.shape[1] > 1 else None
     logits = prefill.logits[0, -1:] if rest is None else torch.cat([prefill.logits[0, -1:], rest.logits[0]])
@@ -64,28 +70,40 @@ def _prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tens
 
 
 @torch.no_grad()
-def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,
-                         dense_impl: str = "sdpa", on_sample: Callable[[], None] | None = None) -> ContinuationMetrics:
-    """Compare TSA with dense on the continuation of each sample (``sample[prompt_len:]``).
+def dense_reference(model, samples: list[list[int]], prompt_len: int, dense_impl: str | None = None,
+                    on_sample: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """The dense model's log-probabilities (Lc, V) over each sample's continuation (computed once, reused).
 
-    Args:
-        model: a model whose config carries a TSA policy, with ``sparse_impl`` registered.
-        samples: token id lists longer than ``prompt_len``.
-        prompt_len: tokens prefilled; the rest of each sample is the continuation.
-        sparse_impl: attention implementation of the TSA prefill (``tsa_v1``).
-        dense_impl: the dense implementation (reference prefill and every continuation).
-        on_sample: progress callback.
+    Leaves ``dense_impl`` (default: ``dense_implementation(model)``) set on the model.
+    """
+    dense_impl = dense_impl or dense_implementation(model)
+    device = next(model.parameters()).device
+    reference = []
+    for ids in samples:
+        tokens = torch.tensor([ids], device=device)
+        reference.append(_prefill_then_continue(model, tokens[:, :prompt_len], tokens[:, prompt_len:], dense_impl,
+                                                dense_impl))
+        if on_sample is not None:
+            on_sample()
+    return reference
+
+
+@torch.no_grad()
+def compare_with_dense(model, samples: list[list[int]], prompt_len: int, reference: list[torch.Tensor],
+                       sparse_impl: str, dense_impl: str | None = None,
+                       on_sample: Callable[[], None] | None = None) -> ContinuationMetrics:
+    """TSA prefill, dense continuation, compared with ``dense_reference`` of the same samples.
 
     The model is left with ``sparse_impl`` set.
     """
+    dense_impl = dense_impl or dense_implementation(model)
     device = next(model.parameters()).device
     kl, agree, dense_nll, tsa_nll, last_kl, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0
     try:
-        for ids in samples:
+        for ids, dense in zip(samples, reference):
             tokens = torch.tensor([ids], device=device)
-            prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
-            dense = _prefill_then_continue(model, prompt, continuation, dense_impl, dense_impl)  # (Lc, V)
-            sparse = _prefill_then_continue(model, prompt, continuation, sparse_impl, dense_impl)
+            continuation = tokens[:, prompt_len:]
+            sparse = _prefill_then_continue(model, tokens[:, :prompt_len], continuation, sparse_impl, dense_impl)
             per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
             target = continuation[0, :, None]
             kl += per_position_kl.sum().item()
@@ -100,3 +118,18 @@ def continuation_metrics(model, samples: list[list[int]], prompt_len: int, spars
         model.set_attn_implementation(sparse_impl)
     return ContinuationMetrics(kl=kl / count, top1_agreement=agree / count, dense_nll=dense_nll / count,
                                tsa_nll=tsa_nll / count, last_prompt_kl=last_kl / len(samples))
+
+
+def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,
+                         dense_impl: str | None = None) -> ContinuationMetrics:
+    """Compare TSA with dense on the continuation of each sample (``sample[prompt_len:]``).
+
+    Args:
+        model: a model whose config carries a TSA policy, with ``sparse_impl`` registered.
+        samples: token id lists longer than ``prompt_len``.
+        prompt_len: tokens prefilled; the rest of each sample is the continuation.
+        sparse_impl: attention implementation of the TSA prefill (``tsa_v1``).
+        dense_impl: the dense implementation (reference prefill and every continuation).
+    """
+    reference = dense_reference(model, samples, prompt_len, dense_impl)
+    return compare_with_dense(model, samples, prompt_len, reference, sparse_impl, dense_impl)

@@ -9,6 +9,7 @@ checkpoints: it imports only torch, transformers and its flat siblings.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -17,7 +18,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .dense import dense_attention, sdpa_backend
+from .dense import dense_attention, sdpa_backend, softcapped_attention
 from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
 from .tsa import HAS_TRITON, tsa_attention
 
@@ -72,13 +73,23 @@ def tsa_attention_forward(
     policy = policy_from_config(module.config)
     layer = policy.layers[module.layer_idx]
     batch, num_heads, q_len, head_dim = query.shape
+    if attention_mask is None and 1 < q_len < key.shape[2]:
+        # No mask with more keys than queries: a prefill into an empty static cache (transformers relies on
+        # SDPA's top-left causal alignment). The queries are the first positions; the cache's tail is empty.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
+    # A sliding-window layer only sees its window: TSA's causal selection does not apply once Lk exceeds it.
+    windowed = kwargs.get("sliding_window") is not None and kv_len > kwargs["sliding_window"]
 
-    # Dense path, unchanged: nothing to sparsify (decode, short prompts, dense layers) or training.
-    if not layer.active or module.training or q_len < policy.window or kv_len < policy.activation_length:
+    # Dense path, unchanged: nothing to sparsify (decode, short prompts, dense or windowed layers) or training.
+    if (not layer.active or module.training or windowed or q_len < policy.window
+            or kv_len < policy.activation_length):
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
             setattr(module, _STATS_ATTR, _stats(module, "dense", q_len, kv_len, None))
+        if softcap is not None:  # SDPA cannot cap logits (Gemma 2)
+            return _softcapped_forward(query, key, value, attention_mask, scaling, softcap), None
         with sdpa_backend(policy.dense_backend, query.device):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
@@ -86,22 +97,28 @@ def tsa_attention_forward(
     valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
     backend = "triton" if query.is_cuda and HAS_TRITON else "torch"
     outputs, kept_counts = [], []
-    with sdpa_backend(policy.dense_backend, query.device):
+    # Triton launches on the current CUDA device; with accelerate's device_map the layer may live on another one.
+    device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with sdpa_backend(policy.dense_backend, query.device), device:
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
         for b in range(batch):
             if valid is None:
                 q, k, v, rows = query[b], key[b], value[b], None
             else:
                 positions = valid[b].nonzero()[:, 0]  # (n_b,) real tokens of sequence b
-                rows = positions[positions >= kv_len - q_len] - (kv_len - q_len)  # its real query rows
+                # The queries end at the last real key: at Lk - 1 for a dynamic cache, earlier in a static cache
+                # whose tail is still empty. Right padding starts them at 0.
+                offset = max(0, int(positions[-1]) + 1 - q_len)
+                positions = positions[positions < offset + q_len]
+                rows = positions[positions >= offset] - offset  # its real query rows
                 q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
             if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
-                out_b = dense_attention(q, k, v, scaling, policy.dense_backend).transpose(0, 1)  # (Lq_b, Hq, D)
+                out_b = dense_attention(q, k, v, scaling, policy.dense_backend, softcap).transpose(0, 1)  # (Lq_b, Hq, D)
                 counts = None
             else:
                 out_b, kept = tsa_attention(q, k, v, tau=layer.tau, window=policy.window,
                                             pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-                                            selection=policy.selection, scaling=scaling,
+                                            selection=policy.selection, scaling=scaling, softcap=softcap,
                                             dense_backend=policy.dense_backend, backend=backend,
                                             keep_fraction=kwargs.get("tsa_keep_fraction"))
                 counts = [kept.shape[1]] * kept.shape[0]
@@ -114,11 +131,25 @@ def tsa_attention_forward(
     return out.contiguous(), None
 
 
+def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,
+                        softcap: float) -> Tensor:
+    """Dense attention with a logit cap, (B, Lq, Hq, D): the dense path of Gemma 2 layers."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., -kv_len:]
+    else:  # additive float mask
+        mask = attention_mask[..., -kv_len:] > torch.finfo(attention_mask.dtype).min / 2
+    return softcapped_attention(query, key, value, scaling, softcap, mask).transpose(1, 2).contiguous()
+
+
 def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
     """(B, Lk) bool of real (non-padding) keys, read off the last query row of the 4-D mask; None if unpadded.
 
-    The last query row sees every real key under left padding (it is the newest real token) and under right
-    padding (``sdpa_mask`` masks padded keys, not padded queries), so it is the padding mask of the keys.
+    The last query row sees every real key under left padding (it is the newest real token), under right
+    padding (``sdpa_mask`` masks padded keys, not padded queries), and in a static cache (whose empty tail it
+    does not see), so it is the padding mask of the keys.
     """
     if attention_mask is None:
         return None

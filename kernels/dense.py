@@ -41,13 +41,18 @@ def sdpa_backend(backend: str, device: torch.device):
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]], set_priority=True)
 
 
-def causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
-    """Dense causal SDPA for one sequence whose queries are the last ``Lq`` of ``Lk`` positions.
+def causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, softcap: float | None = None
+                     ) -> Tensor:
+    """Dense causal attention for one sequence whose queries are the last ``Lq`` of ``Lk`` positions.
 
     query (Hq, Lq, D), key/value (Hs, Lk, D) with ``Hq % Hs == 0`` -> (Hq, Lq, D). The causal mask is aligned
-    bottom-right (query i sees keys up to ``Lk - Lq + i``). Runs on whatever SDPA backend is active.
+    bottom-right (query i sees keys up to ``Lk - Lq + i``). Runs on whatever SDPA backend is active; with a
+    logit ``softcap`` (Gemma 2), which SDPA cannot apply, it runs as plain PyTorch math.
     """
     q_len, kv_len = query.shape[1], key.shape[1]
+    if softcap is not None:
+        return softcapped_attention(query, key, value, scaling, softcap,
+                                    torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len))
     gqa = query.shape[0] != key.shape[0]
     # causal_lower_right keeps SDPA on its fused kernels; a materialised (Lq, Lk) mask would not.
     mask, causal = (None, True) if q_len == kv_len else (causal_lower_right(q_len, kv_len), False)
@@ -56,22 +61,39 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float) 
     return out[0]
 
 
-def flash_causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+def softcapped_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, softcap: float,
+                         mask: Tensor | None) -> Tensor:
+    """Attention with ``tanh`` logit capping (Gemma 2): logits ``softcap * tanh(q.k * scaling / softcap)``, softmax
+    in fp32. query (..., Hq, Lq, D), key/value (..., Hs, Lk, D); ``mask`` is bool (True = attend), broadcastable
+    to (..., Hq, Lq, Lk). Materialises the logits: O(Lq Lk) memory per head."""
+    group = query.shape[-3] // key.shape[-3]
+    key, value = key.repeat_interleave(group, dim=-3), value.repeat_interleave(group, dim=-3)
+    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    logits = softcap * torch.tanh(logits / softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(value.dtype)  # a fully masked row gives 0
+    return torch.matmul(weights, value)
+
+
+def flash_causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, softcap: float | None = None
+                           ) -> Tensor:
     """``causal_attention`` through flash-attn's ``flash_attn_func`` (bottom-right causal, native GQA)."""
     out = _flash_attn_func(query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-                           softmax_scale=scaling, causal=True)  # (1, Lq, Hq, D)
+                           softmax_scale=scaling, causal=True, softcap=softcap or 0.0)  # (1, Lq, Hq, D)
     return out[0].transpose(0, 1)
 
 
-def dense_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, backend: str = "auto") -> Tensor:
-    """Causal attention with the policy's ``dense_backend`` (shapes as ``causal_attention``).
+def dense_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, backend: str = "auto",
+                    softcap: float | None = None) -> Tensor:
+    """Causal attention with the policy's ``dense_backend`` (shapes and ``softcap`` as ``causal_attention``).
 
     "flash_attn" uses flash-attn on CUDA fp16/bf16 inputs when it is installed and SDPA ("auto" order)
     otherwise, with a one-time warning.
     """
     if backend == "flash_attn":
         if _flash_attn_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-            return flash_causal_attention(query, key, value, scaling)
+            return flash_causal_attention(query, key, value, scaling, softcap)
         logger.warning_once("dense_backend 'flash_attn' needs flash-attn on a CUDA GPU with fp16/bf16; using SDPA.")
     with sdpa_backend(backend, query.device):
-        return causal_attention(query, key, value, scaling)
+        return causal_attention(query, key, value, scaling, softcap)

@@ -8,7 +8,15 @@ The weights and every other behaviour are the native model's. No I/O, no network
 
 from __future__ import annotations
 
-from transformers import LlamaForCausalLM
+from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 from .attention import register_tsa_attention, tsa_statistics
 from .policy import ATTENTION_KEY
@@ -28,6 +36,42 @@ class _TsaMixin:
         """Per-layer statistics (path taken, kept tokens per head) of the last prefill."""
         return tsa_statistics(self)
 
+    def save_pretrained(self, *args, **kwargs):
+        """``save_pretrained`` that keeps ``attn_implementation`` in config.json.
+
+        transformers does not write it back; without it a later load without ``trust_remote_code`` would silently
+        build the dense native model instead of failing loudly.
+        """
+        self.config.__dict__["attn_implementation"] = ATTENTION_KEY  # serialised by to_dict() as a plain key
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.config.__dict__.pop("attn_implementation", None)
+
 
 class TsaLlamaForCausalLM(_TsaMixin, LlamaForCausalLM):
     """``LlamaForCausalLM`` running Token Sparse Attention in the layers its policy selects."""
+
+
+class TsaQwen2ForCausalLM(_TsaMixin, Qwen2ForCausalLM):
+    """``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) running Token Sparse Attention in the layers its policy selects."""
+
+
+class TsaQwen3ForCausalLM(_TsaMixin, Qwen3ForCausalLM):
+    """``Qwen3ForCausalLM`` running Token Sparse Attention in the layers its policy selects."""
+
+
+class TsaMistralForCausalLM(_TsaMixin, MistralForCausalLM):
+    """``MistralForCausalLM``; layers are dense wherever the prompt exceeds the sliding window."""
+
+
+class TsaGemma2ForCausalLM(_TsaMixin, Gemma2ForCausalLM):
+    """``Gemma2ForCausalLM``; sliding layers beyond their window stay dense; logit soft-capping is kept."""
+
+
+class TsaGemma3ForCausalLM(_TsaMixin, Gemma3ForCausalLM):
+    """``Gemma3ForCausalLM`` (text); sliding layers beyond their window stay dense."""
+
+
+class TsaPhi3ForCausalLM(_TsaMixin, Phi3ForCausalLM):
+    """``Phi3ForCausalLM``; layers are dense wherever the prompt exceeds the sliding window."""

@@ -37,7 +37,7 @@ from torch import Tensor
 _EPS = 1e-12
 
 
-def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float) -> Tensor:
+def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float, softcap: float | None = None) -> Tensor:
     """Importance of every earlier key: mean over the last ``window`` queries of its exact softmax probability.
 
     Args:
@@ -45,6 +45,7 @@ def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float) -> T
         key: (Hkv, Lk, D) with ``Hq % Hkv == 0`` (GQA: query head h reads KV head ``h // G``).
         window: number of trailing queries that vote (the paper's W).
         scaling: softmax scale, usually ``D ** -0.5``.
+        softcap: logit cap of models that use one (Gemma 2): logits become ``softcap * tanh(logits / softcap)``.
 
     Returns:
         (Hq, Lk - window) float32 scores of the keys ``[0, Lk - window)``. The probabilities are normalised
@@ -56,6 +57,8 @@ def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float) -> T
     q = query[:, -window:].float().reshape(kv_heads, group * window, head_dim)  # (Hkv, G*W, D)
     logits = torch.matmul(q, key.float().transpose(1, 2)) * scaling  # (Hkv, G*W, Lk)
     logits = logits.view(num_heads, window, kv_len)  # (Hq, W, Lk)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     query_pos = torch.arange(kv_len - window, kv_len, device=key.device)
     key_pos = torch.arange(kv_len, device=key.device)
     logits = logits.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))

@@ -24,16 +24,21 @@ try:
 except ImportError:  # the checkpoint still loads; attention.py then uses the PyTorch reference
     _HAS_TRITON = False
 
-# log2(e): the kernels use exp2, the native instruction, so logits are pre-multiplied by it.
-_LOG2E = 1.4426950408889634
-
 if _HAS_TRITON:
 
     @triton.jit
+    def _logits_log2(q, k, scaling, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        # q k^T * scaling, capped as SOFTCAP * tanh(x / SOFTCAP) when SOFTCAP > 0, in log2 units (for exp2)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+        if SOFTCAP > 0:
+            s = SOFTCAP * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634 / SOFTCAP)) + 1.0))
+        return s * 1.4426950408889634
+
+    @triton.jit
     def _window_stats_kernel(Q, K, M, L, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
-                             kv_len, window, group, qk_scale, blocks_per_split,
+                             kv_len, window, group, scaling, blocks_per_split,
                              BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
         head = tl.program_id(0)
         w_block = tl.program_id(1)
         split = tl.program_id(2)
@@ -49,7 +54,7 @@ if _HAS_TRITON:
             offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_W, BLOCK_N), log2 domain
+            s = _logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             visible = (offs_n[None, :] < kv_len) & (offs_n[None, :] <= query_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -62,9 +67,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
-                           stride_oh, candidates, window, group, qk_scale, inv_window, splits,
+                           stride_oh, candidates, window, group, scaling, inv_window, splits,
                            BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
         head = tl.program_id(0)
         n_block = tl.program_id(1)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,7 +94,7 @@ if _HAS_TRITON:
                 m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
                 l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
             inv_l = 1.0 / tl.where(offs_w < window, l, 1.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_W, BLOCK_N)
+            s = _logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
         tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
@@ -99,13 +104,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def score_keys(query: Tensor, key: Tensor, window: int, scaling: float) -> Tensor:
+def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap: float | None = None) -> Tensor:
     """Triton twin of ``reference.score_keys_ref`` (same arguments, same result up to rounding).
 
     Args:
         query: (Hq, Lq, D) with ``Lq >= window``; key: (Hkv, Lk, D); fp16, bf16 or fp32, on a CUDA device (or
             any device under ``TRITON_INTERPRET=1``). The head dim must be unit-stride.
-        window, scaling: as for the reference.
+        window, scaling, softcap: as for the reference.
 
     Returns:
         (Hq, Lk - window) float32 scores.
@@ -126,22 +131,23 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float) -> Tenso
     splits = triton.cdiv(kv_len, blocks_per_split * block_n)
     m = torch.empty(num_heads, splits, window, device=query.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    qk_scale = scaling * _LOG2E
     # fp32 inputs would otherwise be multiplied in tf32 (~1e-3 relative error); half precision is exact in fp32.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     _window_stats_kernel[(num_heads, triton.cdiv(window, block_w), splits)](
         q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-        m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, qk_scale, blocks_per_split,
+        m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
         BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
+        SOFTCAP=float(softcap or 0.0),
         num_warps=4, num_stages=3)
     candidates = kv_len - window
     out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
     if candidates > 0:
         _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
             q_window, key, m, l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-            m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, qk_scale, 1.0 / window,
+            m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
             splits,
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
+        SOFTCAP=float(softcap or 0.0),
         num_warps=4, num_stages=3)
     return out
 

@@ -29,6 +29,75 @@ _STAGES = {
 }
 
 
+def token_distribution(
+    query: Tensor,
+    key: Tensor,
+    *,
+    window: int,
+    pool_kernel: int,
+    selection: str,
+    scaling: float,
+    softcap: float | None = None,
+    backend: str = "torch",
+) -> Tensor:
+    """Steps 1-2: score the candidate tokens with the last ``window`` queries, smooth, normalise per head.
+
+    Args:
+        query: (Hq, Lq, D) after RoPE, the last ``Lq`` positions; key: (Hkv, Lk, D).
+        window, pool_kernel, scaling, softcap: as for ``tsa_attention``.
+        selection: "query_head" gives one distribution per query head, "kv_group" one per KV head (the mean of
+            its query heads' scores).
+        backend: "torch" or "triton".
+
+    Returns:
+        (Hs, C) float32 distributions over the ``C`` candidates: ``Lk - window`` for a full prefill, the
+        ``Lk - Lq`` earlier tokens for a chunk.
+    """
+    score_keys, smooth_scores, _, _ = _STAGES[backend]
+    num_heads, q_len, _ = query.shape
+    kv_heads, kv_len, _ = key.shape
+    candidates = kv_len - window if q_len == kv_len else kv_len - q_len
+    scores = score_keys(query, key, window, scaling, softcap)[:, :candidates].contiguous()  # (Hq, C)
+    if selection == "kv_group":
+        scores = scores.view(kv_heads, num_heads // kv_heads, candidates).mean(dim=1)  # (Hkv, C)
+    return smooth_scores(scores, pool_kernel)
+
+
+def sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    distribution: Tensor,
+    *,
+    tau: float,
+    min_tokens: int,
+    scaling: float,
+    softcap: float | None = None,
+    dense_backend: str = "auto",
+    keep_fraction: float | None = None,
+    backend: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """Steps 3-7 for one ``tau``: coverage, selection, compression, attention, decompression.
+
+    Shapes and arguments as for ``tsa_attention``; ``distribution`` comes from ``token_distribution`` (one
+    distribution serves every ``tau``, which calibration exploits).
+    """
+    _, _, compress, decompress = _STAGES[backend]
+    num_heads, q_len, _ = query.shape
+    kv_len = key.shape[1]
+    # 3-4. coverage (how many tokens) and selection (which ones).
+    keep = None if keep_fraction is None else round(keep_fraction * distribution.shape[1])
+    kept = select_tokens_ref(distribution, kv_len, tau, min_tokens, keep)  # (Hs, K')
+    rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
+    # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
+    query_c, key_c, value_c = compress(query, key, value, kept, rows)
+    # 6. attend with a dense kernel.
+    out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend, softcap)  # (Hq, Lq', D)
+    del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
+    # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
+    return decompress(out_c, rows, q_len), kept
+
+
 def tsa_attention(
     query: Tensor,
     key: Tensor,
@@ -40,6 +109,7 @@ def tsa_attention(
     min_tokens: int,
     selection: str,
     scaling: float,
+    softcap: float | None = None,
     dense_backend: str = "auto",
     keep_fraction: float | None = None,
     backend: str = "torch",
@@ -59,6 +129,7 @@ def tsa_attention(
             in the paper) or "kv_group" (the query heads of a KV group average their scores and share one set,
             so K/V stay at Hkv heads).
         scaling: softmax scale.
+        softcap: attention logit cap of models that use one (Gemma 2), applied in scoring and attention.
         dense_backend: the kernel that attends on the compact tensors (``dense.dense_attention``).
         keep_fraction: benchmarks only: keep this fraction of the candidates instead of deriving the count
             from ``tau`` (to time a stated operating point on random weights); None (the default) uses tau.
@@ -69,25 +140,7 @@ def tsa_attention(
             keys; a dropped row is exactly 0.
         kept_indices: (Hs, K') ascending positions in ``[0, Lk)``.
     """
-    score_keys, smooth_scores, compress, decompress = _STAGES[backend]
-    num_heads, q_len, _ = query.shape
-    kv_heads, kv_len, _ = key.shape
-    candidates = kv_len - window if q_len == kv_len else kv_len - q_len
-
-    # 1. score: the last W queries vote for every earlier key (softmax in fp32).
-    scores = score_keys(query, key, window, scaling)[:, :candidates].contiguous()  # (Hq, C)
-    if selection == "kv_group":
-        scores = scores.view(kv_heads, num_heads // kv_heads, candidates).mean(dim=1)  # (Hkv, C)
-    # 2. smooth: average pool, then one distribution per head.
-    distribution = smooth_scores(scores, pool_kernel)  # (Hs, C)
-    # 3-4. coverage (how many tokens) and selection (which ones).
-    keep = None if keep_fraction is None else round(keep_fraction * candidates)
-    kept = select_tokens_ref(distribution, kv_len, tau, min_tokens, keep)  # (Hs, K')
-    rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
-    # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
-    query_c, key_c, value_c = compress(query, key, value, kept, rows)
-    # 6. attend with a dense kernel.
-    out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend)  # (Hq, Lq', D)
-    del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
-    # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
-    return decompress(out_c, rows, q_len), kept
+    distribution = token_distribution(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
+                                      scaling=scaling, softcap=softcap, backend=backend)
+    return sparse_attention(query, key, value, distribution, tau=tau, min_tokens=min_tokens, scaling=scaling,
+                            softcap=softcap, dense_backend=dense_backend, keep_fraction=keep_fraction, backend=backend)

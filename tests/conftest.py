@@ -41,11 +41,12 @@ BLOCK_TSA_PATCH = textwrap.dedent(
 )
 
 
-def run_python(code: str, *args: str, block_tsa_patch: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(code: str, *args: str, block_tsa_patch: bool = True, timeout: int = 600,
+               python: str = sys.executable) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python process (stdin closed: any interactive prompt fails instead of hanging)."""
     script = (BLOCK_TSA_PATCH if block_tsa_patch else "") + textwrap.dedent(code)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env=env, cwd=Path(__file__).parent)
 
 
@@ -69,3 +70,19 @@ def smollm2_fp32(smollm2):
     from tsa_patch.models import load_model
 
     return load_model(smollm2)
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory, smollm2):
+    """An export of SmolLM2 with the drift rule and a small window (TSA engages at ~100 tokens): (folder, policy)."""
+    from tsa_patch.calibrate import CalibrationConfig, calibrate
+    from tsa_patch.export import export
+    from tsa_patch.models import load_model
+
+    model, tokenizer = load_model(smollm2)
+    config = CalibrationConfig(method="drift", samples=1, seq_len=256, tau=0.02, window=16, min_tokens=32,
+                               activation_length=96)
+    policy = calibrate(model, tokenizer, config, source_model=smollm2.spec).policy
+    folder = tmp_path_factory.mktemp("exports") / "small"
+    export(smollm2, policy, folder, command="tsa-patch export small (test fixture)")
+    return folder, policy

@@ -246,35 +246,3 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
-
-def plot_speedup(layers: list[dict], prefill: list[dict], path: str) -> bool:
-    """PNG of TSA speedup over the fastest dense backend against length (layer, ideal, whole prefill).
-
-    Returns False when matplotlib is not installed (the JSON holds every number anyway).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for selection in sorted({r["selection"] for r in layers}):
-        rows = [r for r in layers if r["selection"] == selection]
-        ax.plot([r["seq_len"] for r in rows], [r["speedup"] for r in rows], "o-", label=f"one sparse layer ({selection})")
-    rows = [r for r in layers if r["selection"] == layers[0]["selection"]]
-    ax.plot([r["seq_len"] for r in rows], [r["ideal_speedup"] for r in rows], "k--", label="ideal 1/kept²")
-    if prefill:
-        ax.plot([r["seq_len"] for r in prefill], [r["speedup"] for r in prefill], "s-", label="whole-model prefill")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("speedup vs fastest dense SDPA (×)")
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    ax.set_title(f"Token Sparse Attention, {layers[0]['model']} shapes, {card}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True

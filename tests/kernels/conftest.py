@@ -44,7 +44,7 @@ def relative_error(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def brute():
     return type("Brute", (), {"scores": staticmethod(brute_scores),
                               "restricted_attention": staticmethod(brute_restricted_attention),

@@ -27,7 +27,7 @@ def test_causal_attention_is_bottom_right_aligned(q_len):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def _fake_flash_attn_func(q, k, v, softmax_scale, causal):
+def _fake_flash_attn_func(q, k, v, softmax_scale, causal, softcap=0.0):
     """flash-attn's contract: (B, L, H, D) inputs, native GQA, causal aligned bottom-right."""
     assert causal and q.dim() == 4
     q_len, kv_len = q.shape[1], k.shape[1]

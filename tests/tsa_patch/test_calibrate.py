@@ -1,15 +1,23 @@
-"""calibrate(): the paper's representation-drift rule on the real SmolLM2."""
+"""calibrate(): the accuracy-budget search and the paper's drift rule, on the real SmolLM2 (small settings)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from tsa_patch.calibrate import CalibrationConfig, calibrate
+from tsa_patch.calibrate import CalibrationConfig, _search_kl, calibrate
+from tsa_patch.calibration.budget import TAU_GRID, Candidate, LayerMeasurement, pareto_policies
+from tsa_patch.calibration.continuation import continuation_metrics
 from tsa_patch.calibration.data import load_documents, token_samples
 from tsa_patch.calibration.drift import drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
+from tsa_patch.kernels.policy import ATTENTION_KEY
+from tsa_patch.policy import apply_policy_
 
-SMALL = CalibrationConfig(samples=2, seq_len=256, seed=3)
+# Small window and floors so that a few hundred tokens engage TSA on CPU in seconds.
+SMALL = CalibrationConfig(samples=2, holdout=1, seq_len=320, continuation=16, seed=3, window=16, min_tokens=32,
+                          activation_length=96, max_kl=0.05)
 
 
 def test_drift_rule_picks_layers_at_or_below_the_quantile():
@@ -19,21 +27,124 @@ def test_drift_rule_picks_layers_at_or_below_the_quantile():
     assert drift_rule_layers(drift, 1.0) == list(range(6))
 
 
-def test_calibrate_is_deterministic_and_records_provenance(smollm2_fp32):
+def test_drift_method_is_deterministic_and_records_provenance(smollm2_fp32):
     model, tokenizer = smollm2_fp32
-    first = calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct")
-    second = calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct")
-    assert first.policy == second.policy
+    config = dataclasses.replace(SMALL, method="drift", tau=0.01)
+    first = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
+    assert first.policy == calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct").policy
     policy = first.policy
     assert policy.num_layers == 30 and len(policy.sparse_layers) == 15  # delta = 0.5 of 30 layers
-    assert all(policy.layers[i].tau == SMALL.tau for i in policy.sparse_layers)
+    assert all(policy.layers[i].tau == 0.01 for i in policy.sparse_layers)
     assert policy.source_model == "SmolLM2-135M-Instruct"
-    assert policy.calibration["method"] == "representation-drift"
-    assert policy.calibration["samples"] == 2 and policy.calibration["seed"] == 3
-    assert len(first.drift) == 30 and min(first.drift) > 0
-    # the chosen layers are exactly those with the smallest drift
-    order = sorted(range(30), key=first.drift.__getitem__)
+    assert policy.calibration["method"] == "representation-drift" and policy.calibration["seed"] == 3
+    order = sorted(range(30), key=first.drift.__getitem__)  # the chosen layers have the smallest drift
     assert sorted(order[:15]) == policy.sparse_layers
+
+
+@pytest.fixture(scope="module")
+def budget_run(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    return calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct")
+
+
+def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    report = budget_run.report
+    chosen = report["chosen"]
+    assert report["method"] == "accuracy-budget" and report["budget"] == {"kind": "max_kl", "value": 0.05}
+    assert chosen["calibration"]["kl"] <= 0.05 and chosen["attention_removed"] > 0.05
+    assert chosen["meets_budget_held_out"] and chosen["held_out"]["kl"] <= 0.05
+    assert {layer.tau for layer in budget_run.policy.layers} <= {0.0, *TAU_GRID}
+    assert budget_run.policy.calibration == report  # the report travels with the policy (and into exports)
+    # the same seed gives the same policy
+    assert calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct").policy == budget_run.policy
+    # calibrate leaves the model as it found it
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "tsa_policy")
+
+
+def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
+                            SMALL.seq_len + SMALL.continuation, SMALL.seed)
+    apply_policy_(model, budget_run.policy)
+    try:
+        metrics = continuation_metrics(model, samples[: SMALL.samples], SMALL.seq_len, ATTENTION_KEY)
+    finally:
+        model.set_attn_implementation("sdpa")
+        delattr(model.config, "tsa_policy")
+    assert metrics.kl == pytest.approx(budget_run.report["chosen"]["calibration"]["kl"], rel=1e-4, abs=1e-7)
+
+
+def test_budget_report_compares_with_the_paper_rule(budget_run):
+    report = budget_run.report
+    paper = report["paper_rule"]
+    assert paper["tau"] == 0.005 and len(paper["layers"]) == 15 and "kl" in paper["calibration"]
+    removed = [e["attention_removed"] for e in report["evaluations"]]
+    assert removed == sorted(removed) and len(report["layers"]) == 30
+    assert all(0.0 <= layer["kept"] <= 1.0 for layer in report["layers"])
+
+
+def test_target_speedup_reaches_the_target(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    config = dataclasses.replace(SMALL, max_kl=None, target_speedup=1.1)
+    report = calibrate(model, tokenizer, config).report
+    assert report["chosen"]["estimated_attention_speedup"] >= 1.1
+    with pytest.raises(PolicyError, match="out of reach"):
+        calibrate(model, tokenizer, dataclasses.replace(config, target_speedup=50.0))
+
+
+def _measurement(kept, error):
+    return LayerMeasurement(taus=(0.01, 0.1), kept=list(kept), error=list(error), samples=1)
+
+
+def test_pareto_front_is_ordered_and_spans_dense_to_sparsest():
+    measurements = [_measurement([0.9, 0.5], [0.01, 0.3]), _measurement([0.8, 0.6], [0.001, 0.02]),
+                    _measurement([1.0, 0.95], [0.0, 0.0005])]
+    front = pareto_policies(measurements)
+    assert front[0].taus == (0.0, 0.0, 0.0) and front[0].predicted_error == 0.0
+    assert front[-1].taus == (0.1, 0.1, 0.1)
+    errors = [c.predicted_error for c in front]
+    removed = [c.attention_removed for c in front]
+    assert errors == sorted(errors) and removed == sorted(removed)
+    # the best saving per unit of error comes first: layer 1 at tau 0.01 (0.36 / 0.001), then layer 2 at
+    # tau 0.1 (0.0975 / 0.0005)
+    assert front[1].taus == (0.0, 0.01, 0.0) and front[2].taus == (0.0, 0.01, 0.1)
+
+
+def test_kl_search_finds_the_sparsest_feasible_policy():
+    front = [Candidate(taus=(i,), predicted_error=i / 100, attention_removed=i / 50) for i in range(50)]
+    measured = {}
+
+    def kl(index):  # the true KL is 1.6x the prediction
+        measured[index] = 1.6 * front[index].predicted_error
+        return measured[index]
+
+    chosen = _search_kl(front, 0.2, kl, None)
+    assert measured[chosen] <= 0.2
+    assert all(measured[i] > 0.2 for i in measured if i > chosen) and len(measured) <= 7
+    assert chosen >= 11  # 1.6 * 0.12 = 0.192 is feasible: within the 2-point savings resolution of the best
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        ({"seq_len": 10**6}, DataError, "--seq-len must be between 1 and 8176"),
+        ({"samples": 0}, DataError, "--samples must be at least 1"),
+        ({"method": "drift", "tau": 1.5}, PolicyError, "tau must be in"),
+        ({"delta": 2.0}, PolicyError, "delta must be in"),
+        ({"max_kl": -1.0}, PolicyError, "--max-kl must be positive"),
+        ({"min_agreement": 0.9}, PolicyError, "at most one of"),
+        ({"max_kl": None, "target_speedup": 0.5}, PolicyError, "--target-speedup must be above 1"),
+        ({"method": "greedy"}, PolicyError, "--method must be one of"),
+        ({"data": "/no/such/file.txt"}, DataError, "does not exist"),
+        ({"data": "no-such-corpus"}, DataError, "not a corpus"),
+        ({"samples": 10**4, "seq_len": 8000, "data": "paul-graham"}, DataError, "lower --samples"),
+    ],
+)
+def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
+    model, tokenizer = smollm2_fp32
+    with pytest.raises(error, match=pattern):
+        calibrate(model, tokenizer, dataclasses.replace(SMALL, **change))
 
 
 def test_samples_are_bounded_and_seeded(smollm2_fp32):
@@ -43,22 +154,3 @@ def test_samples_are_bounded_and_seeded(smollm2_fp32):
     assert [len(s) for s in a] == [128] * 3
     assert a == token_samples(tokenizer, docs, 3, 128, seed=1)
     assert a != token_samples(tokenizer, docs, 3, 128, seed=2)
-
-
-@pytest.mark.parametrize(
-    "change, error, pattern",
-    [
-        ({"seq_len": 10**6}, DataError, "--seq-len must be between 1 and 8192"),
-        ({"samples": 0}, DataError, "--samples must be at least 1"),
-        ({"tau": 1.5}, PolicyError, "tau must be in"),
-        ({"delta": 2.0}, PolicyError, "delta must be in"),
-        ({"data": "/no/such/file.txt"}, DataError, "does not exist"),
-        ({"data": "no-such-corpus"}, DataError, "not a corpus"),
-        ({"samples": 10**4, "seq_len": 8192, "data": "paul-graham"}, DataError, "lower --samples"),
-    ],
-)
-def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
-    model, tokenizer = smollm2_fp32
-    config = CalibrationConfig(**{**SMALL.__dict__, **change})
-    with pytest.raises(error, match=pattern):
-        calibrate(model, tokenizer, config)

@@ -41,6 +41,23 @@ class Output:
             yield lambda: bar.advance(task)
         self.console.print(f"[green]✓[/] {description}")
 
+    @contextlib.contextmanager
+    def steps(self) -> Iterator[Callable[[str, int], Callable[[], None]]]:
+        """Progress for a multi-step library call: yields ``start(description, total) -> advance``; each new
+        step completes the previous one."""
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=self.console) as bar:
+            def start(description: str, total: int) -> Callable[[], None]:
+                for task in bar.tasks:
+                    bar.update(task.id, completed=task.total)
+                task = bar.add_task(description, total=total)
+                return lambda: bar.advance(task)
+
+            yield start
+            for task in bar.tasks:
+                bar.update(task.id, completed=task.total)
+
     def table(self, table: Table) -> None:
         if not self.json_mode:
             self.console.print(table)

@@ -9,6 +9,9 @@ import typer
 from .. import __version__
 from .bench import BENCH_EXAMPLES, bench_command
 from .calibrate import CALIBRATE_EXAMPLES, calibrate_command
+from .eval import EVAL_EXAMPLES, eval_command
+from .inspect import INSPECT_EXAMPLES, inspect_command
+from .push import PUSH_EXAMPLES, push_command
 from .export import EXPORT_EXAMPLES, export_command
 
 app = typer.Typer(
@@ -21,6 +24,9 @@ app = typer.Typer(
 )
 app.command("calibrate", epilog=CALIBRATE_EXAMPLES)(calibrate_command)
 app.command("export", epilog=EXPORT_EXAMPLES)(export_command)
+app.command("eval", epilog=EVAL_EXAMPLES)(eval_command)
+app.command("push", epilog=PUSH_EXAMPLES)(push_command)
+app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("bench", epilog=BENCH_EXAMPLES)(bench_command)
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..errors import TsaError
+from ..plots import plot_speedup
 from ._options import JsonOpt
 from ._output import Output, handle_errors
 
@@ -91,7 +92,7 @@ def bench_command(
               else f"fixed kept fraction {kept_fraction}", "layers": layer_rows, "prefill": prefill_rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    if plot is not None and not bench.plot_speedup(layer_rows, prefill_rows, str(plot)):
+    if plot is not None and not plot_speedup(layer_rows, prefill_rows, env["card"], str(plot)):
         out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
 
     table = Table(title=f"One attention layer, {model} shapes, {env['card']}", caption=f"written to {path}")

@@ -1,27 +1,31 @@
-"""`tsa-patch calibrate [MODEL]`: choose the sparse layers and tau, and write a policy file."""
+"""`tsa-patch calibrate [MODEL]`: choose per-layer tau against an accuracy budget, and write a policy file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..calibrate import CalibrationConfig, calibrate
+from ..calibrate import DEFAULT_MAX_KL, CalibrationConfig, calibrate
 from ..models import load_model, resolve_model
+from ..plots import plot_calibration
 from ..policy import write_policy
 from ._options import DEFAULT_POLICY_PATH, DeviceOpt, JsonOpt, resolve_device
 from ._output import Output, handle_errors
 
-CALIBRATE_EXAMPLES = """
+CALIBRATE_EXAMPLES = f"""
 Examples:
 
-  tsa-patch calibrate                                   # embedded SmolLM2-135M-Instruct, Shakespeare, 4 x 2048 tokens
+  tsa-patch calibrate                                   # embedded SmolLM2-135M-Instruct, Shakespeare, KL <= {DEFAULT_MAX_KL}
 
-  tsa-patch calibrate ./my-llama --data kjv --samples 8 --seq-len 4096 --tau 0.01
+  tsa-patch calibrate ./my-llama --data kjv --samples 8 --seq-len 4096 --min-agreement 0.95
 
-  tsa-patch calibrate HuggingFaceTB/SmolLM2-360M-Instruct --data notes.jsonl -o smol360.json --json
+  tsa-patch calibrate ./my-llama --target-speedup 1.5 --report report.json --plot tradeoff.png
+
+  tsa-patch calibrate --method drift --tau 0.005 --delta 0.5      # the paper's rule
 """
 _DEFAULTS = CalibrationConfig()
 
@@ -30,41 +34,74 @@ _DEFAULTS = CalibrationConfig()
 def calibrate_command(
     model: Annotated[str | None, typer.Argument(help="Hub id, model folder or .gguf file; default: the embedded SmolLM2-135M-Instruct.")] = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Corpus (shakespeare, kjv, paul-graham), a .txt/.jsonl/.parquet file or folder, or a datasets id.")] = _DEFAULTS.data,
-    samples: Annotated[int, typer.Option(help="Number of calibration sequences.")] = _DEFAULTS.samples,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (bounded by the model's context).")] = _DEFAULTS.seq_len,
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = _DEFAULTS.samples,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Prompt tokens per sequence (bounded by the model's context).")] = _DEFAULTS.seq_len,
     seed: Annotated[int, typer.Option(help="Sampling seed; the same seed gives the same policy.")] = _DEFAULTS.seed,
-    tau: Annotated[float, typer.Option(help="Coverage threshold of the sparse layers, in [0, 1).")] = _DEFAULTS.tau,
-    delta: Annotated[float, typer.Option(help="Drift quantile: layers at or below it go sparse (paper: 0.5).")] = _DEFAULTS.delta,
+    method: Annotated[str, typer.Option(help="budget (per-layer tau from measurements) or drift (the paper's rule).")] = _DEFAULTS.method,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help=f"Budget: mean KL vs dense over the continuation, nats (default {DEFAULT_MAX_KL}).")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Budget: top-1 agreement with dense over the continuation.")] = None,
+    target_speedup: Annotated[float | None, typer.Option("--target-speedup", help="Reach this estimated attention speedup with the least error.")] = None,
+    match_paper: Annotated[bool, typer.Option("--match-paper", help="Budget: the KL the paper's rule measures on the same samples.")] = False,
+    holdout: Annotated[int, typer.Option(help="Held-out sequences that verify the budget.")] = _DEFAULTS.holdout,
+    continuation: Annotated[int, typer.Option(help="Tokens after each prompt decoded densely and compared with dense.")] = _DEFAULTS.continuation,
+    tau: Annotated[float, typer.Option(help="drift method: coverage threshold of the sparse layers, in [0, 1).")] = _DEFAULTS.tau,
+    delta: Annotated[float, typer.Option(help="drift method: layers at or below this drift quantile go sparse.")] = _DEFAULTS.delta,
     window: Annotated[int, typer.Option(help="Trailing queries that score tokens; always kept.")] = _DEFAULTS.window,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
     activation_length: Annotated[int, typer.Option("--activation-length", help="Shorter prompts run dense.")] = _DEFAULTS.activation_length,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the policy file.")] = DEFAULT_POLICY_PATH,
+    report: Annotated[Path | None, typer.Option(help="Also write the full calibration report (JSON).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="budget method: also write a PNG of the per-layer policy and the accuracy/savings curve.")] = None,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Measure MODEL on calibration text and decide, per layer, whether to sparsify attention and with which tau."""
     out = Output(json_output)
-    config = CalibrationConfig(data=data, samples=samples, seq_len=seq_len, seed=seed, tau=tau, delta=delta,
-                              window=window, pool_kernel=_DEFAULTS.pool_kernel, min_tokens=min_tokens,
+    config = CalibrationConfig(data=data, samples=samples, seq_len=seq_len, seed=seed, method=method, max_kl=max_kl,
+                              min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper,
+                              holdout=holdout,
+                              continuation=continuation, tau=tau, delta=delta, window=window,
+                              pool_kernel=_DEFAULTS.pool_kernel, min_tokens=min_tokens,
                               activation_length=activation_length, selection=selection, dense_backend=dense_backend)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)
     with out.status(f"Loading {source.spec} on {device}"):
         loaded, tokenizer = load_model(source, device=device)
-    with out.progress(f"Measuring representation drift on {samples} x {seq_len} tokens of {data}", samples) as step:
-        result = calibrate(loaded, tokenizer, config, source_model=source.spec, on_sample=step)
+    with out.steps() as progress:
+        result = calibrate(loaded, tokenizer, config, source_model=source.spec, progress=progress)
     path = write_policy(result.policy, output)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.report or result.policy.calibration, indent=2) + "\n")
+    if plot is not None and result.report and not plot_calibration(result.report, str(plot)):
+        out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
 
+    layers = result.report.get("layers") if result.report else None
+    total_error = sum(layer["error"] for layer in layers) if layers else 0.0
     table = Table(title=f"TSA policy for {source.spec}", caption=f"written to {path}")
-    for column in ("layer", "drift", "attention", "tau"):
+    for column in ("layer", "drift", "attention", "tau", "kept %", "error share %"):
         table.add_column(column, justify="right")
     for i, (layer, drift) in enumerate(zip(result.policy.layers, result.drift)):
-        table.add_row(str(i), f"{drift:.4f}", "[cyan]sparse[/]" if layer.active else "dense", f"{layer.tau:g}")
+        kept = f"{100 * layers[i]['kept']:.1f}" if layers else "-"
+        share = f"{100 * layers[i]['error'] / total_error:.1f}" if layers and total_error else "-"
+        table.add_row(str(i), f"{drift:.4f}", "[cyan]sparse[/]" if layer.active else "dense", f"{layer.tau:g}",
+                      kept, share)
     out.table(table)
+    if result.report:
+        chosen, paper = result.report["chosen"], result.report["paper_rule"]
+        out.hint(
+            f"Attention FLOPs removed at {seq_len} tokens: {100 * chosen['attention_removed']:.1f}% "
+            f"(estimated whole-model attention speedup x{chosen['estimated_attention_speedup']:.2f}). "
+            f"KL vs dense, calibration {chosen['calibration']['kl']:.4f} / held-out {chosen['held_out']['kl']:.4f} "
+            f"(budget {result.report['budget']['kind']} {result.report['budget']['value']}). "
+            f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
+            f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {continuation} densely "
+            "decoded tokens, compared with the dense model."
+        )
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
              f"Next: tsa-patch export OUT_DIR --policy {path}")
     out.emit({"policy_file": str(path), "source_model": source.spec, "sparse_layers": result.policy.sparse_layers,
-              "drift": result.drift, "policy": result.policy.to_dict()})
+              "drift": result.drift, "policy": result.policy.to_dict(), "report": result.report})

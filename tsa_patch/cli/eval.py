@@ -1,0 +1,87 @@
+"""`tsa-patch eval MODEL`: accuracy of dense and TSA side by side on an offline long-context suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..calibration.suite import TASKS
+from ..errors import TsaError
+from ._options import DeviceOpt, JsonOpt, resolve_device
+from ._output import Output, handle_errors
+
+EVAL_EXAMPLES = """
+Examples:
+
+  tsa-patch eval out/demo                               # an export folder: 8 tasks x 2K, 4K x 3 samples + perplexity
+
+  tsa-patch eval SmolLM2-135M-Instruct --policy tsa_policy.json --tasks niah_single,vt --lengths 4096
+
+  tsa-patch eval org/name-tsa --output eval.json --plot eval.png --json
+"""
+
+
+def _csv(text: str, cast, name: str) -> tuple:
+    try:
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TsaError(f"--{name} must be a comma-separated list; got '{text}'.") from None
+
+
+@handle_errors
+def eval_command(
+    model: Annotated[str, typer.Argument(help="An export folder or hub id, or a model with --policy.")],
+    policy: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file to apply to a non-exported MODEL.")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks; default: all.")] = ",".join(TASKS),
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048,4096",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 3,
+    seed: Annotated[int, typer.Option(help="Suite seed.")] = 0,
+    perplexity_samples: Annotated[int, typer.Option("--perplexity-samples", help="Held-out texts per length for perplexity (0 skips).")] = 2,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the full report (JSON, with every output).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy against length.")] = None,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Run an offline RULER-style suite and perplexity with dense attention and with TSA on the same inputs."""
+    from ..evaluate import EvalConfig, evaluate, write_report
+    from ..models import load_patched
+    from ..plots import plot_eval
+
+    out = Output(json_output)
+    if samples < 1:
+        raise TsaError(f"--samples must be at least 1; got {samples}.")
+    config = EvalConfig(tasks=_csv(tasks, str, "tasks"), lengths=_csv(lengths, int, "lengths"), samples=samples,
+                        seed=seed, perplexity_samples=perplexity_samples)
+    device = resolve_device(device)
+    with out.status(f"Loading {model}"):
+        loaded, tokenizer = load_patched(model, str(policy) if policy else None, device=device)
+    with out.steps() as progress:
+        report = evaluate(loaded, tokenizer, config, progress=progress)
+    report["model"] = model
+    if output is not None:
+        write_report(report, output)
+    if plot is not None and not plot_eval(report, str(plot)):
+        out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
+
+    table = Table(title=f"{model}: dense vs TSA ({samples} samples per cell)")
+    for column in ("task", "length", "dense %", "TSA %", "delta", "kept %"):
+        table.add_column(column, justify="right")
+    for row in report["tasks"]:
+        table.add_row(row["task"], str(row["length"]), f"{100 * row['dense']:.1f}", f"{100 * row['tsa']:.1f}",
+                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}")
+    for row in report["summary"]:
+        table.add_row("[bold]mean[/]", str(row["length"]), f"{100 * row['dense']:.1f}", f"{100 * row['tsa']:.1f}",
+                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}")
+    out.table(table)
+    if report["perplexity"]:
+        ppl = Table(title="Perplexity of the next 64 tokens after a long prefix (dense continuation)")
+        for column in ("length", "dense", "TSA", "KL (nats)", "top-1 agreement %"):
+            ppl.add_column(column, justify="right")
+        for row in report["perplexity"]:
+            ppl.add_row(str(row["length"]), f"{row['dense']:.2f}", f"{row['tsa']:.2f}", f"{row['kl']:.4f}",
+                        f"{100 * row['top1_agreement']:.1f}")
+        out.table(ppl)
+    out.emit(report)

@@ -1,0 +1,180 @@
+"""``evaluate``: what the sparsity costs, dense and TSA on the same inputs, offline.
+
+For every task x length x sample of the suite (``calibration/suite.py``) the prompt is generated greedily twice,
+once with dense SDPA and once with TSA (decoding is dense in both), and scored. Perplexity uses the protocol of
+``calibration/continuation.py``: a long held-out text is prefilled (dense or TSA) and the next tokens are scored
+densely over its cache. The report gives per task and length both accuracies, their difference, and the
+fraction of tokens TSA kept in its sparse layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibration.continuation import continuation_metrics, dense_implementation
+from .calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
+from .calibration.suite import TASKS, SuiteBuilder
+from .errors import DataError, PolicyError
+from .kernels.attention import tsa_statistics
+from .kernels.policy import ATTENTION_KEY, CONFIG_KEY
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to run.
+
+    Args:
+        tasks: suite tasks (``calibration.suite.TASKS``).
+        lengths: prompt lengths in tokens, each at most the model's context.
+        samples: samples per task and length.
+        seed: suite and perplexity sampling seed.
+        perplexity_samples: held-out texts per length for perplexity (0 skips it).
+        continuation: tokens scored after each perplexity prefix.
+        perplexity_data: text for perplexity (default: Paul Graham essays).
+    """
+
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (2048, 4096)
+    samples: int = 3
+    seed: int = 0
+    perplexity_samples: int = 2
+    continuation: int = 64
+    perplexity_data: str = DEFAULT_EVALUATION_DATA
+
+
+@dataclass
+class TaskResult:
+    """Accuracy of dense and TSA on one task at one length (means over samples, in [0, 1])."""
+
+    task: str
+    length: int
+    samples: int
+    dense: float
+    tsa: float
+    kept: float  # mean fraction of tokens kept in TSA's sparse layers (1.0 when none ran sparse)
+    outputs: list[dict] = field(default_factory=list)
+
+    @property
+    def delta(self) -> float:
+        return self.tsa - self.dense
+
+
+def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id) -> torch.Tensor:
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+    return out[0, ids.shape[1]:]
+
+
+def _kept_fraction(model) -> float:
+    sparse = [s for s in tsa_statistics(model) if s["path"] == "sparse" and s["kept"][0] is not None]
+    if not sparse:
+        return 1.0
+    return sum(sum(s["kept"][0]) / len(s["kept"][0]) / s["kv_len"] for s in sparse) / len(sparse)
+
+
+def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int], Callable[[], None]] | None = None
+             ) -> dict:
+    """Run the suite and perplexity, dense and TSA, and return the report (JSON-ready).
+
+    Args:
+        model: a model whose config carries a TSA policy (an export loaded with ``trust_remote_code=True``, or
+            a native model after ``apply_policy_``); it is left with TSA set.
+        tokenizer: its tokenizer.
+        config: see ``EvalConfig``.
+        progress: ``progress(description, total)`` returns a per-unit callback (or None).
+
+    Raises:
+        PolicyError: the model carries no TSA policy.
+        DataError: a length exceeds the model's context, or an unknown task.
+    """
+    if not hasattr(model.config, CONFIG_KEY):
+        raise PolicyError("the model carries no TSA policy; pass an export folder or MODEL with --policy.")
+    context = getattr(model.config, "max_position_embeddings", None)
+    for length in config.lengths:
+        if context is not None and length + max(64, config.continuation) > context:
+            raise DataError(f"--lengths: {length} tokens plus the answer exceed the model's context ({context}).")
+    unknown = sorted(set(config.tasks) - set(TASKS))
+    if unknown:
+        raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
+    start = progress or (lambda description, total: None)
+    device = next(model.parameters()).device
+    builder = SuiteBuilder(tokenizer, seed=config.seed)
+    dense_impl = dense_implementation(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    step = start("Suite: dense and TSA generations", len(config.tasks) * len(config.lengths) * config.samples)
+    for length in config.lengths:
+        for task in config.tasks:
+            result = TaskResult(task=task, length=length, samples=config.samples, dense=0.0, tsa=0.0, kept=0.0)
+            for index in range(config.samples):
+                sample = builder.sample(task, length, index)
+                ids = tokenizer(sample.prompt(tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
+                ids = ids.to(device)
+                dense = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, dense_impl, pad),
+                                         skip_special_tokens=True)
+                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
+                                          skip_special_tokens=True)
+                kept = _kept_fraction(model)
+                result.dense += sample.score(dense) / config.samples
+                result.tsa += sample.score(sparse) / config.samples
+                result.kept += kept / config.samples
+                result.outputs.append({"index": index, "tokens": ids.shape[1], "answers": list(sample.answers),
+                                       "dense": dense, "tsa": sparse, "kept": round(kept, 4)})
+                if step is not None:
+                    step()
+            results.append(result)
+
+    perplexity = []
+    if config.perplexity_samples:
+        documents = load_documents(config.perplexity_data)
+        step = start("Perplexity: TSA prefill, dense continuation", len(config.lengths))
+        for length in config.lengths:
+            texts = token_samples(tokenizer, documents, config.perplexity_samples, length + config.continuation,
+                                  config.seed + 1)
+            metrics = continuation_metrics(model, texts, length, ATTENTION_KEY)
+            perplexity.append({"length": length, "samples": config.perplexity_samples,
+                               "dense": round(float(torch.tensor(metrics.dense_nll).exp()), 4),
+                               "tsa": round(float(torch.tensor(metrics.tsa_nll).exp()), 4),
+                               "kl": metrics.kl, "top1_agreement": metrics.top1_agreement})
+            if step is not None:
+                step()
+    model.set_attn_implementation(ATTENTION_KEY)
+    return _report(config, results, perplexity)
+
+
+def _report(config: EvalConfig, results: list[TaskResult], perplexity: list[dict]) -> dict:
+    summary = []
+    for length in config.lengths:
+        rows = [r for r in results if r.length == length]
+        summary.append({"length": length, "dense": _mean([r.dense for r in rows]), "tsa": _mean([r.tsa for r in rows]),
+                        "kept": _mean([r.kept for r in rows])})
+    for row in summary:
+        row["delta"] = row["tsa"] - row["dense"]
+    return {
+        "config": {**asdict(config), "tasks": list(config.tasks), "lengths": list(config.lengths)},
+        "protocol": "greedy generation from the same prompt with dense SDPA and with TSA (decoding dense in "
+                    "both); score = fraction of expected answers contained in the output",
+        "tasks": [{**{k: v for k, v in asdict(r).items() if k != "outputs"}, "delta": r.delta} for r in results],
+        "summary": summary,
+        "overall": {"dense": _mean([r.dense for r in results]), "tsa": _mean([r.tsa for r in results])},
+        "perplexity": perplexity,
+        "outputs": {f"{r.task}/{r.length}": r.outputs for r in results},
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write the evaluation report as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
