@@ -40,7 +40,7 @@ class EvalConfig:
 
     tasks: tuple[str, ...] = TASKS
     lengths: tuple[int, ...] = (2048, 4096)
-    samples: int = 3
+    samples: int = 2
     seed: int = 0
     perplexity_samples: int = 2
     continuation: int = 64

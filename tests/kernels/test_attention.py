@@ -61,7 +61,9 @@ def test_left_padded_batch_gives_each_sequence_its_alone_result(q_len):
     for b, n in enumerate(lengths):
         alone_q = q[b : b + 1, :, max(0, q_len - n) :]
         alone_kv = (k[b : b + 1, :, kv_len - n :], v[b : b + 1, :, kv_len - n :])
-        alone, _ = tsa_attention_forward(module, alone_q, *alone_kv, None, scaling=d**-0.5)
+        # as transformers calls it: no mask for a full prefill, a bottom-right causal mask for a chunk
+        mask = None if alone_q.shape[2] == n else _padded_mask([n], n, alone_q.shape[2])
+        alone, _ = tsa_attention_forward(module, alone_q, *alone_kv, mask, scaling=d**-0.5)
         rows = alone.shape[1]
         assert torch.allclose(out[b, q_len - rows :], alone[0], atol=1e-6, rtol=0), f"sequence {b}"
         if n < POLICY.activation_length:
@@ -103,6 +105,17 @@ def test_dense_paths_equal_sdpa(case):
     q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
     out, _ = tsa_attention_forward(module, q, k, v, None, scaling=0.25)
     ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    assert torch.equal(out, ref)
+
+
+def test_static_cache_prefill_without_mask_uses_the_filled_prefix():
+    """transformers passes no mask for a prefill into an empty static cache (keys beyond the prompt are empty)."""
+    torch.manual_seed(4)
+    module = _Attention(POLICY)
+    q, k, v = torch.randn(1, 4, 60, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    k[:, :, 60:], v[:, :, 60:] = 0.0, 0.0  # the static cache's empty tail
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=0.25)
+    ref, _ = tsa_attention_forward(module, q, k[:, :, :60], v[:, :, :60], None, scaling=0.25)
     assert torch.equal(out, ref)
 
 

@@ -67,8 +67,9 @@ def test_select_tokens_invariants(tau, min_tokens):
     assert keep >= min(min_tokens, candidates)
     kept_mass = dist.gather(1, kept[:, :keep]).sum(-1).mean().item()
     assert kept_mass >= 1 - tau - 1e-9, "head-averaged kept mass must be at least 1 - tau"
-    # each head keeps exactly its own top-K (random continuous inputs have no ties)
-    assert torch.equal(kept[:, :keep], dist.topk(keep, -1).indices.sort(-1).values)
+    # each head keeps its own top-K: the same mass as the float64 top-K (near-ties may swap equal-mass tokens)
+    best = dist.topk(keep, -1).values.sum(-1)
+    assert torch.allclose(dist.gather(1, kept[:, :keep]).sum(-1), best, rtol=1e-6, atol=0)
     if tau == 0.0:
         assert keep == candidates
 

@@ -16,7 +16,7 @@ from ._output import Output, handle_errors
 EVAL_EXAMPLES = """
 Examples:
 
-  tsa-patch eval out/demo                               # an export folder: 8 tasks x 2K, 4K x 3 samples + perplexity
+  tsa-patch eval out/demo                               # an export folder: 8 tasks x 2K, 4K x 2 samples + perplexity
 
   tsa-patch eval SmolLM2-135M-Instruct --policy tsa_policy.json --tasks niah_single,vt --lengths 4096
 
@@ -37,7 +37,7 @@ def eval_command(
     policy: Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file to apply to a non-exported MODEL.")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks; default: all.")] = ",".join(TASKS),
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048,4096",
-    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 3,
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 2,
     seed: Annotated[int, typer.Option(help="Suite seed.")] = 0,
     perplexity_samples: Annotated[int, typer.Option("--perplexity-samples", help="Held-out texts per length for perplexity (0 skips).")] = 2,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the full report (JSON, with every output).")] = None,
