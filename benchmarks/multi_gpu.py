@@ -46,23 +46,9 @@ def make(out: Path) -> None:
                    check=True)
 
 
-def _timed(fn, runs: int = 2) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def _check_and_time(model, lengths: list[int], mode: str) -> list[dict]:
     """Correctness (tau = 0 equals dense; the sparse layers ran and stayed finite) and prefill timings."""
-    from tsa_patch.bench import environment, paper_kept_fraction
+    from tsa_patch.bench import environment, paper_kept_fraction, time_cuda
     from tsa_patch.kernels.dense import sdpa_backend
     from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
 
@@ -93,8 +79,8 @@ def _check_and_time(model, lengths: list[int], mode: str) -> list[dict]:
     for seq_len in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1)).to(device)
         fraction = paper_kept_fraction(seq_len)
-        dense_ms = _timed(lambda: forward("sdpa"))
-        tsa_ms = _timed(lambda: forward(ATTENTION_KEY, tsa_keep_fraction=fraction))
+        dense_ms = time_cuda(lambda: forward("sdpa"), budget_s=0.0, min_runs=2).median_ms
+        tsa_ms = time_cuda(lambda: forward(ATTENTION_KEY, tsa_keep_fraction=fraction), budget_s=0.0, min_runs=2).median_ms
         rows.append({"mode": mode, "check": "prefill", "seq_len": seq_len, "kept_fraction": round(fraction, 3),
                      "sparse_layers": len(policy["layers"]) // 2, "dense_ms": round(dense_ms, 1),
                      "tsa_ms": round(tsa_ms, 1), "speedup": round(dense_ms / tsa_ms, 3)})

@@ -11,15 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
+from .triton_import import HAS_TRITON, tl, triton
 
-    _HAS_TRITON = True
-except ImportError:  # the checkpoint still loads; attention.py then uses the PyTorch reference
-    _HAS_TRITON = False
-
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _gather_rows(Src, Index, Dst, head, stride_sh, stride_sl, stride_ih, stride_dh, stride_dl, heads, rows,

@@ -15,14 +15,10 @@ from torch import Tensor
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .dense import dense_attention
 from .reference import compress_ref, decompress_ref, query_rows, score_keys_ref, select_tokens_ref, smooth_scores_ref
-from .triton_rows import _HAS_TRITON as _HAS_TRITON_ROWS
+from .triton_import import HAS_TRITON
 from .triton_rows import compress, decompress
-from .triton_score import _HAS_TRITON as _HAS_TRITON_SCORE
 from .triton_score import score_keys
-from .triton_select import _HAS_TRITON as _HAS_TRITON_SELECT
 from .triton_select import smooth_scores
-
-HAS_TRITON = _HAS_TRITON_SCORE and _HAS_TRITON_ROWS and _HAS_TRITON_SELECT
 _STAGES = {
     "torch": (score_keys_ref, smooth_scores_ref, compress_ref, decompress_ref),
     "triton": (score_keys, smooth_scores, compress, decompress),
