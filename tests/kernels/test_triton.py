@@ -57,6 +57,18 @@ def test_smooth_scores_matches_reference(candidates, pool_kernel, brute):
     assert torch.allclose(out.sum(-1), torch.ones(8, device=DEVICE, dtype=torch.float32), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_keys_with_softcap_matches_reference(dtype, brute):
+    hq, hkv, lk, d, w = SHAPES[1]
+    q = (3 * torch.randn(hq, w + 3, d, device=DEVICE)).to(dtype)  # large logits, where the cap bites
+    k = torch.randn(hkv, lk, d, device=DEVICE).to(dtype)
+    out = score_keys(q, k, w, d**-0.5, softcap=5.0)
+    truth = score_keys_ref(q.double(), k.double(), w, d**-0.5, softcap=5.0)
+    plain = score_keys_ref(q, k, w, d**-0.5, softcap=5.0)
+    assert brute.relative_error(out, truth) <= 2 * brute.relative_error(plain, truth) + 1e-6
+    assert brute.relative_error(out, score_keys_ref(q.double(), k.double(), w, d**-0.5)) > 1e-3  # the cap matters
+
+
 def test_score_keys_rejects_bad_shapes():
     q, k = torch.randn(4, 10, 16, device=DEVICE), torch.randn(3, 20, 16, device=DEVICE)
     with pytest.raises(ValueError, match="bad shapes"):

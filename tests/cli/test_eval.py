@@ -1,0 +1,54 @@
+"""`tsa-patch eval`: dense and TSA side by side on the offline suite (tiny settings), and its errors."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_eval_on_an_export_writes_report_and_plot(cli, small_export, tmp_path):
+    folder, _ = small_export
+    report_file, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    result = cli.invoke("eval", folder, "--tasks", "niah_single,vt", "--lengths", "400", "--samples", "1",
+                        "--perplexity-samples", "1", "--output", report_file, "--plot", plot, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = cli.json(result.stdout)
+    assert cli.json(report_file.read_text())["tasks"] == report["tasks"]
+    assert [(r["task"], r["length"]) for r in report["tasks"]] == [("niah_single", 400), ("vt", 400)]
+    for row in report["tasks"]:
+        assert 0.0 <= row["dense"] <= 1.0 and 0.0 <= row["tsa"] <= 1.0 and row["delta"] == row["tsa"] - row["dense"]
+        assert 0.0 < row["kept"] < 1.0  # TSA engaged (the export's window is 16 tokens)
+    [outputs] = report["outputs"]["niah_single/400"]
+    assert outputs["tokens"] <= 400 and outputs["answers"] and isinstance(outputs["tsa"], str)
+    [ppl] = report["perplexity"]
+    assert ppl["length"] == 400 and ppl["dense"] > 1.0 and ppl["tsa"] > 1.0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_with_model_and_policy_file(cli, small_export, tmp_path, smollm2):
+    from tsa_patch.policy import write_policy
+
+    _, policy = small_export
+    policy_file = write_policy(policy, tmp_path / "p.json")
+    result = cli.invoke("eval", str(smollm2.path), "--policy", policy_file, "--tasks", "niah_single",
+                        "--lengths", "300", "--samples", "1", "--perplexity-samples", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert cli.json(result.stdout)["perplexity"] == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--tasks", "summarise"], "unknown tasks ['summarise']"),
+        (["--lengths", "9000"], "exceed the model's context (8192)"),
+        (["--lengths", "2k"], "--lengths must be a comma-separated list"),
+        (["--samples", "0"], "--samples must be at least 1"),
+    ],
+)
+def test_eval_bad_input(cli, small_export, args, fragment):
+    result = cli.invoke("eval", small_export[0], *args)
+    cli.assert_one_line_error(result, fragment)
+
+
+def test_eval_of_a_model_without_policy(cli, smollm2):
+    result = cli.invoke("eval", str(smollm2.path))
+    cli.assert_one_line_error(result, "is not a tsa-patch export; pass --policy")
