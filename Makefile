@@ -26,12 +26,13 @@ $(OLDEST_STAMP): requirements-tf517.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/tsa-patch calibrate --output out/demo_policy.json --report out/demo_calibration.json
+	$(BIN)/tsa-patch calibrate --seq-len 4096 --samples 2 --holdout 1 --output out/demo_policy.json \
+		--report out/demo_calibration.json --plot out/demo_calibration.png
 	$(BIN)/tsa-patch export $(DEMO_DIR) --policy out/demo_policy.json --overwrite
 	HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python examples/demo_compare.py $(DEMO_DIR)
 
 test: install $(OLDEST_STAMP)
-	TSA_OLDEST_TRANSFORMERS_PYTHON=$(OLDEST_VENV)/bin/python $(BIN)/python -m pytest -q
+	TSA_OLDEST_TRANSFORMERS_PYTHON=$(abspath $(OLDEST_VENV))/bin/python $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf out .pytest_cache

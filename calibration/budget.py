@@ -119,6 +119,7 @@ def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, so
         previous_kept, into_last = kept, error
 
 
+@torch.no_grad()  # the dense forward must not keep every layer's activations for a backward pass
 def measure_layers(model, samples: list[list[int]], policy: TsaPolicy, taus: tuple[float, ...] = TAU_GRID,
                    on_sample: Callable[[], None] | None = None) -> list[LayerMeasurement]:
     """Measure every layer at every tau on ``samples`` (one dense forward each, batch 1).

@@ -8,11 +8,17 @@ the middle lose keys they needed). The protocol here, used by calibration and ev
 2. TSA: prefill ``prompt`` with the TSA implementation, then the same continuation with SDPA over its cache;
 3. compare the next-token distributions that predict each continuation token (the first one comes from the
    prefill's last position): KL(dense || TSA), top-1 agreement, and the continuation's negative log-likelihood.
+
+Natural continuations depend mostly on nearby text, so they hardly notice when a far token's representation is
+damaged. ``recall_probe`` builds the complementary case from the same text: the prompt ends with a cue copied
+from far back and the continuation is what followed it there, which the model can only predict by attending to
+that distant span (what needle-in-a-haystack retrieval needs). Calibration holds TSA to its budget on both.
 """
 
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +44,21 @@ class ContinuationMetrics:
 
     def as_dict(self) -> dict:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
+
+
+def recall_probe(ids: list[int], prompt_len: int, cue: int = 16, seed: int = 0) -> list[int]:
+    """A long-range recall variant of a sample (``prompt_len`` prompt tokens, then the continuation).
+
+    A span is drawn from the first half of the prompt; the probe's prompt is the original prompt with its last
+    ``cue`` tokens replaced by the span's first ``cue`` tokens, and its continuation is what followed the cue in
+    the span. Same lengths as the sample; deterministic for ``seed``.
+    """
+    continuation = len(ids) - prompt_len
+    if continuation < 1 or prompt_len < 4 * (cue + continuation):
+        raise ValueError(f"a recall probe needs a prompt of at least {4 * (cue + continuation)} tokens.")
+    start = random.Random(seed).randrange(prompt_len // 8, prompt_len // 2 - cue - continuation)
+    span = ids[start : start + cue + continuation]
+    return ids[: prompt_len - cue] + span
 
 
 def dense_implementation(model) -> str:

@@ -141,7 +141,11 @@ def _datasets(source: str) -> list[str]:
         else:
             data = datasets.load_dataset(source, split="train")
     except Exception as err:
-        raise DataSourceError(f"cannot load dataset '{source}' ({type(err).__name__}: {err}).") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataSourceError(
+            f"data source '{source}' is not a corpus ({', '.join(CORPORA)}), a local file, or a loadable dataset "
+            f"({type(err).__name__}: {reason})."
+        ) from None
     if "text" not in data.column_names:
         raise DataSourceError(f"dataset '{source}' has no 'text' column (columns: {data.column_names}).")
     return [str(t) for t in data["text"]]

@@ -12,8 +12,8 @@ the dense model cannot do measures nothing):
 - ``niah_multikey``: four numbers under different keys, one asked;
 - ``niah_multivalue``: two numbers under one key, both asked;
 - ``niah_multiquery``: two keys asked at once;
-- ``vt``: variable tracking: a number passed from one variable to another in the essays, the hop named in the
-  answer prefix;
+- ``vt``: variable tracking: a number passed from one variable to another in the essays; as in RULER the answer
+  prefix names the value and the answers are both variables;
 - ``cwe``: the three most common words of a numbered word list;
 - ``fwe``: the three most frequent words of a text of coded words;
 - ``qa``: retrieval QA over the three haystacks in turn (Paul Graham essays, Shakespeare, King James Bible):
@@ -175,13 +175,14 @@ class SuiteBuilder:
     # -- variable tracking ------------------------------------------------------------------------------------
 
     def _vt(self, rng, length, index):
-        # A number assigned to one variable, then passed to a second one, hidden in the essays. The answer prefix
-        # names the hop (as RULER's prefix names the value): a small model must find the first variable's value.
+        # RULER's variable tracking with one hop: a number assigned to one variable, then passed to a second one,
+        # hidden in the essays. As in RULER the answer prefix names the value; the answers are both variables.
         names = [name.upper() for name in rng.sample(_KEYS, 2)]
         value = str(rng.randrange(10_000, 100_000))
         needles = [f"VAR {names[0]} = {value}.", f"VAR {names[1]} = VAR {names[0]}."]
-        question = f"What is the value of VAR {names[1]}?"
-        prefix = f"Answer: VAR {names[1]} = VAR {names[0]} ="
+        question = f"Find all variables that are assigned the value {value} in the text above."
+        prefix = (f"Answer: According to the chain of variable assignments in the text above, the variables "
+                  f"assigned the value {value} are: VAR")
         intro = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
         start = rng.randrange(len(self._essay_sentences))
         pool = self._essay_sentences[start:] + self._essay_sentences[:start]
@@ -190,7 +191,7 @@ class SuiteBuilder:
         for offset, (position, needle) in enumerate(zip(positions, needles)):
             sentences.insert(position + offset, needle)  # the chain keeps its order
         context = intro + " ".join(sentences) + "\n\n" + question
-        return self._sample("vt", length, index, context, prefix, [value], 12)
+        return self._sample("vt", length, index, context, prefix, names, 16)
 
     # -- word extraction --------------------------------------------------------------------------------------
 
@@ -198,13 +199,13 @@ class SuiteBuilder:
         common = rng.sample(_WORDS, 3)
         rare = [w for w in _WORDS if w not in common]
         question = "What are the 3 most common words in the above list?"
-        prefix = "Answer: The top 3 words that appear most often in the list are:"
+        prefix = "Answer: The top 3 words that appear most often in the list are:\n1."
         header = "Below is a numbered list of words. In these words, some appear more often than others. " \
                  "Memorize the ones that appear most often.\n"
 
         def listing(items: int) -> str:
-            words = [common[i % 3] for i in range(items * 3 // 5)] + [rng.choice(rare) for _ in range(items - items * 3 // 5)]
-            random.Random(items).shuffle(words)  # common words: 1/5 of the list each; each rare word ~1.5 %
+            words = [common[i % 3] for i in range(items * 3 // 4)] + [rng.choice(rare) for _ in range(items - items * 3 // 4)]
+            random.Random(items).shuffle(words)  # common words: 1/4 of the list each; each rare word ~0.5 %
             return "\n".join(f"{i + 1}. {word}" for i, word in enumerate(words))
 
         text = self._longest(listing, header, "\n\n" + question, prefix, length)
@@ -212,10 +213,10 @@ class SuiteBuilder:
 
     def _fwe(self, rng, length, index):
         vocabulary = rng.sample(_WORDS, len(_WORDS))
-        # three frequent words (30, 25, 20 % of the text), the other 27 share the rest
-        weights = [0.30, 0.25, 0.20] + [0.25 / (len(vocabulary) - 3)] * (len(vocabulary) - 3)
+        # three frequent words (32, 30, 28 % of the text), the others share the remaining 10 %
+        weights = [0.32, 0.30, 0.28] + [0.10 / (len(vocabulary) - 3)] * (len(vocabulary) - 3)
         question = "What are the 3 most frequently appeared words in the above coded text?"
-        prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
+        prefix = "Answer: According to the coded text above, the three most frequently appeared words are:\n1."
         header = "Read the following coded text and track the frequency of each coded word. Find the three most " \
                  "frequently appeared coded words.\n"
         words = rng.choices(vocabulary, weights=weights, k=4 * length)

@@ -5,7 +5,8 @@ Two methods:
 - ``budget`` (default): load (caller) -> sample calibration and held-out text -> measure every layer at every
   candidate tau in one dense forward per sample (``calibration.budget``) -> build the predicted Pareto front of
   per-layer policies -> search it with end-to-end measurements (TSA prefill, dense continuation, against dense;
-  ``calibration.continuation``) for the sparsest policy within the budget (``max_kl`` or ``min_agreement``), or
+  ``calibration.continuation``; on natural continuations and on long-range recall probes, the worse of the two
+  counting) for the sparsest policy within the budget (``max_kl`` or ``min_agreement``), or
   take the least-error policy reaching ``target_speedup`` -> verify on held-out samples, backing off if the
   budget is missed -> a ``TsaPolicy`` with its report. The paper's rule is measured on the same samples for
   comparison.
@@ -37,6 +38,11 @@ PAPER_TAU, PAPER_DELTA = 0.005, 0.5
 # End-to-end evaluations spent searching the Pareto front, held-out back-off steps, and the savings
 # resolution (share of attention FLOPs) below which the search stops refining.
 _MAX_SEARCH_EVALUATIONS, _MAX_BACKOFFS, _RESOLUTION = 7, 3, 0.02
+# The search extrapolates past the sparsest feasible policy by at most this factor of predicted error: measured
+# KL can rise by orders of magnitude over a short stretch of the front (long-range recall breaks abruptly).
+_MAX_STEP = 4.0
+# Tokens copied from far back to cue a long-range recall probe (``calibration.continuation.recall_probe``).
+RECALL_CUE = 16
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,9 @@ class CalibrationConfig:
         seq_len: prompt tokens per sequence, at most the model's context and ``MAX_SEQ_LEN``.
         seed: data sampling seed; the same seed gives the same policy.
         method: "budget" (accuracy-budget search) or "drift" (the paper's rule).
-        max_kl: budget: mean KL(dense || TSA) over the continuation tokens, in nats.
-        min_agreement: budget: top-1 agreement with dense over the continuation tokens, in [0, 1].
+        max_kl: budget: mean KL(dense || TSA) over the continuation tokens, in nats, on natural continuations
+            and on long-range recall probes alike.
+        min_agreement: budget: top-1 agreement with dense over the continuation tokens (both kinds), in [0, 1].
         target_speedup: instead of a budget: the estimated whole-model attention speedup to reach with the
             least error.
         match_paper: budget: ``max_kl`` = the KL the paper's rule (delta 0.5, tau 0.005) measures on the same
@@ -170,6 +177,9 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise DataError("--holdout and --continuation must be at least 1 for the budget method.")
     if config.method == "budget" and config.seq_len <= config.window:
         raise DataError(f"--seq-len must exceed the window ({config.window}) for TSA to engage.")
+    if config.method == "budget" and config.seq_len < 4 * (RECALL_CUE + config.continuation):
+        raise DataError(f"--seq-len must be at least {4 * (RECALL_CUE + config.continuation)} (4 x (cue + "
+                        "--continuation)) for the long-range recall probes.")
     try:  # validate the policy knobs before spending minutes on forwards
         TsaPolicy.uniform(model.config.num_hidden_layers, config.tau, **config.policy_options())
     except ValueError as err:
@@ -218,16 +228,26 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         measurements = measure_layers(model, [s[: config.seq_len] for s in calibration], template, on_sample=step)
     drift = drift_recorder.mean()
     front = pareto_policies(measurements)
-    reference = dense_reference(model, calibration, config.seq_len,
-                                on_sample=start("Dense reference continuations", len(calibration)))
+    probes = {"calibration": _with_recall(calibration, config), "held_out": _with_recall(held_out, config)}
+    references = {name: dense_reference(model, sequences, config.seq_len,
+                                        on_sample=start(f"Dense reference continuations ({name.replace('_', '-')})",
+                                                        len(sequences)))
+                  for name, sequences in probes.items()}
 
-    def evaluate(taus, samples_, reference_) -> dict:
+    def evaluate(taus, which: str) -> dict:
+        """End-to-end metrics of a policy on natural and recall continuations; the budget holds on the worse."""
         apply_policy_(model, _policy(taus, config, source_model, {}))
-        return compare_with_dense(model, samples_, config.seq_len, reference_, ATTENTION_KEY).as_dict()
+        count = len(probes[which]) // 2
+        natural, recall = (compare_with_dense(model, probes[which][part], config.seq_len, references[which][part],
+                                              ATTENTION_KEY).as_dict()
+                           for part in (slice(0, count), slice(count, None)))
+        return {"kl": max(natural["kl"], recall["kl"]),
+                "top1_agreement": min(natural["top1_agreement"], recall["top1_agreement"]),
+                "natural": natural, "recall": recall}
 
     paper_layers = set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config)
     paper_taus = [PAPER_TAU if i in paper_layers else 0.0 for i in range(len(drift))]
-    paper = evaluate(paper_taus, calibration, reference)
+    paper = evaluate(paper_taus, "calibration")
     paper_removed = _removed(measurements, paper_taus)
     budget = _budget_record(config)
     if config.match_paper:
@@ -242,7 +262,7 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         candidate = front[index]
         entry = {"index": index, "taus": list(candidate.taus), "predicted_error": round(candidate.predicted_error, 6),
                  "attention_removed": round(candidate.attention_removed, 4),
-                 **evaluate(candidate.taus, calibration, reference)}
+                 **evaluate(candidate.taus, "calibration")}
         evaluations.append(entry)
         return entry
 
@@ -260,13 +280,11 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
     else:
         chosen = _bisect(len(front), lambda i: feasible(record(i)), search_step)
 
-    held_reference = dense_reference(model, held_out, config.seq_len,
-                                     on_sample=start("Held-out check", len(held_out)))
-    paper_held = evaluate(paper_taus, held_out, held_reference)
+    paper_held = evaluate(paper_taus, "held_out")
     if config.match_paper:  # equal accuracy means equal on the held-out text too, not the calibration text's KL
         budget = {**budget, "held_out_value": max(paper_held["kl"], 1e-9)}
         feasible = _feasibility(budget, held_out=True)
-    held = evaluate(front[chosen].taus, held_out, held_reference)
+    held = evaluate(front[chosen].taus, "held_out")
     held_evaluations = [{"index": chosen, "attention_removed": round(front[chosen].attention_removed, 4), **held}]
     backoffs = 0
     while budget["kind"] != "target_speedup" and not feasible(held) and chosen > 0 and backoffs < _MAX_BACKOFFS:
@@ -274,7 +292,7 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         miss = held["kl"] / budget.get("held_out_value", budget["value"]) if budget["kind"] == "max_kl" else 2.0
         target = front[chosen].predicted_error / max(miss, 1.25)
         chosen, backoffs = max(i for i, c in enumerate(front) if c.predicted_error <= target), backoffs + 1
-        held = evaluate(front[chosen].taus, held_out, held_reference)
+        held = evaluate(front[chosen].taus, "held_out")
         held_evaluations.append({"index": chosen, "attention_removed": round(front[chosen].attention_removed, 4),
                                  **held})
     chosen_entry = record(chosen) if chosen else {"index": 0, "attention_removed": 0.0, "kl": 0.0,
@@ -291,7 +309,7 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         "chosen": {"attention_removed": round(front[chosen].attention_removed, 4),
                    "estimated_attention_speedup": round(1.0 / (1.0 - front[chosen].attention_removed), 3),
                    "predicted_error": round(front[chosen].predicted_error, 6),
-                   "calibration": {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "dense_nll", "tsa_nll")},
+                   "calibration": {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "natural", "recall")},
                    "held_out": held, "held_out_backoffs": backoffs, "meets_budget_held_out": feasible(held)},
         "paper_rule": {"tau": PAPER_TAU, "delta": PAPER_DELTA, "layers": sorted(paper_layers),
                        "attention_removed": round(paper_removed, 4), "calibration": paper, "held_out": paper_held},
@@ -302,6 +320,14 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         "drift": [round(d, 6) for d in drift],
     }
     return CalibrationResult(policy=_policy(taus, config, source_model, report), drift=drift, report=report)
+
+
+def _with_recall(samples: list[list[int]], config: CalibrationConfig) -> list[list[int]]:
+    """The samples followed by one long-range recall probe of each (``calibration.continuation.recall_probe``)."""
+    from .calibration.continuation import recall_probe
+
+    return samples + [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i)
+                      for i, s in enumerate(samples)]
 
 
 def _budget_record(config: CalibrationConfig) -> dict:
@@ -328,7 +354,7 @@ def _search_kl(front, max_kl: float, measured_kl: Callable[[int], float], step: 
     Safeguarded regula falsi on the predicted error: the measured KL grows roughly as a power of the predicted
     error, so the next candidate interpolates log KL against log predicted error between the sparsest feasible
     and the densest infeasible policies measured so far, clamped to move at least a quarter of the way into the
-    bracket. Stops when the bracket's savings differ by less than ``_RESOLUTION`` or after
+    bracket; before any policy is infeasible it extrapolates, by at most ``_MAX_STEP`` in predicted error. Stops when the bracket's savings differ by less than ``_RESOLUTION`` or after
     ``_MAX_SEARCH_EVALUATIONS`` evaluations.
     """
     error = [c.predicted_error for c in front]
@@ -359,12 +385,12 @@ def _search_kl(front, max_kl: float, measured_kl: Callable[[int], float], step: 
 
 def _next_candidate(error, seen, feasible, infeasible, max_kl, last, index_for) -> int:
     """The next front index to measure (see ``_search_kl``)."""
-    if infeasible is None:  # everything measured is feasible: extrapolate from the sparsest point, or jump
+    if infeasible is None:  # everything measured is feasible: extrapolate from the sparsest point, at most 4x
         if feasible == last:
             return last  # the sparsest policy is within budget: nothing left to search
         ratio = max(seen[feasible], 1e-12) / max(error[feasible], 1e-12)
-        guess = index_for(max_kl / ratio)
-        return guess if guess > feasible else feasible + max(1, (last - feasible) // 2)
+        guess = index_for(min(max_kl / ratio, _MAX_STEP * max(error[feasible], 1e-12)))
+        return guess if guess > feasible else feasible + 1
     high = (math.log(max(error[infeasible], 1e-12)), math.log(max(seen[infeasible], 1e-12)))
     if feasible == 0 or seen[feasible] <= 0:
         target = max_kl * error[infeasible] / max(seen[infeasible], 1e-12)  # proportional through the origin

@@ -46,7 +46,7 @@ def _unsupported_model(tmp_path):
     [
         (["/no/such/model/folder"], "is not a local folder, a .gguf file, or a hub model"),
         (["no-such-org/no-such-model"], "is not a local folder, a .gguf file, or a hub model"),
-        (["UNSUPPORTED"], "has model_type 'gpt2'; tsa-patch supports ['llama']"),
+        (["UNSUPPORTED"], "has model_type 'gpt2'; tsa-patch supports ['gemma2', 'gemma3_text', 'llama',"),
         (["--method", "drift", "--tau", "1.5"], "tau must be in [0, 1)"),
         (["--method", "drift", "--tau", "-0.01"], "tau must be in [0, 1)"),
         (["--max-kl", "0.1", "--min-agreement", "0.9"], "give at most one of"),

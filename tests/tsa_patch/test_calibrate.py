@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
-from tsa_patch.calibrate import CalibrationConfig, _search_kl, calibrate
-from tsa_patch.calibration.budget import TAU_GRID, Candidate, LayerMeasurement, pareto_policies
-from tsa_patch.calibration.continuation import continuation_metrics
+from tsa_patch.calibrate import RECALL_CUE, CalibrationConfig, _search_kl, calibrate
+from tsa_patch.calibration.budget import TAU_GRID, Candidate, LayerMeasurement, measure_layers, pareto_policies
+from tsa_patch.calibration.continuation import continuation_metrics, recall_probe
 from tsa_patch.calibration.data import load_documents, token_samples
-from tsa_patch.calibration.drift import drift_rule_layers
+from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
-from tsa_patch.kernels.policy import ATTENTION_KEY
+from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.policy import apply_policy_
 
 # Small window and floors so that a few hundred tokens engage TSA on CPU in seconds.
@@ -66,13 +67,30 @@ def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp
     model, tokenizer = smollm2_fp32
     samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
                             SMALL.seq_len + SMALL.continuation, SMALL.seed)
+    calibration = samples[: SMALL.samples]
+    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(calibration)]
     apply_policy_(model, budget_run.policy)
     try:
-        metrics = continuation_metrics(model, samples[: SMALL.samples], SMALL.seq_len, ATTENTION_KEY)
+        natural = continuation_metrics(model, calibration, SMALL.seq_len, ATTENTION_KEY)
+        recall = continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY)
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, "tsa_policy")
-    assert metrics.kl == pytest.approx(budget_run.report["chosen"]["calibration"]["kl"], rel=1e-4, abs=1e-7)
+    reported = budget_run.report["chosen"]["calibration"]
+    assert natural.kl == pytest.approx(reported["natural"]["kl"], rel=1e-4, abs=1e-6)
+    assert recall.kl == pytest.approx(reported["recall"]["kl"], rel=1e-4, abs=1e-6)
+    assert reported["kl"] == max(reported["natural"]["kl"], reported["recall"]["kl"])
+
+
+def test_recall_probe_cues_a_span_from_far_back():
+    ids = list(range(1000, 1336))  # distinct tokens: positions can be read back from values
+    probe = recall_probe(ids, 320, 16, seed=5)
+    assert len(probe) == len(ids) and probe[: 320 - 16] == ids[: 320 - 16]
+    start = probe[320 - 16] - 1000
+    assert 320 // 8 <= start < 320 // 2 and probe[320 - 16 :] == ids[start : start + 16 + 16]
+    assert probe == recall_probe(ids, 320, 16, seed=5) and probe != recall_probe(ids, 320, 16, seed=6)
+    with pytest.raises(ValueError, match="at least"):
+        recall_probe(ids, 100, 16)
 
 
 def test_budget_report_compares_with_the_paper_rule(budget_run):
@@ -154,3 +172,20 @@ def test_samples_are_bounded_and_seeded(smollm2_fp32):
     assert [len(s) for s in a] == [128] * 3
     assert a == token_samples(tokenizer, docs, 3, 128, seed=1)
     assert a != token_samples(tokenizer, docs, 3, 128, seed=2)
+
+
+def test_measuring_builds_no_autograd_graph(smollm2_fp32):
+    # With grad enabled, a forward would keep every layer's activations alive (51 GiB at 32K tokens for 8
+    # Llama-8B layers before this was fixed; 4.75 GiB after, benchmarks/results/calibration-gpu-*.json).
+    model, tokenizer = smollm2_fp32
+    ids = token_samples(tokenizer, load_documents("kjv"), 1, 200, 0)[0]
+    outputs = []
+    handle = decoder_layers(model)[0].register_forward_hook(
+        lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.enable_grad():
+            measure_layers(model, [ids], TsaPolicy.uniform(30, 0.0, window=16, min_tokens=32, activation_length=96))
+    finally:
+        handle.remove()
+    assert any(p.requires_grad for p in model.parameters())
+    assert len(outputs) == 1 and not outputs[0].requires_grad

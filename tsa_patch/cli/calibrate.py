@@ -99,7 +99,8 @@ def calibrate_command(
             f"(budget {result.report['budget']['kind']} {result.report['budget']['value']}). "
             f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
             f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {continuation} densely "
-            "decoded tokens, compared with the dense model."
+            "decoded tokens, compared with the dense model; KL is the worse of the text's own continuation and a "
+            "long-range recall probe."
         )
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
              f"Next: tsa-patch export OUT_DIR --policy {path}")
