@@ -216,7 +216,7 @@ def _data_record(config: CalibrationConfig) -> dict:
 
 def _budget(model, config, samples, source_model, start) -> CalibrationResult:
     from .calibration.budget import TAU_GRID, measure_layers, pareto_policies
-    from .calibration.continuation import compare_with_dense, dense_reference
+    from .calibration.continuation import compare_with_dense, dense_reference, recall_probe
     from .calibration.drift import drift_rule_layers, recording_drift
     from .policy import apply_policy_
 
@@ -228,19 +228,20 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         measurements = measure_layers(model, [s[: config.seq_len] for s in calibration], template, on_sample=step)
     drift = drift_recorder.mean()
     front = pareto_policies(measurements)
-    probes = {"calibration": _with_recall(calibration, config), "held_out": _with_recall(held_out, config)}
-    references = {name: dense_reference(model, sequences, config.seq_len,
-                                        on_sample=start(f"Dense reference continuations ({name.replace('_', '-')})",
-                                                        len(sequences)))
-                  for name, sequences in probes.items()}
+    sequences = {}
+    for which, texts in (("calibration", calibration), ("held_out", held_out)):
+        sequences[which, "natural"] = texts
+        sequences[which, "recall"] = [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i)
+                                      for i, s in enumerate(texts)]
+    references = {key: dense_reference(model, texts, config.seq_len,
+                                       on_sample=start(f"Dense reference continuations ({' '.join(key)})", len(texts)))
+                  for key, texts in sequences.items()}
 
     def evaluate(taus, which: str) -> dict:
         """End-to-end metrics of a policy on natural and recall continuations; the budget holds on the worse."""
         apply_policy_(model, _policy(taus, config, source_model, {}))
-        count = len(probes[which]) // 2
-        natural, recall = (compare_with_dense(model, probes[which][part], config.seq_len, references[which][part],
-                                              ATTENTION_KEY).as_dict()
-                           for part in (slice(0, count), slice(count, None)))
+        natural, recall = (compare_with_dense(model, sequences[which, kind], config.seq_len, references[which, kind],
+                                              ATTENTION_KEY).as_dict() for kind in ("natural", "recall"))
         return {"kl": max(natural["kl"], recall["kl"]),
                 "top1_agreement": min(natural["top1_agreement"], recall["top1_agreement"]),
                 "natural": natural, "recall": recall}
@@ -320,14 +321,6 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         "drift": [round(d, 6) for d in drift],
     }
     return CalibrationResult(policy=_policy(taus, config, source_model, report), drift=drift, report=report)
-
-
-def _with_recall(samples: list[list[int]], config: CalibrationConfig) -> list[list[int]]:
-    """The samples followed by one long-range recall probe of each (``calibration.continuation.recall_probe``)."""
-    from .calibration.continuation import recall_probe
-
-    return samples + [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i)
-                      for i, s in enumerate(samples)]
 
 
 def _budget_record(config: CalibrationConfig) -> dict:
