@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .block_sparse import block_sparse_attention
 from .dense import dense_attention, sdpa_backend, softcapped_attention
 from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
 from .tsa import HAS_TRITON, tsa_attention
@@ -26,6 +28,9 @@ from .tsa import HAS_TRITON, tsa_attention
 _STATS_ATTR = "_tsa_last_forward"
 # Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
+# Off CUDA, block-sparse layers run dense attention; with this variable set to 1 they run the same block selection
+# in PyTorch instead (slow, same results as the GPU kernel: what calibration and evaluation measure on a CPU).
+EMULATE_BLOCK_SPARSE_ENV = "TSA_EMULATE_BLOCK_SPARSE"
 
 
 def policy_from_config(config) -> TsaPolicy:
@@ -66,6 +71,8 @@ def tsa_attention_forward(
         dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
         tsa_keep_fraction (keyword, via ``model(..., tsa_keep_fraction=f)``): benchmarks only; every sparse
             layer keeps this fraction of its candidate tokens instead of applying tau.
+        tsa_block_density (keyword): benchmarks only; every block-sparse layer keeps this fraction of each query
+            block's causal key blocks instead of applying ``block_gamma``.
 
     Returns:
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
@@ -83,8 +90,9 @@ def tsa_attention_forward(
     # A sliding-window layer only sees its window: TSA's causal selection does not apply once Lk exceeds it.
     windowed = kwargs.get("sliding_window") is not None and kv_len > kwargs["sliding_window"]
 
+    block_backend = _block_sparse_backend(query) if layer.block_sparse and softcap is None else None
     # Dense path, unchanged: nothing to sparsify (decode, short prompts, dense or windowed layers) or training.
-    if (not layer.active or module.training or windowed or q_len < policy.window
+    if ((not layer.active and block_backend is None) or module.training or windowed or q_len < policy.window
             or kv_len < policy.activation_length):
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
             setattr(module, _STATS_ATTR, _stats(module, "dense", q_len, kv_len, None))
@@ -96,7 +104,7 @@ def tsa_attention_forward(
 
     valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
     backend = "triton" if query.is_cuda and HAS_TRITON else "torch"
-    outputs, kept_counts = [], []
+    outputs, kept_counts, densities = [], [], []
     # Triton launches on the current CUDA device; with accelerate's device_map the layer may live on another one.
     device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with sdpa_backend(policy.dense_backend, query.device), device:
@@ -112,21 +120,33 @@ def tsa_attention_forward(
                 positions = positions[positions < offset + q_len]
                 rows = positions[positions >= offset] - offset  # its real query rows
                 q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
+            # Block-sparse runs on full prefills only (on the compact tensors when the layer also runs TSA).
+            block_density: list[float] = []
+            attend = None
+            if block_backend is not None and q.shape[1] == k.shape[1]:
+                attend = _block_sparse_attend(policy, scaling, block_backend, kwargs.get("tsa_block_density"),
+                                              block_density)
             if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
                 out_b = dense_attention(q, k, v, scaling, policy.dense_backend, softcap).transpose(0, 1)  # (Lq_b, Hq, D)
                 counts = None
-            else:
+            elif layer.active:
                 out_b, kept = tsa_attention(q, k, v, tau=layer.tau, window=policy.window,
                                             pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
                                             selection=policy.selection, scaling=scaling, softcap=softcap,
                                             dense_backend=policy.dense_backend, backend=backend,
-                                            keep_fraction=kwargs.get("tsa_keep_fraction"))
+                                            keep_fraction=kwargs.get("tsa_keep_fraction"), attend=attend)
                 counts = [kept.shape[1]] * kept.shape[0]
+            else:
+                out_b = (dense_attention(q, k, v, scaling, policy.dense_backend) if attend is None
+                         else attend(q, k, v)).transpose(0, 1)  # (Lq_b, Hq, D)
+                counts = None
             if rows is not None:  # padded: place the real rows, padded query rows stay 0
                 out_b = out_b.new_zeros(q_len, num_heads, head_dim).index_copy_(0, rows, out_b)
             outputs.append(out_b)
             kept_counts.append(counts)
-    setattr(module, _STATS_ATTR, _stats(module, "sparse", q_len, kv_len, kept_counts))
+            densities.append(block_density[0] if block_density else None)
+    setattr(module, _STATS_ATTR, _stats(module, "sparse" if layer.active else "block_sparse", q_len, kv_len,
+                                        kept_counts, densities))
     out = outputs[0][None] if batch == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
 
@@ -144,6 +164,29 @@ def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mas
     return softcapped_attention(query, key, value, scaling, softcap, mask).transpose(1, 2).contiguous()
 
 
+def _block_sparse_backend(query: Tensor) -> str | None:
+    """How a block-sparse layer runs on ``query``'s device: "triton" on CUDA, "torch" when emulation is asked
+    for off CUDA, None (dense attention) otherwise."""
+    if query.is_cuda:
+        return "triton" if HAS_TRITON else None
+    return "torch" if os.environ.get(EMULATE_BLOCK_SPARSE_ENV) == "1" else None
+
+
+def _block_sparse_attend(policy: TsaPolicy, scaling: float, backend: str, density: float | None, record: list):
+    """The policy's block-sparse kernel as an ``attend(q, k, v)`` function; appends each call's block density
+    to ``record``."""
+
+    def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        out, pattern = block_sparse_attention(query, key, value, gamma=policy.block_gamma, block=policy.block_size,
+                                              min_budget=policy.block_min_budget,
+                                              js_threshold=policy.block_js_threshold, scaling=scaling,
+                                              density=density, backend=backend)
+        record.append(pattern.density)
+        return out
+
+    return attend
+
+
 def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
     """(B, Lk) bool of real (non-padding) keys, read off the last query row of the 4-D mask; None if unpadded.
 
@@ -159,19 +202,46 @@ def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
     return None if bool(last_row.all()) else last_row
 
 
-def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None) -> dict:
-    return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept}
+def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None, block_density: list | None = None) -> dict:
+    return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept,
+            "block_density": block_density}
 
 
 def tsa_statistics(model: torch.nn.Module) -> list[dict]:
     """Per-layer statistics of the model's last prefill (a forward with more than one query token).
 
-    Each dict has ``layer``, ``path`` ("sparse" or "dense"), ``query_len``, ``kv_len`` and ``kept``: for a
-    sparse layer a list (one per sequence of the batch) of per-head kept-token counts, ``None`` for a sequence
-    that was too short; ``None`` for a dense layer.
+    Each dict has ``layer``, ``path`` ("sparse" for TSA, "block_sparse" for the block-sparse kernel alone, or
+    "dense"), ``query_len``, ``kv_len``, ``kept``: for a TSA
+    layer a list (one per sequence of the batch) of per-head kept-token counts, ``None`` for a sequence that was
+    too short or not reduced; ``None`` for a dense layer; and ``block_density``: for a block-sparse layer a list
+    (one per sequence) of the kept fraction of the causal block map, ``None`` where the kernel did not run.
     """
     found = [getattr(m, _STATS_ATTR) for m in model.modules() if hasattr(m, _STATS_ATTR)]
     return sorted(found, key=lambda s: s["layer"])
+
+
+def attention_summary(statistics: list[dict], sequence: int = 0) -> dict:
+    """What one sequence's last prefill computed, from ``tsa_statistics``.
+
+    Returns a dict with ``tsa_layers`` and ``block_sparse_layers`` (how many layers reduced the sequence),
+    ``kept_fraction`` (mean kept fraction of tokens over the TSA layers, 1.0 without any), ``block_density``
+    (mean over the block-sparse layers, 1.0 without any) and ``attention_cost`` (the computed fraction of dense
+    causal attention FLOPs, averaged over all layers: ``kept_fraction ** 2 * block_density`` per layer).
+    """
+    kept, densities, costs = [], [], []
+    for s in statistics:
+        counts = s["kept"][sequence] if s["kept"] else None
+        density = s["block_density"][sequence] if s.get("block_density") else None
+        fraction = sum(counts) / len(counts) / s["kv_len"] if counts else 1.0
+        if counts:
+            kept.append(fraction)
+        if density is not None:
+            densities.append(density)
+        costs.append(fraction**2 * (1.0 if density is None else density))
+    return {"tsa_layers": len(kept), "block_sparse_layers": len(densities),
+            "kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+            "block_density": sum(densities) / len(densities) if densities else 1.0,
+            "attention_cost": sum(costs) / len(costs) if costs else 1.0}
 
 
 def register_tsa_attention() -> None:

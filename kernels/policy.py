@@ -9,7 +9,9 @@ A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone J
 
     {"format_version": 1, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
      "selection": "query_head", "dense_backend": "auto",
-     "layers": [{"enabled": false, "tau": 0.0}, {"enabled": true, "tau": 0.005}, ...],
+     "block_size": 128, "block_gamma": 0.95, "block_min_budget": 1024, "block_js_threshold": 0.1,
+     "layers": [{"enabled": false, "tau": 0.0, "kernel": "dense"},
+                {"enabled": true, "tau": 0.005, "kernel": "block_sparse"}, ...],
      "tool_version": "0.1.0", "source_model": "...", "calibration": {...}}
 """
 
@@ -31,6 +33,10 @@ SELECTION_MODES = ("query_head", "kv_group")
 # flash, then memory-efficient SDPA on CUDA (the order measured fastest on H200); "flash_attn" uses the
 # flash-attn package when installed. On CPU every value means PyTorch's default choice.
 DENSE_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn")
+# The attention kernel of a layer's long prefills (on the compact tensors when the layer also runs TSA):
+# "dense" (``dense_backend``) or "block_sparse" (``block_sparse.py``: FlexPrefill-style adaptive block selection
+# and a Triton kernel on CUDA; dense attention elsewhere unless TSA_EMULATE_BLOCK_SPARSE=1).
+KERNELS = ("dense", "block_sparse")
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,22 @@ class LayerPolicy:
         enabled: run Token Sparse Attention in this layer; ``False`` keeps the layer dense.
         tau: token-coverage threshold in [0, 1): each prefill drops the least-important tail of tokens whose
             head-averaged attention mass is below ``tau``. ``0`` drops nothing (the layer behaves densely).
+        kernel: one of ``KERNELS``: the attention kernel of long prefills, with or without TSA.
     """
 
     enabled: bool = False
     tau: float = 0.0
+    kernel: str = "dense"
 
     @property
     def active(self) -> bool:
         """True when the layer actually drops tokens."""
         return self.enabled and self.tau > 0.0
+
+    @property
+    def block_sparse(self) -> bool:
+        """True when long prefills of the layer run the block-sparse kernel."""
+        return self.kernel == "block_sparse"
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,11 @@ class TsaPolicy:
         activation_length: sequences shorter than this run dense; TSA's scoring cost is not repaid on them.
         selection: one of ``SELECTION_MODES`` (how GQA heads choose tokens).
         dense_backend: one of ``DENSE_BACKENDS``.
+        block_size: block-sparse layers: tokens per block (a power of two, at least 16; FlexPrefill: 128).
+        block_gamma: block-sparse layers: attention mass the kept blocks cover, in (0, 1] (paper: 0.95).
+        block_min_budget: block-sparse layers: tokens every query block attends to at least (paper: 1024).
+        block_js_threshold: block-sparse layers: a head whose pooled block estimate is this close (square-root
+            Jensen-Shannon divergence) to its exact last-block attention uses the estimate (paper: 0.1).
         format_version: schema version; only ``POLICY_FORMAT_VERSION`` is understood.
         tool_version: version of tsa-patch that wrote the policy ("" when written by hand).
         source_model: the model the policy was calibrated on (hub id, folder or GGUF file), if known.
@@ -79,6 +97,10 @@ class TsaPolicy:
     activation_length: int = 2048
     selection: str = "query_head"
     dense_backend: str = "auto"
+    block_size: int = 128
+    block_gamma: float = 0.95
+    block_min_budget: int = 1024
+    block_js_threshold: float = 0.1
     format_version: int = POLICY_FORMAT_VERSION
     tool_version: str = ""
     source_model: str | None = None
@@ -94,6 +116,7 @@ class TsaPolicy:
             _check(isinstance(layer.enabled, bool), f"layers[{i}].enabled", layer.enabled, "use true or false")
             _check(_is_number(layer.tau) and 0.0 <= layer.tau < 1.0, f"layers[{i}].tau", layer.tau,
                    "tau must be in [0, 1); typical values are 0.005 to 0.02, and 0 keeps the layer dense")
+            _check(layer.kernel in KERNELS, f"layers[{i}].kernel", layer.kernel, f"use one of {list(KERNELS)}")
         _check(_is_int(self.window) and self.window >= 1, "window", self.window, "use a positive integer such as 128")
         _check(_is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1, "pool_kernel",
                self.pool_kernel, "use a positive odd integer such as 7")
@@ -104,6 +127,14 @@ class TsaPolicy:
         _check(self.selection in SELECTION_MODES, "selection", self.selection, f"use one of {list(SELECTION_MODES)}")
         _check(self.dense_backend in DENSE_BACKENDS, "dense_backend", self.dense_backend,
                f"use one of {list(DENSE_BACKENDS)}")
+        _check(_is_int(self.block_size) and self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
+               "block_size", self.block_size, "use a power of two of at least 16, such as 128")
+        _check(_is_number(self.block_gamma) and 0.0 < self.block_gamma <= 1.0, "block_gamma", self.block_gamma,
+               "use a coverage in (0, 1] such as 0.95")
+        _check(_is_int(self.block_min_budget) and self.block_min_budget >= 0, "block_min_budget",
+               self.block_min_budget, "use a non-negative integer such as 1024")
+        _check(_is_number(self.block_js_threshold) and self.block_js_threshold >= 0.0, "block_js_threshold",
+               self.block_js_threshold, "use a non-negative number such as 0.1")
         _check(isinstance(self.tool_version, str), "tool_version", self.tool_version, "use a string")
         _check(self.source_model is None or isinstance(self.source_model, str), "source_model", self.source_model,
                "use a string or null")
@@ -117,6 +148,11 @@ class TsaPolicy:
     def sparse_layers(self) -> list[int]:
         """Indices of the layers that drop tokens."""
         return [i for i, layer in enumerate(self.layers) if layer.active]
+
+    @property
+    def block_sparse_layers(self) -> list[int]:
+        """Indices of the layers whose long prefills run the block-sparse kernel."""
+        return [i for i, layer in enumerate(self.layers) if layer.block_sparse]
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal policy."""
@@ -141,8 +177,8 @@ class TsaPolicy:
         _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")
         layers = []
         for i, entry in enumerate(data["layers"]):
-            _check(isinstance(entry, dict) and set(entry) <= {"enabled", "tau"}, f"layers[{i}]", entry,
-                   "each layer is {\"enabled\": bool, \"tau\": float}")
+            _check(isinstance(entry, dict) and set(entry) <= {"enabled", "tau", "kernel"}, f"layers[{i}]", entry,
+                   "each layer is {\"enabled\": bool, \"tau\": float, \"kernel\": \"dense\" or \"block_sparse\"}")
             layers.append(LayerPolicy(**entry))
         return cls(**{**data, "layers": layers})
 

@@ -5,10 +5,13 @@
 The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in the Triton
 twins of the scoring, smoothing, compression and decompression stages (CUDA). Coverage and selection are the same
 PyTorch code on both (sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
-tensors is the policy's dense kernel (``dense.py``: SDPA with cuDNN first, or flash-attn).
+tensors is the policy's dense kernel (``dense.py``: SDPA with cuDNN first, or flash-attn) unless the caller
+passes another causal kernel as ``attend`` (the block-sparse kernel of ``block_sparse.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -72,6 +75,7 @@ def sparse_attention(
     dense_backend: str = "auto",
     keep_fraction: float | None = None,
     backend: str = "torch",
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Steps 3-7 for one ``tau``: coverage, selection, compression, attention, decompression.
 
@@ -87,8 +91,11 @@ def sparse_attention(
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
     query_c, key_c, value_c = compress(query, key, value, kept, rows)
-    # 6. attend with a dense kernel.
-    out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend, softcap)  # (Hq, Lq', D)
+    # 6. attend with a dense kernel, or the caller's causal kernel.
+    if attend is None:
+        out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend, softcap)  # (Hq, Lq', D)
+    else:
+        out_c = attend(query_c, key_c, value_c)
     del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
     # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
     return decompress(out_c, rows, q_len), kept
@@ -109,6 +116,7 @@ def tsa_attention(
     dense_backend: str = "auto",
     keep_fraction: float | None = None,
     backend: str = "torch",
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token Sparse Attention for one sequence (no batch dimension).
 
@@ -130,6 +138,8 @@ def tsa_attention(
         keep_fraction: benchmarks only: keep this fraction of the candidates instead of deriving the count
             from ``tau`` (to time a stated operating point on random weights); None (the default) uses tau.
         backend: "torch" or "triton".
+        attend: causal attention on the compact tensors, ``attend(query_c (Hq, Lq', D), key_c, value_c (Hs, K', D))
+            -> (Hq, Lq', D)`` with ``Lq' == K'`` (full prefills only); None uses ``dense_attention``.
 
     Returns:
         out: (Lq, Hq, D). For head h, a computed row equals dense causal attention restricted to h's kept
@@ -139,4 +149,5 @@ def tsa_attention(
     distribution = token_distribution(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
                                       scaling=scaling, softcap=softcap, backend=backend)
     return sparse_attention(query, key, value, distribution, tau=tau, min_tokens=min_tokens, scaling=scaling,
-                            softcap=softcap, dense_backend=dense_backend, keep_fraction=keep_fraction, backend=backend)
+                            softcap=softcap, dense_backend=dense_backend, keep_fraction=keep_fraction, backend=backend,
+                            attend=attend)

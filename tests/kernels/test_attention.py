@@ -156,3 +156,52 @@ def test_padded_batch_on_gpu_uses_triton_and_matches_each_sequence_alone(dtype):
                                          None, scaling=d**-0.5)
         # same kernels on the same values; the dense kernel may pick another algorithm for another layout
         assert torch.allclose(out[b, kv_len - n :].float(), alone[0].float(), atol=2e-2, rtol=0)
+
+
+def _block_policy(tsa: bool) -> TsaPolicy:
+    layer = {"enabled": tsa, "tau": 0.1 if tsa else 0.0, "kernel": "block_sparse"}
+    return TsaPolicy.from_dict({**POLICY.to_dict(), "layers": [layer, {"enabled": False, "tau": 0.0}],
+                                "block_size": 16, "block_gamma": 0.8, "block_min_budget": 16})
+
+
+@pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
+def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
+    torch.manual_seed(4)
+    policy, d = _block_policy(tsa), 16
+    module = _Attention(policy)
+    q, k, v = torch.randn(1, 4, 160, d), torch.randn(1, 2, 160, d), torch.randn(1, 2, 160, d)
+    monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
+    plain, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    if not tsa:  # CPU without emulation: exactly the dense SDPA path
+        dense, _ = sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+        assert torch.equal(plain, dense) and getattr(module, _STATS_ATTR)["path"] == "dense"
+    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    stats = getattr(module, _STATS_ATTR)
+    assert stats["path"] == ("sparse" if tsa else "block_sparse")
+    assert 0 < stats["block_density"][0] < 1
+    from tsa_patch.kernels.block_sparse import block_sparse_attention
+
+    if tsa:  # the block-sparse kernel ran on the compact tensors: same selection as TSA alone, then blocks
+        expected, _ = tsa_attention(q[0], k[0], v[0], scaling=d**-0.5, **OPTIONS, attend=lambda a, b, c:
+                                    block_sparse_attention(a, b, c, gamma=0.8, block=16, min_budget=16,
+                                                           js_threshold=0.1, scaling=d**-0.5)[0])
+    else:
+        expected = block_sparse_attention(q[0], k[0], v[0], gamma=0.8, block=16, min_budget=16, js_threshold=0.1,
+                                          scaling=d**-0.5)[0].transpose(0, 1)
+    assert torch.allclose(out[0], expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(out, plain, atol=1e-3)  # blocks were really skipped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
+def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa, monkeypatch):
+    torch.manual_seed(5)
+    policy, d = _block_policy(tsa), 64
+    module = _Attention(policy)
+    q, k, v = torch.randn(1, 4, 700, d), torch.randn(1, 2, 700, d), torch.randn(1, 2, 700, d)
+    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
+    cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
+    assert getattr(module, _STATS_ATTR)["block_density"][0] < 1
+    assert ((gpu.cpu() - cpu).norm() / cpu.norm()).item() < 1e-4

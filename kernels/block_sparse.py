@@ -1,0 +1,237 @@
+"""Block-sparse prefill attention with adaptive block selection in the style of FlexPrefill.
+
+Lai et al., "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference"
+(ICLR 2025). The sequence is cut into blocks of ``block`` tokens; each (head, query block) attends only to a
+list of key blocks, chosen per head from the attention of the LAST query block:
+
+1. The last query block attends to every key (exact softmax). Its probabilities summed per key column give the
+   *vertical* scores, summed per diagonal (query position minus key position) the *slash* scores.
+2. A cheap estimate of the whole block map: mean-pooled queries against mean-pooled keys, softmax over causal
+   key blocks. If its last row is close to the exact last-block distribution over key blocks (square root of
+   the Jensen-Shannon divergence below ``js_threshold``), the head is *query-aware*: every query block keeps its highest-scored
+   key blocks until they cover ``gamma`` of its estimated mass.
+3. Otherwise the head follows the *vertical-slash* pattern: the fewest column blocks covering ``gamma`` of the
+   vertical mass and the fewest diagonal bands covering ``gamma`` of the slash mass, mapped to the blocks they
+   cross.
+
+Every query block always keeps the first key block (attention sinks) and its own diagonal block, and at least
+``min_budget`` tokens' worth of blocks (of columns and of diagonal bands, for vertical-slash heads).
+
+The block map feeds ``triton_block.block_sparse_attention_triton`` on CUDA, or ``block_sparse_attention_ref``
+(the same result computed block by block in PyTorch) elsewhere. Only full prefills (``Lq == Lk``) go through
+here; ``attention.py`` and ``tsa.py`` decide when.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
+from .triton_block import block_sparse_attention_triton
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class BlockPattern:
+    """Which key blocks each (query head, query block) attends to.
+
+    Attributes:
+        index: (Hq, Nb, Nb) int32; row ``[h, i]`` lists the kept key blocks in ascending order in its first
+            ``count[h, i]`` entries (the rest is padding).
+        count: (Hq, Nb) int32 number of kept key blocks per query block.
+        query_aware: (Hq,) bool, True where the head used the query-aware estimate, False for vertical-slash.
+        block: block size in tokens.
+    """
+
+    index: Tensor
+    count: Tensor
+    query_aware: Tensor
+    block: int
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the causal block map (1.0 = dense); one host sync."""
+        blocks = self.count.shape[1]
+        return float(self.count.sum()) / (self.count.shape[0] * blocks * (blocks + 1) / 2)
+
+    def mask(self) -> Tensor:
+        """(Hq, Nb, Nb) bool block map, True = computed."""
+        heads, blocks, _ = self.index.shape
+        listed = torch.arange(blocks, device=self.count.device) < self.count[..., None]
+        mask = torch.zeros(heads, blocks, blocks + 1, dtype=torch.bool, device=self.count.device)
+        return mask.scatter_(2, torch.where(listed, self.index.long(), blocks), True)[..., :blocks]
+
+
+def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_budget: int, js_threshold: float,
+                  scaling: float, density: float | None = None) -> BlockPattern:
+    """Choose the key blocks of every (query head, query block) for one full prefill.
+
+    Args:
+        query: (Hq, L, D) after RoPE; key: (Hkv, L, D), ``Hq % Hkv == 0``.
+        gamma: attention mass the kept blocks (or columns and diagonals) must cover, in (0, 1].
+        block: block size in tokens.
+        min_budget: tokens every query block keeps at least (rounded up to whole blocks).
+        js_threshold: square-root Jensen-Shannon divergence below which a head trusts the pooled estimate
+            (query-aware; FlexPrefill's tau, 0.1).
+        scaling: softmax scale.
+        density: benchmarks only: every head keeps this fraction of each row's causal key blocks, ranked by the
+            pooled estimate, after all the estimation work is done (random inputs have no sparse structure).
+
+    Returns:
+        The ``BlockPattern``.
+    """
+    num_heads, seq_len, head_dim = query.shape
+    kv_heads = key.shape[0]
+    group = num_heads // kv_heads
+    blocks = math.ceil(seq_len / block)
+    device = query.device
+    last = min(block, seq_len)
+    budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
+
+    # 1. exact attention of the last query block: (Hq, last, L)
+    q_last = query[:, seq_len - last:].float().reshape(kv_heads, group * last, head_dim)
+    logits = (torch.matmul(q_last, key.float().transpose(1, 2)) * scaling).view(num_heads, last, seq_len)
+    positions = torch.arange(seq_len - last, seq_len, device=device)
+    keys = torch.arange(seq_len, device=device)
+    logits.masked_fill_(keys[None, None, :] > positions[None, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    del logits
+    vertical = probs.mean(dim=1)  # (Hq, L)
+    offsets = (positions[:, None] - keys[None, :]).clamp_min(0)  # (last, L): masked entries carry probability 0
+    slash = torch.zeros(num_heads, seq_len, device=device).scatter_add_(
+        1, offsets.reshape(1, -1).expand(num_heads, -1), probs.reshape(num_heads, -1)) / last
+    exact_last_row = _per_block(vertical, block, blocks)  # (Hq, Nb): exact mass of the last query block per key block
+    del probs
+
+    # 2. pooled estimate of the whole block map: (Hq, Nb, Nb), rows softmaxed over causal key blocks
+    pooled_q = _pool(query, block, blocks)  # (Hq, Nb, D)
+    pooled_k = _pool(key, block, blocks).repeat_interleave(group, dim=0)  # (Hq, Nb, D)
+    causal = torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
+    estimate = (torch.matmul(pooled_q, pooled_k.transpose(1, 2)) * scaling).masked_fill(~causal, float("-inf"))
+    estimate = torch.softmax(estimate, dim=-1)
+    query_aware = _js_distance(estimate[:, -1], exact_last_row) < js_threshold  # (Hq,)
+
+    forced = causal & (torch.eye(blocks, dtype=torch.bool, device=device) | (torch.arange(blocks, device=device) == 0))
+    if density is not None:
+        keep = (density * torch.arange(1, blocks + 1, device=device)).ceil().clamp_min(1)  # (Nb,)
+        mask = _top_blocks(estimate, keep[None, :].expand(num_heads, -1))
+        query_aware = torch.ones_like(query_aware)
+    else:
+        aware = _top_blocks(estimate, _coverage_count(estimate, gamma).clamp_min(budget_blocks))
+        slashed = _vertical_slash_blocks(vertical, slash, gamma, budget_blocks, block, blocks)
+        mask = torch.where(query_aware[:, None, None], aware, slashed)
+    mask = (mask | forced) & causal
+    count = mask.sum(dim=-1, dtype=torch.int32)
+    # kept blocks first, in ascending order; the padding after them holds values >= Nb and is never read
+    order = torch.arange(blocks, device=device, dtype=torch.int32)
+    index = torch.where(mask, order, order + blocks).sort(dim=-1).values
+    return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
+
+
+def _pool(x: Tensor, block: int, blocks: int) -> Tensor:
+    """Mean over each block of tokens: (H, L, D) -> (H, Nb, D) float32 (a short last block averages its own rows)."""
+    heads, seq_len, head_dim = x.shape
+    padded = torch.zeros(heads, blocks * block, head_dim, device=x.device)
+    padded[:, :seq_len] = x.float()
+    sizes = torch.full((blocks,), float(block), device=x.device)
+    sizes[-1] = seq_len - (blocks - 1) * block
+    return padded.view(heads, blocks, block, head_dim).sum(dim=2) / sizes[None, :, None]
+
+
+def _per_block(scores: Tensor, block: int, blocks: int) -> Tensor:
+    """Sum per-token scores per block: (H, L) -> (H, Nb)."""
+    padded = scores.new_zeros(scores.shape[0], blocks * block)
+    padded[:, : scores.shape[1]] = scores
+    return padded.view(scores.shape[0], blocks, block).sum(dim=-1)
+
+
+def _js_distance(p: Tensor, q: Tensor) -> Tensor:
+    """Square root of the Jensen-Shannon divergence (nats) between the rows of two (H, N) distributions."""
+    p = p / p.sum(-1, keepdim=True).clamp_min(_EPS)
+    q = q / q.sum(-1, keepdim=True).clamp_min(_EPS)
+    m = (p + q) / 2
+
+    def kl(a: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(_EPS).log() - m.clamp_min(_EPS).log()), 0.0).sum(-1)
+
+    return ((kl(p) + kl(q)) / 2).clamp_min(0).sqrt()
+
+
+def _coverage_count(scores: Tensor, gamma: float) -> Tensor:
+    """Fewest entries of each row (last dim) whose sorted mass reaches ``gamma`` of the row's total."""
+    ordered = scores.sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(dim=-1)
+    target = gamma * cumulative[..., -1:] * (1 - 1e-6)  # rounding must not push a full cover past the end
+    return (cumulative < target).sum(dim=-1) + 1
+
+
+def _top_blocks(scores: Tensor, keep: Tensor) -> Tensor:
+    """Boolean mask of the ``keep[..., i]`` highest entries of each row of ``scores`` (ties broken by position)."""
+    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return rank < keep[..., None]
+
+
+def _vertical_slash_blocks(vertical: Tensor, slash: Tensor, gamma: float, min_blocks: int, block: int,
+                           blocks: int) -> Tensor:
+    """Block map of the vertical-slash pattern: (Hq, Nb, Nb) bool (causality applied by the caller).
+
+    Columns and diagonals are pooled into blocks; each head keeps the fewest column blocks covering ``gamma`` of
+    the vertical mass and the fewest diagonal bands covering ``gamma`` of the slash mass (at least ``min_blocks``
+    of each). The band of offsets ``[kB, (k + 1)B)`` crosses, from query block i, key blocks i - k and i - k - 1.
+    """
+    column_mass = _per_block(vertical, block, blocks)  # (Hq, Nb)
+    band_mass = _per_block(slash, block, blocks)  # (Hq, Nb): band k holds the offsets [kB, (k + 1)B)
+    columns = _top_blocks(column_mass, _coverage_count(column_mass, gamma).clamp_min(min_blocks))
+    bands = _top_blocks(band_mass, _coverage_count(band_mass, gamma).clamp_min(min_blocks))
+    bands = bands | torch.nn.functional.pad(bands, (1, 0))[:, :blocks]  # band k also reaches block offset k + 1
+    rows = torch.arange(blocks, device=vertical.device)
+    distance = (rows[:, None] - rows[None, :]).clamp_min(0)  # (Nb, Nb) block offset of (query block, key block)
+    return columns[:, None, :] | bands[:, distance]
+
+
+def block_sparse_attention_ref(query: Tensor, key: Tensor, value: Tensor, pattern: BlockPattern, scaling: float
+                               ) -> Tensor:
+    """Causal attention of each query block over its kept key blocks only, in PyTorch (any device).
+
+    query (Hq, L, D), key/value (Hkv, L, D) -> (Hq, L, D). One head at a time, so the token-level mask is at
+    most (L, L) booleans; each row's softmax runs over the keys it may see.
+    """
+    num_heads, seq_len, _ = query.shape
+    group = num_heads // key.shape[0]
+    block_mask = pattern.mask()
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
+    out = torch.empty_like(query)
+    for h in range(num_heads):
+        token_mask = block_mask[h].repeat_interleave(pattern.block, 0)[:seq_len].repeat_interleave(
+            pattern.block, 1)[:, :seq_len] & visible
+        out[h] = torch.nn.functional.scaled_dot_product_attention(
+            query[h][None], key[h // group][None], value[h // group][None], attn_mask=token_mask[None],
+            scale=scaling)[0]
+    return out
+
+
+def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, *, gamma: float, block: int, min_budget: int,
+                           js_threshold: float, scaling: float, density: float | None = None,
+                           backend: str = "torch") -> tuple[Tensor, BlockPattern]:
+    """Choose a block pattern and attend through it, for one full prefill of one sequence.
+
+    Args:
+        query: (Hq, L, D); key, value: (Hkv, L, D).
+        gamma, block, min_budget, js_threshold, density: as for ``block_pattern``.
+        scaling: softmax scale.
+        backend: "triton" (CUDA) or "torch" (``block_sparse_attention_ref``).
+
+    Returns:
+        out: (Hq, L, D); the pattern it used.
+    """
+    pattern = block_pattern(query, key, gamma=gamma, block=block, min_budget=min_budget, js_threshold=js_threshold,
+                            scaling=scaling, density=density)
+    if backend == "triton":
+        return block_sparse_attention_triton(query, key, value, pattern.index, pattern.count, block, scaling), pattern
+    return block_sparse_attention_ref(query, key, value, pattern, scaling), pattern
+

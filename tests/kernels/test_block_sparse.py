@@ -1,0 +1,170 @@
+"""Block-sparse attention: the Triton kernel and the PyTorch path against a float64 brute force under the same
+block mask, on fresh random inputs; and the FlexPrefill-style block selection's guarantees.
+
+Bounds (relative error vs float64, ||out - ref|| / ||ref||): fp32 1e-5, fp16 5e-3, bf16 2e-2. NaN fails.
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 with small shapes; on a GPU at real ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tsa_patch.kernels.block_sparse import BlockPattern, block_pattern, block_sparse_attention, block_sparse_attention_ref
+from tsa_patch.kernels.triton_block import block_sparse_attention_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":  # (Hq, Hkv, L, D, block)
+    SHAPES = [(32, 8, 4096, 128, 128), (9, 3, 4000, 64, 128), (4, 4, 1000, 96, 64)]
+    DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+else:  # bf16 is left out on CPU: the Triton 3.6 interpreter computes tl.dot of bf16 wrongly
+    SHAPES = [(4, 2, 200, 32, 16), (3, 3, 96, 64, 32), (2, 1, 130, 48, 16)]
+    DTYPES = [torch.float16, torch.float32]
+BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def shape_id(shape):
+    return "Hq{}-Hkv{}-L{}-D{}-B{}".format(*shape)
+
+
+def brute_block_attention(query, key, value, block_mask, block):
+    """float64 causal attention where (query i, key j) counts only if block (i // block, j // block) is kept."""
+    num_heads, seq_len, _ = query.shape
+    group = num_heads // key.shape[0]
+    k = key.double().repeat_interleave(group, 0)
+    v = value.double().repeat_interleave(group, 0)
+    positions = torch.arange(seq_len, device=query.device)
+    allowed = block_mask[:, positions // block][:, :, positions // block] & (positions[None, :, None] >= positions[None, None, :])
+    logits = torch.einsum("hqd,hkd->hqk", query.double(), k) / math.sqrt(query.shape[-1])
+    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("hqk,hkd->hqd", weights, v)
+
+
+def relative_error(out, ref):
+    assert torch.isfinite(out).all(), "output holds NaN or inf"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def random_pattern(num_heads, seq_len, block, density, generator):
+    """A random causal block map keeping the diagonal (every query needs one visible key), as a BlockPattern."""
+    blocks = math.ceil(seq_len / block)
+    mask = torch.rand(num_heads, blocks, blocks, generator=generator) < density
+    mask |= torch.eye(blocks, dtype=torch.bool)
+    mask &= torch.ones(blocks, blocks, dtype=torch.bool).tril()
+    order = torch.arange(blocks, dtype=torch.int32)
+    index = torch.where(mask, order, order + blocks).sort(dim=-1).values
+    return BlockPattern(index=index.to(DEVICE), count=mask.sum(-1, dtype=torch.int32).to(DEVICE),
+                        query_aware=torch.zeros(num_heads, dtype=torch.bool, device=DEVICE), block=block)
+
+
+def inputs(shape, dtype, seed):
+    hq, hkv, seq_len, d, _ = shape
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(h, seq_len, d, generator=generator) for h in (hq, hkv, hkv))
+    return [x.to(DEVICE, dtype) for x in (q, k, v)], generator
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_triton_kernel_matches_brute_force_under_the_same_block_mask(shape, dtype):
+    (q, k, v), generator = inputs(shape, dtype, seed=hash((shape, str(dtype))) % 2**31)
+    block = shape[4]
+    for density in (0.3, 1.0):
+        pattern = random_pattern(shape[0], shape[2], block, density, generator)
+        out = block_sparse_attention_triton(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5)
+        ref = brute_block_attention(q, k, v, pattern.mask(), block)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert relative_error(out, ref) < BOUND[dtype], (density, relative_error(out, ref))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=shape_id)
+def test_torch_path_matches_brute_force(shape):
+    (q, k, v), generator = inputs(shape, torch.float32, seed=7)
+    pattern = random_pattern(shape[0], shape[2], shape[4], 0.4, generator)
+    out = block_sparse_attention_ref(q, k, v, pattern, shape[3] ** -0.5)
+    assert relative_error(out, brute_block_attention(q, k, v, pattern.mask(), shape[4])) < 1e-5
+
+
+def test_full_coverage_is_dense_causal_attention():
+    (q, k, v), _ = inputs((4, 2, 200, 32, 16), torch.float32, seed=3)
+    out, pattern = block_sparse_attention(q, k, v, gamma=1.0, block=16, min_budget=10**6, js_threshold=0.1,
+                                          scaling=32**-0.5)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[None], k.repeat_interleave(2, 0)[None],
+                                                             v.repeat_interleave(2, 0)[None], is_causal=True)[0]
+    assert pattern.density == 1.0
+    assert relative_error(out, dense) < 1e-5
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+@pytest.mark.parametrize("js_threshold", [0.0, 0.3, 10.0])
+def test_block_pattern_is_causal_sorted_and_keeps_sinks_and_diagonal(gamma, js_threshold):
+    (q, k, _), _ = inputs((6, 2, 320, 32, 32), torch.float32, seed=11)
+    pattern = block_pattern(q, k, gamma=gamma, block=32, min_budget=32, js_threshold=js_threshold, scaling=32**-0.5)
+    mask = pattern.mask()
+    blocks = mask.shape[-1]
+    assert pattern.index.shape == (6, blocks, blocks) and pattern.count.shape == (6, blocks)
+    assert not (mask & ~torch.ones(blocks, blocks, dtype=torch.bool, device=DEVICE).tril()).any()  # causal
+    assert mask[:, :, 0].all() and mask.diagonal(dim1=1, dim2=2).all()  # sink block and own block
+    assert torch.equal(pattern.count, mask.sum(-1, dtype=torch.int32))
+    listed = torch.arange(blocks, device=DEVICE) < pattern.count[..., None]
+    index = torch.where(listed, pattern.index, blocks)
+    assert (index[..., 1:] > index[..., :-1])[listed[..., 1:]].all()  # strictly ascending in the listed part
+    if js_threshold == 0.0:
+        assert not pattern.query_aware.any()
+    if js_threshold == 10.0:
+        assert pattern.query_aware.all()
+
+
+@pytest.mark.parametrize("gamma", [0.6, 0.9, 0.99])
+def test_vertical_slash_heads_cover_gamma_of_the_last_blocks_attention(gamma):
+    """The last query block's row keeps the column blocks covering gamma of its exact attention mass."""
+    hq, hkv, seq_len, d, block = 4, 2, 256, 32, 32
+    (q, k, _), _ = inputs((hq, hkv, seq_len, d, block), torch.float32, seed=5)
+    k[:, 37] += 4 * q[::2, -block:].mean(1)  # a planted column that the last queries attend to
+    pattern = block_pattern(q, k, gamma=gamma, block=block, min_budget=0, js_threshold=0.0, scaling=d**-0.5)
+    logits = torch.einsum("hqd,hkd->hqk", q[:, -block:], k.repeat_interleave(2, 0)) * d**-0.5
+    positions = torch.arange(seq_len - block, seq_len, device=DEVICE)
+    logits = logits.masked_fill(torch.arange(seq_len, device=DEVICE)[None, None] > positions[None, :, None], -torch.inf)
+    mass = torch.softmax(logits, -1).mean(1).view(hq, -1, block).sum(-1)  # (Hq, Nb) exact mass per key block
+    covered = (mass * pattern.mask()[:, -1].float()).sum(-1)
+    assert (covered >= gamma - 1e-5).all(), covered
+    assert pattern.mask()[:, -1, 37 // block].all()
+
+
+def test_concentrated_attention_gives_a_sparse_pattern_close_to_dense():
+    """Attention sinks, the commonest shape of real heads: few blocks, little error."""
+    hq, hkv, seq_len, d, block = 4, 2, 512, 32, 32
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(hq, seq_len, d, generator=generator)
+    k = torch.randn(hkv, seq_len, d, generator=generator)
+    v = torch.randn(hkv, seq_len, d, generator=generator)
+    sink = torch.randn(d, generator=generator)
+    q += 7 * sink / sink.norm()
+    k[:, :4] += 7 * sink / sink.norm()  # the first tokens take about 95 % of the attention
+    q, k, v = (x.to(DEVICE) for x in (q, k, v))
+    out, pattern = block_sparse_attention(q, k, v, gamma=0.9, block=block, min_budget=64, js_threshold=0.1,
+                                          scaling=d**-0.5)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[None], k.repeat_interleave(2, 0)[None],
+                                                             v.repeat_interleave(2, 0)[None], is_causal=True)[0]
+    assert pattern.density < 0.5, pattern.density
+    assert relative_error(out, dense) < 0.2
+
+
+def test_forced_density_keeps_that_fraction_of_each_row():
+    (q, k, _), _ = inputs((4, 2, 1024, 32, 32), torch.float32, seed=9)
+    pattern = block_pattern(q, k, gamma=0.9, block=32, min_budget=0, js_threshold=0.1, scaling=32**-0.5, density=0.25)
+    rows = torch.arange(1, 33, device=DEVICE)
+    expected = torch.maximum((0.25 * rows).ceil(), torch.ones_like(rows))  # before the forced sink and diagonal
+    assert (pattern.count >= expected).all() and (pattern.count <= expected + 2).all()
+
+
+@pytest.mark.gpu
+def test_triton_path_equals_torch_path_on_a_chosen_pattern():
+    (q, k, v), _ = inputs((8, 2, 8192, 128, 128), torch.bfloat16, seed=1)
+    options = dict(gamma=0.9, block=128, min_budget=1024, js_threshold=0.1, scaling=128**-0.5)
+    out_t, pattern_t = block_sparse_attention(q, k, v, backend="triton", **options)
+    out_r, pattern_r = block_sparse_attention(q, k, v, backend="torch", **options)
+    assert torch.equal(pattern_t.count, pattern_r.count)
+    assert relative_error(out_t, out_r.float()) < BOUND[torch.bfloat16]
