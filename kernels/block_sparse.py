@@ -94,17 +94,14 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
 
     # 1. exact attention of the last query block: (Hq, last, L)
-    q_last = query[:, seq_len - last:].float().reshape(kv_heads, group * last, head_dim)
-    logits = (torch.matmul(q_last, key.float().transpose(1, 2)) * scaling).view(num_heads, last, seq_len)
-    positions = torch.arange(seq_len - last, seq_len, device=device)
-    keys = torch.arange(seq_len, device=device)
-    logits.masked_fill_(keys[None, None, :] > positions[None, :, None], float("-inf"))
+    q_last = (query[:, seq_len - last:].float() * scaling).reshape(kv_heads, group * last, head_dim)
+    logits = torch.matmul(q_last, key.float().transpose(1, 2)).view(num_heads, last, seq_len)
+    future = torch.ones(last, last, dtype=torch.bool, device=device).triu(1)  # only the last keys can be ahead
+    logits[:, :, seq_len - last:].masked_fill_(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     del logits
     vertical = probs.mean(dim=1)  # (Hq, L)
-    offsets = (positions[:, None] - keys[None, :]).clamp_min(0)  # (last, L): masked entries carry probability 0
-    slash = torch.zeros(num_heads, seq_len, device=device).scatter_add_(
-        1, offsets.reshape(1, -1).expand(num_heads, -1), probs.reshape(num_heads, -1)) / last
+    slash = _diagonal_means(probs)  # (Hq, L)
     exact_last_row = _per_block(vertical, block, blocks)  # (Hq, Nb): exact mass of the last query block per key block
     del probs
 
@@ -119,10 +116,10 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     forced = causal & (torch.eye(blocks, dtype=torch.bool, device=device) | (torch.arange(blocks, device=device) == 0))
     if density is not None:
         keep = (density * torch.arange(1, blocks + 1, device=device)).ceil().clamp_min(1)  # (Nb,)
-        mask = _top_blocks(estimate, keep[None, :].expand(num_heads, -1))
+        mask = _keep_top(estimate, count=keep[None, :].expand(num_heads, -1))
         query_aware = torch.ones_like(query_aware)
     else:
-        aware = _top_blocks(estimate, _coverage_count(estimate, gamma).clamp_min(budget_blocks))
+        aware = _keep_top(estimate, gamma, budget_blocks)
         slashed = _vertical_slash_blocks(vertical, slash, gamma, budget_blocks, block, blocks)
         mask = torch.where(query_aware[:, None, None], aware, slashed)
     mask = (mask | forced) & causal
@@ -133,14 +130,28 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
 
 
+def _diagonal_means(probs: Tensor) -> Tensor:
+    """Slash scores: ``out[h, d]`` = mean over the ``W`` query rows of ``probs[h, i, p_i - d]``, where query row i
+    sits at position ``p_i = L - W + i``. probs (H, W, L), zero above the causal diagonal -> (H, L).
+
+    Reversing the keys turns each diagonal into a column shifted by ``W - 1 - i`` in row i; a strided view over
+    the right-padded rows undoes the shift, so one reduction sums every diagonal.
+    """
+    heads, rows, seq_len = probs.shape
+    padded = torch.nn.functional.pad(probs.flip(-1), (0, rows)).contiguous()  # (H, W, L + W)
+    row_stride = seq_len + rows
+    aligned = padded.as_strided((heads, rows, seq_len), (rows * row_stride, row_stride - 1, 1), rows - 1)
+    return aligned.sum(dim=1) / rows
+
+
 def _pool(x: Tensor, block: int, blocks: int) -> Tensor:
     """Mean over each block of tokens: (H, L, D) -> (H, Nb, D) float32 (a short last block averages its own rows)."""
     heads, seq_len, head_dim = x.shape
-    padded = torch.zeros(heads, blocks * block, head_dim, device=x.device)
-    padded[:, :seq_len] = x.float()
-    sizes = torch.full((blocks,), float(block), device=x.device)
-    sizes[-1] = seq_len - (blocks - 1) * block
-    return padded.view(heads, blocks, block, head_dim).sum(dim=2) / sizes[None, :, None]
+    full = seq_len // block
+    pooled = x[:, : full * block].reshape(heads, full, block, head_dim).sum(dim=2, dtype=torch.float32) / block
+    if full < blocks:  # the short last block
+        pooled = torch.cat([pooled, x[:, full * block:].mean(dim=1, keepdim=True, dtype=torch.float32)], dim=1)
+    return pooled
 
 
 def _per_block(scores: Tensor, block: int, blocks: int) -> Tensor:
@@ -162,18 +173,17 @@ def _js_distance(p: Tensor, q: Tensor) -> Tensor:
     return ((kl(p) + kl(q)) / 2).clamp_min(0).sqrt()
 
 
-def _coverage_count(scores: Tensor, gamma: float) -> Tensor:
-    """Fewest entries of each row (last dim) whose sorted mass reaches ``gamma`` of the row's total."""
-    ordered = scores.sort(dim=-1, descending=True).values
-    cumulative = ordered.cumsum(dim=-1)
-    target = gamma * cumulative[..., -1:] * (1 - 1e-6)  # rounding must not push a full cover past the end
-    return (cumulative < target).sum(dim=-1) + 1
-
-
-def _top_blocks(scores: Tensor, keep: Tensor) -> Tensor:
-    """Boolean mask of the ``keep[..., i]`` highest entries of each row of ``scores`` (ties broken by position)."""
-    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    return rank < keep[..., None]
+def _keep_top(scores: Tensor, gamma: float = 1.0, min_count: int = 1, count: Tensor | None = None) -> Tensor:
+    """Boolean mask of the highest entries of each row (last dim) of ``scores``: the fewest whose mass reaches
+    ``gamma`` of the row's total, at least ``min_count``; or exactly ``count[...]`` entries when given. One sort;
+    ties are broken by position."""
+    ordered, order = scores.sort(dim=-1, descending=True, stable=True)
+    if count is None:
+        cumulative = ordered.cumsum(dim=-1)
+        target = gamma * cumulative[..., -1:] * (1 - 1e-6)  # rounding must not push a full cover past the end
+        count = ((cumulative < target).sum(dim=-1) + 1).clamp_min(min_count)
+    keep = torch.arange(scores.shape[-1], device=scores.device) < count[..., None]
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
 
 
 def _vertical_slash_blocks(vertical: Tensor, slash: Tensor, gamma: float, min_blocks: int, block: int,
@@ -186,8 +196,8 @@ def _vertical_slash_blocks(vertical: Tensor, slash: Tensor, gamma: float, min_bl
     """
     column_mass = _per_block(vertical, block, blocks)  # (Hq, Nb)
     band_mass = _per_block(slash, block, blocks)  # (Hq, Nb): band k holds the offsets [kB, (k + 1)B)
-    columns = _top_blocks(column_mass, _coverage_count(column_mass, gamma).clamp_min(min_blocks))
-    bands = _top_blocks(band_mass, _coverage_count(band_mass, gamma).clamp_min(min_blocks))
+    columns = _keep_top(column_mass, gamma, min_blocks)
+    bands = _keep_top(band_mass, gamma, min_blocks)
     bands = bands | torch.nn.functional.pad(bands, (1, 0))[:, :blocks]  # band k also reaches block offset k + 1
     rows = torch.arange(blocks, device=vertical.device)
     distance = (rows[:, None] - rows[None, :]).clamp_min(0)  # (Nb, Nb) block offset of (query block, key block)

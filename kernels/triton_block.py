@@ -78,10 +78,11 @@ def block_sparse_attention_triton(query: Tensor, key: Tensor, value: Tensor, ind
     out = torch.empty_like(query)
     grid = (triton.cdiv(seq_len, block), num_heads)
     big = block >= 128 and head_dim > 64
+    fp32 = query.dtype == torch.float32  # fp32 tiles of 128 x 128 fit shared memory only without pipelining
     _block_sparse_kernel[grid](
         query, key, value, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1), key.stride(0),
         key.stride(1), value.stride(0), value.stride(1), out.stride(0), out.stride(1), index.stride(0),
         index.stride(1), count.stride(0), seq_len, num_heads // key.shape[0], BLOCK=block,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim, num_warps=8 if big else 4,
-        num_stages=2 if big else 3, PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        num_stages=(1 if fp32 else 2) if big else 3, PRECISION="ieee" if fp32 else "tf32")
     return out

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from tsa_patch.kernels.block_sparse import BlockPattern, block_pattern, block_sparse_attention, block_sparse_attention_ref
+from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, block_pattern, block_sparse_attention,
+                                            block_sparse_attention_ref)
 from tsa_patch.kernels.triton_block import block_sparse_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +116,19 @@ def test_block_pattern_is_causal_sorted_and_keeps_sinks_and_diagonal(gamma, js_t
         assert not pattern.query_aware.any()
     if js_threshold == 10.0:
         assert pattern.query_aware.all()
+
+
+def test_slash_scores_are_the_mean_of_each_diagonal():
+    heads, rows, seq_len = 3, 5, 17
+    generator = torch.Generator().manual_seed(8)
+    positions = torch.arange(seq_len - rows, seq_len)
+    probs = torch.rand(heads, rows, seq_len, generator=generator)
+    probs = probs.masked_fill(torch.arange(seq_len)[None, None] > positions[None, :, None], 0.0)
+    expected = torch.zeros(heads, seq_len, dtype=torch.float64)
+    for i, position in enumerate(positions.tolist()):
+        for offset in range(position + 1):
+            expected[:, offset] += probs[:, i, position - offset].double() / rows
+    assert torch.allclose(_diagonal_means(probs.to(DEVICE)).double().cpu(), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma", [0.6, 0.9, 0.99])
