@@ -21,7 +21,7 @@ from tsa_patch.bench import environment
 from tsa_patch.calibrate import CalibrationConfig, calibrate
 from tsa_patch.calibration.continuation import continuation_metrics
 from tsa_patch.calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
-from tsa_patch.kernels.attention import tsa_statistics
+from tsa_patch.kernels.attention import attention_summary, tsa_statistics
 from tsa_patch.kernels.policy import ATTENTION_KEY
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.policy import apply_policy_
@@ -46,8 +46,7 @@ def main() -> None:
         metrics = continuation_metrics(model, samples, args.prompt_len, sparse_impl=ATTENTION_KEY)
         with torch.no_grad():
             model(torch.tensor([samples[0][: args.prompt_len]]), logits_to_keep=1)
-        sparse = [s for s in tsa_statistics(model) if s["path"] == "sparse"]
-        kept = sum(s["kept"][0][0] / s["kv_len"] for s in sparse) / len(sparse)
+        kept = attention_summary(tsa_statistics(model))["kept_fraction"]
         rows.append({"selection": selection, **metrics.as_dict(), "kept_fraction_sample0": round(kept, 4),
                      "seconds": round(time.time() - start, 1)})
         print(rows[-1], flush=True)

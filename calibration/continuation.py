@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.attention import attention_summary, tsa_statistics
+
 
 @dataclass(frozen=True)
 class ContinuationMetrics:
@@ -34,6 +36,8 @@ class ContinuationMetrics:
         top1_agreement: fraction of positions where dense and TSA predict the same next token.
         dense_nll, tsa_nll: mean negative log-likelihood of the true continuation tokens.
         last_prompt_kl: KL at the prompt's last position only (the first generated token).
+        attention_cost: fraction of dense causal attention FLOPs the TSA prefills computed, averaged over the
+            layers and samples (``attention.attention_summary``).
     """
 
     kl: float
@@ -41,6 +45,7 @@ class ContinuationMetrics:
     dense_nll: float
     tsa_nll: float
     last_prompt_kl: float
+    attention_cost: float = 1.0
 
     def as_dict(self) -> dict:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
@@ -119,12 +124,13 @@ def compare_with_dense(model, samples: list[list[int]], prompt_len: int, referen
     """
     dense_impl = dense_impl or dense_implementation(model)
     device = next(model.parameters()).device
-    kl, agree, dense_nll, tsa_nll, last_kl, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    kl, agree, dense_nll, tsa_nll, last_kl, cost, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
     try:
         for ids, dense in zip(samples, reference):
             tokens = torch.tensor([ids], device=device)
             continuation = tokens[:, prompt_len:]
             sparse = _prefill_then_continue(model, tokens[:, :prompt_len], continuation, sparse_impl, dense_impl)
+            cost += attention_summary(tsa_statistics(model))["attention_cost"]  # of the prefill just run
             per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
             target = continuation[0, :, None]
             kl += per_position_kl.sum().item()
@@ -138,7 +144,8 @@ def compare_with_dense(model, samples: list[list[int]], prompt_len: int, referen
     finally:
         model.set_attn_implementation(sparse_impl)
     return ContinuationMetrics(kl=kl / count, top1_agreement=agree / count, dense_nll=dense_nll / count,
-                               tsa_nll=tsa_nll / count, last_prompt_kl=last_kl / len(samples))
+                               tsa_nll=tsa_nll / count, last_prompt_kl=last_kl / len(samples),
+                               attention_cost=cost / len(samples))
 
 
 def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsa_patch.calibration.continuation import continuation_metrics
 from tsa_patch.calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
+from tsa_patch.kernels.attention import attention_summary
 
 
 def main() -> None:
@@ -48,11 +49,10 @@ def main() -> None:
         table.add_row(str(s["layer"]), s["path"], "-" if kept is None else str(kept),
                       "100" if kept is None else f"{100 * kept / s['kv_len']:.1f}")
     console.print(table)
-    sparse = [s for s in stats if s["path"] == "sparse"]
-    kept_fraction = sum(s["kept"][0][0] / s["kv_len"] for s in sparse) / max(1, len(sparse))
+    summary = attention_summary(stats)
     console.print(
-        f"{len(sparse)} sparse layers keep {100 * kept_fraction:.1f}% of tokens on average "
-        f"(attention cost there ~{100 * kept_fraction ** 2:.0f}% of dense).\n"
+        f"{summary['tsa_layers']} sparse layers keep {100 * summary['kept_fraction']:.1f}% of tokens on average; "
+        f"the prefill computed {100 * summary['attention_cost']:.0f}% of the dense attention FLOPs.\n"
         f"Over the next {args.continuation} tokens, decoded densely after the TSA prefill: "
         f"top-1 agreement with dense {100 * metrics.top1_agreement:.1f}%, KL {metrics.kl:.4f} nats, "
         f"KL at the first generated token {metrics.last_prompt_kl:.4f}, "

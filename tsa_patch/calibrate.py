@@ -9,7 +9,8 @@ Two methods:
   counting) for the sparsest policy within the budget (``max_kl`` or ``min_agreement``), or
   take the least-error policy reaching ``target_speedup`` -> verify on held-out samples, backing off if the
   budget is missed -> a ``TsaPolicy`` with its report. The paper's rule is measured on the same samples for
-  comparison.
+  comparison. With ``block_sparse``, layers then also get the block-sparse kernel, lowest representation drift
+  first, as many as the budget allows end to end (bisection on the count, verified on held-out samples).
 - ``drift``: the paper's rule: layers at or below the ``delta`` quantile of inter-layer representation drift go
   sparse, all with one ``tau``.
 """
@@ -66,7 +67,10 @@ class CalibrationConfig:
         holdout: held-out sequences that verify the chosen policy.
         continuation: tokens after each prompt, decoded densely over the TSA-prefilled cache and compared.
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
-        window, pool_kernel, min_tokens, activation_length, selection, dense_backend: copied into the policy.
+        block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
+            kernel (lowest drift first). On CPU the block selection is emulated in PyTorch while measuring.
+        window, pool_kernel, min_tokens, activation_length, selection, dense_backend, block_size, block_gamma,
+            block_min_budget: copied into the policy.
     """
 
     data: str = DEFAULT_CALIBRATION_DATA
@@ -88,11 +92,16 @@ class CalibrationConfig:
     activation_length: int = 2048
     selection: str = "query_head"
     dense_backend: str = "auto"
+    block_sparse: bool = False
+    block_size: int = 128
+    block_gamma: float = 0.95
+    block_min_budget: int = 1024
 
     def policy_options(self) -> dict:
         return dict(window=self.window, pool_kernel=self.pool_kernel, min_tokens=self.min_tokens,
                     activation_length=self.activation_length, selection=self.selection,
-                    dense_backend=self.dense_backend)
+                    dense_backend=self.dense_backend, block_size=self.block_size, block_gamma=self.block_gamma,
+                    block_min_budget=self.block_min_budget)
 
 
 DEFAULT_MAX_KL = 0.02
@@ -173,6 +182,8 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise PolicyError(f"--min-agreement must be in (0, 1]; got {config.min_agreement}.")
     if config.target_speedup is not None and config.target_speedup <= 1.0:
         raise PolicyError(f"--target-speedup must be above 1; got {config.target_speedup}.")
+    if config.block_sparse and (config.method != "budget" or config.target_speedup is not None):
+        raise PolicyError("--block-sparse needs the budget method with --max-kl, --min-agreement or --match-paper.")
     if config.method == "budget" and (config.holdout < 1 or config.continuation < 1):
         raise DataError("--holdout and --continuation must be at least 1 for the budget method.")
     if config.method == "budget" and config.seq_len <= config.window:
@@ -186,8 +197,9 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise PolicyError(str(err)) from None
 
 
-def _policy(taus, config: CalibrationConfig, source_model, provenance: dict) -> TsaPolicy:
-    layers = tuple(LayerPolicy(enabled=tau > 0, tau=tau) for tau in taus)
+def _policy(taus, config: CalibrationConfig, source_model, provenance: dict, block_layers=()) -> TsaPolicy:
+    layers = tuple(LayerPolicy(enabled=tau > 0, tau=tau, kernel="block_sparse" if i in block_layers else "dense")
+                   for i, tau in enumerate(taus))
     return TsaPolicy(layers=layers, tool_version=__version__, source_model=source_model, calibration=provenance,
                      **config.policy_options())
 
@@ -237,13 +249,14 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
                                        on_sample=start(f"Dense reference continuations ({' '.join(key)})", len(texts)))
                   for key, texts in sequences.items()}
 
-    def evaluate(taus, which: str) -> dict:
+    def evaluate(taus, which: str, block_layers=()) -> dict:
         """End-to-end metrics of a policy on natural and recall continuations; the budget holds on the worse."""
-        apply_policy_(model, _policy(taus, config, source_model, {}))
+        apply_policy_(model, _policy(taus, config, source_model, {}, block_layers))
         natural, recall = (compare_with_dense(model, sequences[which, kind], config.seq_len, references[which, kind],
                                               ATTENTION_KEY).as_dict() for kind in ("natural", "recall"))
         return {"kl": max(natural["kl"], recall["kl"]),
                 "top1_agreement": min(natural["top1_agreement"], recall["top1_agreement"]),
+                "attention_cost": round((natural["attention_cost"] + recall["attention_cost"]) / 2, 4),
                 "natural": natural, "recall": recall}
 
     paper_layers = set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config)
@@ -297,20 +310,30 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         held_evaluations.append({"index": chosen, "attention_removed": round(front[chosen].attention_removed, 4),
                                  **held})
     chosen_entry = record(chosen) if chosen else {"index": 0, "attention_removed": 0.0, "kl": 0.0,
-                                                   "top1_agreement": 1.0, "taus": list(front[0].taus)}
+                                                   "top1_agreement": 1.0, "attention_cost": 1.0,
+                                                   "taus": list(front[0].taus)}
     taus = front[chosen].taus
     layer_table = []
     for m, tau in zip(measurements, taus):
         i = m.taus.index(tau) if tau else None
         layer_table.append({"tau": tau, "kept": round(m.mean_kept(i), 4) if i is not None else 1.0,
                             "error": round(m.mean_error(i), 6) if i is not None else 0.0})
+    block_layers: list[int] = []
+    block_report = None
+    if config.block_sparse:
+        from .policy import emulated_block_sparse
+
+        with emulated_block_sparse():
+            block_layers, block_report = _choose_block_sparse(
+                taus, drift, _windowed(model, config), evaluate, _feasibility(budget), budget, start)
     report = {
         "method": "accuracy-budget", **_data_record(config), "holdout": config.holdout,
         "continuation": config.continuation, "budget": budget,
         "chosen": {"attention_removed": round(front[chosen].attention_removed, 4),
                    "estimated_attention_speedup": round(1.0 / (1.0 - front[chosen].attention_removed), 3),
                    "predicted_error": round(front[chosen].predicted_error, 6),
-                   "calibration": {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "natural", "recall")},
+                   "calibration": {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "attention_cost", "natural",
+                                                                    "recall")},
                    "held_out": held, "held_out_backoffs": backoffs, "meets_budget_held_out": feasible(held)},
         "paper_rule": {"tau": PAPER_TAU, "delta": PAPER_DELTA, "layers": sorted(paper_layers),
                        "attention_removed": round(paper_removed, 4), "calibration": paper, "held_out": paper_held},
@@ -320,7 +343,40 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         "layers": layer_table,
         "drift": [round(d, 6) for d in drift],
     }
-    return CalibrationResult(policy=_policy(taus, config, source_model, report), drift=drift, report=report)
+    if block_report is not None:
+        report["block_sparse"] = block_report
+    return CalibrationResult(policy=_policy(taus, config, source_model, report, block_layers), drift=drift,
+                             report=report)
+
+
+def _choose_block_sparse(taus, drift, windowed, evaluate, feasible, budget, start) -> tuple[list[int], dict]:
+    """The most layers (lowest drift first) that can also run the block-sparse kernel within the budget.
+
+    Bisection on the count with end-to-end evaluations of the calibration samples, then a held-out check that
+    halves the count until it passes (at most ``_MAX_BACKOFFS`` times). Returns the layers and a report.
+    """
+    order = [i for i in sorted(range(len(drift)), key=lambda i: drift[i]) if i not in windowed]
+    evaluations: dict[int, dict] = {}
+
+    def measured(count: int) -> dict:
+        if count not in evaluations:
+            evaluations[count] = evaluate(taus, "calibration", set(order[:count]))
+        return evaluations[count]
+
+    step = start(f"Adding the block-sparse kernel to up to {len(order)} layers", _MAX_SEARCH_EVALUATIONS)
+    count = _bisect(len(order) + 1, lambda n: n == 0 or feasible(measured(n)), step)
+    held_feasible = _feasibility(budget, held_out=True)
+    held = evaluate(taus, "held_out", set(order[:count]))
+    backoffs = 0
+    while count and not held_feasible(held) and backoffs < _MAX_BACKOFFS:
+        count, backoffs = count // 2, backoffs + 1
+        held = evaluate(taus, "held_out", set(order[:count]))
+    layers = sorted(order[:count])
+    report = {"order": order, "layers": layers, "held_out": held, "held_out_backoffs": backoffs,
+              "calibration": measured(count) if count else evaluate(taus, "calibration"),
+              "evaluations": [{"layers": n, **{k: e[k] for k in ("kl", "top1_agreement", "attention_cost")}}
+                              for n, e in sorted(evaluations.items())]}
+    return layers, report
 
 
 def _budget_record(config: CalibrationConfig) -> dict:

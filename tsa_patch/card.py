@@ -23,8 +23,14 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, 
     name = base_model or source.spec
     sparse = policy.sparse_layers
     rows = "\n".join(
-        f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} |" for i, layer in enumerate(policy.layers)
+        f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} | {layer.kernel} |"
+        for i, layer in enumerate(policy.layers)
     )
+    blocks = policy.block_sparse_layers
+    block_line = (f" Block-sparse kernel (FlexPrefill-style: block {policy.block_size}, coverage gamma "
+                  f"{policy.block_gamma}, min budget {policy.block_min_budget} tokens) in layers {blocks}; it runs "
+                  "on CUDA with Triton, elsewhere those layers attend densely unless TSA_EMULATE_BLOCK_SPARSE=1."
+                  if blocks else "")
     siblings = ", ".join(f"`{name}`" for name in sorted(provenance["remote_code_sha256"]) if name != "modeling_tsa.py")
     calibration_lines = _calibration_section(policy.calibration or {})
     evaluation_lines = _evaluation_section(evaluation)
@@ -62,10 +68,10 @@ Pass `attn_implementation="sdpa"` to get the original dense model for comparison
 Stored in `config.json` under `{CONFIG_KEY}` (format version {policy.format_version}).
 Window {policy.window}, pooling kernel {policy.pool_kernel}, min tokens {policy.min_tokens},
 prompts shorter than {policy.activation_length} tokens run dense, selection `{policy.selection}`,
-dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.
+dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.{block_line}
 
-| layer | attention | tau |
-| --- | --- | --- |
+| layer | attention | tau | kernel |
+| --- | --- | --- | --- |
 {rows}
 
 ## Calibration
@@ -122,7 +128,19 @@ of the two. {data} Verified on {calibration.get('holdout')} held-out samples.
 {_metrics_row("paper's rule, held-out samples", None, paper['held_out'])}
 
 Estimated whole-model attention speedup at {calibration.get('seq_len')} tokens: x{chosen['estimated_attention_speedup']:.2f}
-(attention cost taken as proportional to the square of the kept tokens)."""
+(attention cost taken as proportional to the square of the kept tokens).{_block_sparse_lines(calibration)}"""
+
+
+def _block_sparse_lines(calibration: dict) -> str:
+    blocks = calibration.get("block_sparse")
+    if not blocks:
+        return ""
+    return f"""
+
+Then the block-sparse kernel was added to as many layers as the budget allowed, lowest drift first: layers
+{blocks['layers']}. With it, the calibration prefills computed {100 * blocks['calibration']['attention_cost']:.1f} %
+of the dense attention FLOPs (TSA alone: {100 * calibration['chosen']['calibration'].get('attention_cost', 1.0):.1f} %), at KL
+{blocks['calibration']['kl']:.4f} (held-out {blocks['held_out']['kl']:.4f})."""
 
 
 def _metrics_row(label: str, removed: float | None, metrics: dict) -> str:

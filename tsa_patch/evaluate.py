@@ -3,8 +3,10 @@
 For every task x length x sample of the suite (``calibration/suite.py``) the prompt is generated greedily twice,
 once with dense SDPA and once with TSA (decoding is dense in both), and scored. Perplexity uses the protocol of
 ``calibration/continuation.py``: a long held-out text is prefilled (dense or TSA) and the next tokens are scored
-densely over its cache. The report gives per task and length both accuracies, their difference, and the
-fraction of tokens TSA kept in its sparse layers.
+densely over its cache. The report gives per task and length both accuracies, their difference, the
+fraction of tokens TSA kept in its sparse layers, and the fraction of dense attention FLOPs the prefill computed.
+Block-sparse layers off CUDA are measured with their block selection emulated in PyTorch (what a GPU computes),
+not with the dense fallback a CPU user gets.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from .calibration.continuation import continuation_metrics, dense_implementation
 from .calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
 from .calibration.suite import TASKS, SuiteBuilder
 from .errors import DataError, PolicyError
-from .kernels.attention import tsa_statistics
+from .kernels.attention import attention_summary, policy_from_config, tsa_statistics
 from .kernels.policy import ATTENTION_KEY, CONFIG_KEY
+from .policy import emulated_block_sparse
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class TaskResult:
     dense: float
     tsa: float
     kept: float  # mean fraction of tokens kept in TSA's sparse layers (1.0 when none ran sparse)
+    attention_cost: float = 0.0  # mean fraction of dense attention FLOPs computed by the prefill (all layers)
     outputs: list[dict] = field(default_factory=list)
 
     @property
@@ -69,13 +73,6 @@ def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
     return out[0, ids.shape[1]:]
-
-
-def _kept_fraction(model) -> float:
-    sparse = [s for s in tsa_statistics(model) if s["path"] == "sparse" and s["kept"][0] is not None]
-    if not sparse:
-        return 1.0
-    return sum(sum(s["kept"][0]) / len(s["kept"][0]) / s["kv_len"] for s in sparse) / len(sparse)
 
 
 def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int], Callable[[], None]] | None = None
@@ -102,8 +99,16 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     unknown = sorted(set(config.tasks) - set(TASKS))
     if unknown:
         raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
-    start = progress or (lambda description, total: None)
     device = next(model.parameters()).device
+    emulate = bool(policy_from_config(model.config).block_sparse_layers) and device.type != "cuda"
+    with emulated_block_sparse(emulate):
+        report = _run(model, tokenizer, config, progress, device)
+    report["config"]["block_sparse_emulated"] = emulate
+    return report
+
+
+def _run(model, tokenizer, config: EvalConfig, progress, device) -> dict:
+    start = progress or (lambda description, total: None)
     builder = SuiteBuilder(tokenizer, seed=config.seed)
     dense_impl = dense_implementation(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -120,12 +125,14 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
                                          skip_special_tokens=True)
                 sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
                                           skip_special_tokens=True)
-                kept = _kept_fraction(model)
+                summary = attention_summary(tsa_statistics(model))  # of the TSA prefill just run
                 result.dense += sample.score(dense) / config.samples
                 result.tsa += sample.score(sparse) / config.samples
-                result.kept += kept / config.samples
+                result.kept += summary["kept_fraction"] / config.samples
+                result.attention_cost += summary["attention_cost"] / config.samples
                 result.outputs.append({"index": index, "tokens": ids.shape[1], "answers": list(sample.answers),
-                                       "dense": dense, "tsa": sparse, "kept": round(kept, 4)})
+                                       "dense": dense, "tsa": sparse, "kept": round(summary["kept_fraction"], 4),
+                                       "attention_cost": round(summary["attention_cost"], 4)})
                 if step is not None:
                     step()
             results.append(result)
@@ -153,7 +160,8 @@ def _report(config: EvalConfig, results: list[TaskResult], perplexity: list[dict
     for length in config.lengths:
         rows = [r for r in results if r.length == length]
         summary.append({"length": length, "dense": _mean([r.dense for r in rows]), "tsa": _mean([r.tsa for r in rows]),
-                        "kept": _mean([r.kept for r in rows])})
+                        "kept": _mean([r.kept for r in rows]),
+                        "attention_cost": _mean([r.attention_cost for r in rows])})
     for row in summary:
         row["delta"] = row["tsa"] - row["dense"]
     return {

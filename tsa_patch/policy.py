@@ -6,9 +6,11 @@ exported checkpoints, so the CLI and the runtime validate with the same code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,3 +75,22 @@ def apply_policy_(model: "torch.nn.Module", policy: TsaPolicy) -> "torch.nn.Modu
     setattr(model.config, CONFIG_KEY, policy.to_dict())
     model.set_attn_implementation(ATTENTION_KEY)
     return model
+
+
+@contextlib.contextmanager
+def emulated_block_sparse(enabled: bool = True) -> Iterator[None]:
+    """Within the block, block-sparse layers off CUDA run their block selection in PyTorch (what the GPU kernel
+    computes, slowly) instead of dense attention; calibration and evaluation measure them so. Restores the
+    previous setting."""
+    from .kernels.attention import EMULATE_BLOCK_SPARSE_ENV
+
+    previous = os.environ.get(EMULATE_BLOCK_SPARSE_ENV)
+    if enabled:
+        os.environ[EMULATE_BLOCK_SPARSE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(EMULATE_BLOCK_SPARSE_ENV, None)
+        else:
+            os.environ[EMULATE_BLOCK_SPARSE_ENV] = previous

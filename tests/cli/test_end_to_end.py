@@ -131,3 +131,50 @@ def test_without_trust_remote_code_load_fails_loudly_and_tokenizer_loads(exporte
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizer ok" in result.stdout
     assert 'refused: Specified `attn_implementation="tsa_v1"` is not supported' in result.stdout
+
+
+BLOCK_SPARSE_SCRIPT = """
+import json, os, sys, torch
+from transformers import AutoModelForCausalLM
+
+export, source, ids_file = sys.argv[1:4]
+ids = torch.tensor([json.load(open(ids_file))])
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+native = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+with torch.no_grad():
+    native_logits = native(ids).logits[0, -1].log_softmax(-1)
+    model(ids)
+    plain = model.tsa_statistics()  # on CPU, block-sparse layers run dense unless emulated
+    os.environ["TSA_EMULATE_BLOCK_SPARSE"] = "1"
+    logits = model(ids).logits[0, -1].log_softmax(-1)
+    emulated = model.tsa_statistics()
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] - ids.shape[1]
+kl = float((native_logits.exp() * (native_logits - logits)).sum())
+print(json.dumps({"plain": plain, "emulated": emulated, "kl": kl, "generated": generated}))
+"""
+
+
+def test_block_sparse_export_runs_its_kernel_in_a_fresh_process(exported, smollm2, tokenizer_ids, fresh_python):
+    from typer.testing import CliRunner
+
+    from tsa_patch.cli.app import app
+
+    root, policy = exported
+    alone, combined = [0, 1, 2], policy.sparse_layers[:2]
+    layers = [{**layer, "kernel": "block_sparse" if i in alone + combined else "dense"}
+              for i, layer in enumerate(policy.to_dict()["layers"])]
+    block_policy = TsaPolicy.from_dict({**policy.to_dict(), "layers": layers, "block_size": 16,
+                                        "block_min_budget": 32, "block_gamma": 0.9})
+    write_policy(block_policy, root / "blocks.json")
+    result = CliRunner().invoke(app, ["export", str(root / "blocks"), "--policy", str(root / "blocks.json")])
+    assert result.exit_code == 0, result.stderr
+    run = fresh_python(BLOCK_SPARSE_SCRIPT, str(root / "blocks"), str(smollm2.path), str(tokenizer_ids))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    plain, emulated = report["plain"], report["emulated"]
+    assert all(plain[i]["path"] == "dense" for i in alone)
+    assert all(emulated[i]["path"] == "block_sparse" and 0 < emulated[i]["block_density"][0] < 1 for i in alone)
+    for i in policy.sparse_layers:
+        density = emulated[i]["block_density"][0]
+        assert emulated[i]["path"] == "sparse" and ((0 < density < 1) if i in combined else density is None)
+    assert 0 < report["kl"] < 0.5 and report["generated"] == 3

@@ -154,6 +154,8 @@ def test_kl_search_finds_the_sparsest_feasible_policy():
         ({"min_agreement": 0.9}, PolicyError, "at most one of"),
         ({"max_kl": None, "target_speedup": 0.5}, PolicyError, "--target-speedup must be above 1"),
         ({"method": "greedy"}, PolicyError, "--method must be one of"),
+        ({"block_sparse": True, "method": "drift"}, PolicyError, "--block-sparse needs the budget method"),
+        ({"block_size": 48}, PolicyError, "block_size"),
         ({"data": "/no/such/file.txt"}, DataError, "does not exist"),
         ({"data": "no-such-corpus"}, DataError, "not a corpus"),
         ({"samples": 10**4, "seq_len": 8000, "data": "paul-graham"}, DataError, "lower --samples"),
@@ -163,6 +165,30 @@ def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
     model, tokenizer = smollm2_fp32
     with pytest.raises(error, match=pattern):
         calibrate(model, tokenizer, dataclasses.replace(SMALL, **change))
+
+
+def test_block_sparse_calibration_adds_layers_within_the_budget(budget_run, smollm2_fp32, monkeypatch):
+    model, tokenizer = smollm2_fp32
+    monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
+    config = dataclasses.replace(SMALL, block_sparse=True, block_size=16, block_min_budget=32, block_gamma=0.9)
+    result = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
+    blocks = result.report["block_sparse"]
+    assert result.policy.sparse_layers == budget_run.policy.sparse_layers  # the taus are chosen first, unchanged
+    assert result.policy.block_sparse_layers == blocks["layers"] and blocks["layers"]
+    assert blocks["layers"] == sorted(blocks["order"][: len(blocks["layers"])])  # lowest drift first
+    assert blocks["calibration"]["kl"] <= 0.05 and blocks["held_out"]["kl"] <= 0.05
+    # the block-sparse kernel really skipped attention: less computed than with TSA alone
+    assert blocks["calibration"]["attention_cost"] < result.report["chosen"]["calibration"]["attention_cost"] < 1
+    assert "TSA_EMULATE_BLOCK_SPARSE" not in __import__("os").environ  # emulation was only for measuring
+    apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
+    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
+    samples = token_samples(tokenizer, load_documents(config.data), 3, config.seq_len + config.continuation, 3)
+    try:
+        again = continuation_metrics(model, samples[2:], config.seq_len, ATTENTION_KEY)
+    finally:
+        model.set_attn_implementation("sdpa")
+        del model.config.tsa_policy
+    assert again.kl == pytest.approx(blocks["held_out"]["natural"]["kl"], rel=1e-3, abs=1e-6)
 
 
 def test_samples_are_bounded_and_seeded(smollm2_fp32):

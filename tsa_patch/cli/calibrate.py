@@ -26,6 +26,8 @@ Examples:
   tsa-patch calibrate ./my-llama --target-speedup 1.5 --report report.json --plot tradeoff.png
 
   tsa-patch calibrate --method drift --tau 0.005 --delta 0.5      # the paper's rule
+
+  tsa-patch calibrate --seq-len 4096 --block-sparse --block-size 64  # also choose block-sparse layers
 """
 _DEFAULTS = CalibrationConfig()
 
@@ -51,6 +53,10 @@ def calibrate_command(
     activation_length: Annotated[int, typer.Option("--activation-length", help="Shorter prompts run dense.")] = _DEFAULTS.activation_length,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
+    block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: also give as many layers as the budget allows the block-sparse kernel (FlexPrefill-style).")] = False,
+    block_size: Annotated[int, typer.Option("--block-size", help="Block-sparse: tokens per block (power of two, >= 16).")] = _DEFAULTS.block_size,
+    block_gamma: Annotated[float, typer.Option("--block-gamma", help="Block-sparse: attention mass the kept blocks cover, in (0, 1].")] = _DEFAULTS.block_gamma,
+    block_min_budget: Annotated[int, typer.Option("--block-min-budget", help="Block-sparse: tokens each query block attends to at least.")] = _DEFAULTS.block_min_budget,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the policy file.")] = DEFAULT_POLICY_PATH,
     report: Annotated[Path | None, typer.Option(help="Also write the full calibration report (JSON).")] = None,
     plot: Annotated[Path | None, typer.Option(help="budget method: also write a PNG of the per-layer policy and the accuracy/savings curve.")] = None,
@@ -64,7 +70,9 @@ def calibrate_command(
                               holdout=holdout,
                               continuation=continuation, tau=tau, delta=delta, window=window,
                               pool_kernel=_DEFAULTS.pool_kernel, min_tokens=min_tokens,
-                              activation_length=activation_length, selection=selection, dense_backend=dense_backend)
+                              activation_length=activation_length, selection=selection, dense_backend=dense_backend,
+                              block_sparse=block_sparse, block_size=block_size, block_gamma=block_gamma,
+                              block_min_budget=block_min_budget)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)
@@ -82,13 +90,13 @@ def calibrate_command(
     layers = result.report.get("layers") if result.report else None
     total_error = sum(layer["error"] for layer in layers) if layers else 0.0
     table = Table(title=f"TSA policy for {source.spec}", caption=f"written to {path}")
-    for column in ("layer", "drift", "attention", "tau", "kept %", "error share %"):
+    for column in ("layer", "drift", "attention", "tau", "kept %", "error share %", "kernel"):
         table.add_column(column, justify="right")
     for i, (layer, drift) in enumerate(zip(result.policy.layers, result.drift)):
         kept = f"{100 * layers[i]['kept']:.1f}" if layers else "-"
         share = f"{100 * layers[i]['error'] / total_error:.1f}" if layers and total_error else "-"
         table.add_row(str(i), f"{drift:.4f}", "[cyan]sparse[/]" if layer.active else "dense", f"{layer.tau:g}",
-                      kept, share)
+                      kept, share, "[magenta]block-sparse[/]" if layer.block_sparse else "dense")
     out.table(table)
     if result.report:
         chosen, paper = result.report["chosen"], result.report["paper_rule"]
@@ -102,6 +110,13 @@ def calibrate_command(
             "decoded tokens, compared with the dense model; KL is the worse of the text's own continuation and a "
             "long-range recall probe."
         )
+    if result.report and "block_sparse" in result.report:
+        blocks = result.report["block_sparse"]
+        out.hint(f"Block-sparse kernel in {len(blocks['layers'])} layers: KL calibration "
+                 f"{blocks['calibration']['kl']:.4f} / held-out {blocks['held_out']['kl']:.4f}; attention computed "
+                 f"{100 * blocks['calibration']['attention_cost']:.1f}% of dense (TSA alone: "
+                 f"{100 * result.report['chosen']['calibration']['attention_cost']:.1f}%), measured on the "
+                 "calibration prefills (block selection emulated in PyTorch off CUDA).")
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
              f"Next: tsa-patch export OUT_DIR --policy {path}")
     out.emit({"policy_file": str(path), "source_model": source.spec, "sparse_layers": result.policy.sparse_layers,

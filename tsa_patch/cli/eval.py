@@ -67,15 +67,18 @@ def eval_command(
         out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
 
     table = Table(title=f"{model}: dense vs TSA ({samples} samples per cell)")
-    for column in ("task", "length", "dense %", "TSA %", "delta", "kept %"):
+    for column in ("task", "length", "dense %", "TSA %", "delta", "kept %", "attention %"):
         table.add_column(column, justify="right")
     for row in report["tasks"]:
         table.add_row(row["task"], str(row["length"]), f"{100 * row['dense']:.1f}", f"{100 * row['tsa']:.1f}",
-                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}")
+                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}", f"{100 * row['attention_cost']:.1f}")
     for row in report["summary"]:
         table.add_row("[bold]mean[/]", str(row["length"]), f"{100 * row['dense']:.1f}", f"{100 * row['tsa']:.1f}",
-                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}")
+                      f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}", f"{100 * row['attention_cost']:.1f}")
     out.table(table)
+    out.hint("kept %: tokens kept in TSA layers; attention %: dense attention FLOPs the prefill computed, all layers."
+             + (" Block-sparse layers were emulated in PyTorch (no CUDA)." if report["config"]["block_sparse_emulated"]
+                else ""))
     if report["perplexity"]:
         ppl = Table(title="Perplexity of the next 64 tokens after a long prefix (dense continuation)")
         for column in ("length", "dense", "TSA", "KL (nats)", "top-1 agreement %"):
