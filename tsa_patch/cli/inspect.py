@@ -44,7 +44,8 @@ def inspect_command(
         f"command: {provenance.get('command')}\n"
         f"policy: {len(policy.sparse_layers)} of {policy.num_layers} layers sparse {policy.sparse_layers}, "
         f"window {policy.window}, min tokens {policy.min_tokens}, activation length {policy.activation_length}, "
-        f"selection {policy.selection}; calibration: {policy.calibration.get('method', 'none')}\n"
+        f"selection {policy.selection}; block-sparse kernel in {len(policy.block_sparse_layers)} layers "
+        f"{policy.block_sparse_layers}; calibration: {policy.calibration.get('method', 'none')}\n"
         f"remote code {'is identical to' if inspection.code_matches_installed else 'differs from'} the runtime of "
         "the installed tsa-patch"
     )
