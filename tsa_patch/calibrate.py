@@ -318,6 +318,7 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
         i = m.taus.index(tau) if tau else None
         layer_table.append({"tau": tau, "kept": round(m.mean_kept(i), 4) if i is not None else 1.0,
                             "error": round(m.mean_error(i), 6) if i is not None else 0.0})
+    chosen_metrics = {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "attention_cost", "natural", "recall")}
     block_layers: list[int] = []
     block_report = None
     if config.block_sparse:
@@ -325,15 +326,15 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
 
         with emulated_block_sparse():
             block_layers, block_report = _choose_block_sparse(
-                taus, drift, _windowed(model, config), evaluate, _feasibility(budget), budget, start)
+                taus, drift, _windowed(model, config), evaluate, _feasibility(budget), budget, start,
+                baseline={"calibration": chosen_metrics, "held_out": held})
     report = {
         "method": "accuracy-budget", **_data_record(config), "holdout": config.holdout,
         "continuation": config.continuation, "budget": budget,
         "chosen": {"attention_removed": round(front[chosen].attention_removed, 4),
                    "estimated_attention_speedup": round(1.0 / (1.0 - front[chosen].attention_removed), 3),
                    "predicted_error": round(front[chosen].predicted_error, 6),
-                   "calibration": {k: chosen_entry.get(k) for k in ("kl", "top1_agreement", "attention_cost", "natural",
-                                                                    "recall")},
+                   "calibration": chosen_metrics,
                    "held_out": held, "held_out_backoffs": backoffs, "meets_budget_held_out": feasible(held)},
         "paper_rule": {"tau": PAPER_TAU, "delta": PAPER_DELTA, "layers": sorted(paper_layers),
                        "attention_removed": round(paper_removed, 4), "calibration": paper, "held_out": paper_held},
@@ -349,11 +350,14 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
                              report=report)
 
 
-def _choose_block_sparse(taus, drift, windowed, evaluate, feasible, budget, start) -> tuple[list[int], dict]:
+def _choose_block_sparse(taus, drift, windowed, evaluate, feasible, budget, start, baseline: dict
+                         ) -> tuple[list[int], dict]:
     """The most layers (lowest drift first) that can also run the block-sparse kernel within the budget.
 
     Bisection on the count with end-to-end evaluations of the calibration samples, then a held-out check that
-    halves the count until it passes (at most ``_MAX_BACKOFFS`` times). Returns the layers and a report.
+    halves the count until it passes (at most ``_MAX_BACKOFFS`` times). ``baseline`` holds the TSA policy's own
+    calibration and held-out metrics (no block-sparse layer), which are not measured again. Returns the layers
+    and a report.
     """
     order = [i for i in sorted(range(len(drift)), key=lambda i: drift[i]) if i not in windowed]
     evaluations: dict[int, dict] = {}
@@ -366,14 +370,18 @@ def _choose_block_sparse(taus, drift, windowed, evaluate, feasible, budget, star
     step = start(f"Adding the block-sparse kernel to up to {len(order)} layers", _MAX_SEARCH_EVALUATIONS)
     count = _bisect(len(order) + 1, lambda n: n == 0 or feasible(measured(n)), step)
     held_feasible = _feasibility(budget, held_out=True)
-    held = evaluate(taus, "held_out", set(order[:count]))
+
+    def held_out(count: int) -> dict:
+        return evaluate(taus, "held_out", set(order[:count])) if count else baseline["held_out"]
+
+    held = held_out(count)
     backoffs = 0
     while count and not held_feasible(held) and backoffs < _MAX_BACKOFFS:
         count, backoffs = count // 2, backoffs + 1
-        held = evaluate(taus, "held_out", set(order[:count]))
+        held = held_out(count)
     layers = sorted(order[:count])
     report = {"order": order, "layers": layers, "held_out": held, "held_out_backoffs": backoffs,
-              "calibration": measured(count) if count else evaluate(taus, "calibration"),
+              "calibration": measured(count) if count else baseline["calibration"],
               "evaluations": [{"layers": n, **{k: e[k] for k in ("kl", "top1_agreement", "attention_cost")}}
                               for n, e in sorted(evaluations.items())]}
     return layers, report
