@@ -158,18 +158,20 @@ def test_padded_batch_on_gpu_uses_triton_and_matches_each_sequence_alone(dtype):
         assert torch.allclose(out[b, kv_len - n :].float(), alone[0].float(), atol=2e-2, rtol=0)
 
 
-def _block_policy(tsa: bool) -> TsaPolicy:
+def _block_sparse_case(tsa: bool, length: int, d: int):
+    """A module whose layer 0 runs the block-sparse kernel (on TSA's compact tensors when `tsa`), and random Q/K/V."""
     layer = {"enabled": tsa, "tau": 0.1 if tsa else 0.0, "kernel": "block_sparse"}
-    return TsaPolicy.from_dict({**POLICY.to_dict(), "layers": [layer, {"enabled": False, "tau": 0.0}],
-                                "block_size": 16, "block_gamma": 0.8, "block_min_budget": 16})
+    policy = TsaPolicy.from_dict({**POLICY.to_dict(), "layers": [layer, {"enabled": False, "tau": 0.0}],
+                                  "block_size": 16, "block_gamma": 0.8, "block_min_budget": 16})
+    q, k, v = torch.randn(1, 4, length, d), torch.randn(1, 2, length, d), torch.randn(1, 2, length, d)
+    return _Attention(policy), q, k, v
 
 
 @pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
 def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
     torch.manual_seed(4)
-    policy, d = _block_policy(tsa), 16
-    module = _Attention(policy)
-    q, k, v = torch.randn(1, 4, 160, d), torch.randn(1, 2, 160, d), torch.randn(1, 2, 160, d)
+    d = 16
+    module, q, k, v = _block_sparse_case(tsa, 160, d)
     monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
     plain, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     if not tsa:  # CPU without emulation: exactly the dense SDPA path
@@ -197,9 +199,8 @@ def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
 @pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
 def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa, monkeypatch):
     torch.manual_seed(5)
-    policy, d = _block_policy(tsa), 64
-    module = _Attention(policy)
-    q, k, v = torch.randn(1, 4, 700, d), torch.randn(1, 2, 700, d), torch.randn(1, 2, 700, d)
+    d = 64
+    module, q, k, v = _block_sparse_case(tsa, 700, d)
     monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
     cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
