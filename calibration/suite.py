@@ -72,8 +72,12 @@ class Sample:
 
     def score(self, output: str) -> float:
         """Fraction of the expected answers found in ``output`` (case-insensitive)."""
-        found = sum(answer.lower() in output.lower() for answer in self.answers)
-        return found / len(self.answers)
+        return answer_score(output, self.answers)
+
+
+def answer_score(output: str, answers) -> float:
+    """Fraction of ``answers`` contained in ``output`` (case-insensitive): the suite's score of one generation."""
+    return sum(answer.lower() in output.lower() for answer in answers) / len(answers)
 
 
 class SuiteBuilder:

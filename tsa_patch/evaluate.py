@@ -126,12 +126,14 @@ def _run(model, tokenizer, config: EvalConfig, progress, device) -> dict:
                 sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
                                           skip_special_tokens=True)
                 summary = attention_summary(tsa_statistics(model))  # of the TSA prefill just run
-                result.dense += sample.score(dense) / config.samples
-                result.tsa += sample.score(sparse) / config.samples
+                dense_score, tsa_score = sample.score(dense), sample.score(sparse)
+                result.dense += dense_score / config.samples
+                result.tsa += tsa_score / config.samples
                 result.kept += summary["kept_fraction"] / config.samples
                 result.attention_cost += summary["attention_cost"] / config.samples
                 result.outputs.append({"index": index, "tokens": ids.shape[1], "answers": list(sample.answers),
-                                       "dense": dense, "tsa": sparse, "kept": round(summary["kept_fraction"], 4),
+                                       "dense": dense, "tsa": sparse, "dense_score": dense_score,
+                                       "tsa_score": tsa_score, "kept": round(summary["kept_fraction"], 4),
                                        "attention_cost": round(summary["attention_cost"], 4)})
                 if step is not None:
                     step()
@@ -170,10 +172,30 @@ def _report(config: EvalConfig, results: list[TaskResult], perplexity: list[dict
                     "both); score = fraction of expected answers contained in the output",
         "tasks": [{**{k: v for k, v in asdict(r).items() if k != "outputs"}, "delta": r.delta} for r in results],
         "summary": summary,
-        "overall": {"dense": _mean([r.dense for r in results]), "tsa": _mean([r.tsa for r in results])},
+        "overall": {"dense": _mean([r.dense for r in results]), "tsa": _mean([r.tsa for r in results]),
+                    "paired": paired_comparison([(o["dense_score"], o["tsa_score"])
+                                                 for r in results for o in r.outputs])},
         "perplexity": perplexity,
         "outputs": {f"{r.task}/{r.length}": r.outputs for r in results},
     }
+
+
+def paired_comparison(scores: list[tuple[float, float]]) -> dict:
+    """Compare dense and TSA on the same prompts: ``scores`` holds one (dense, TSA) score pair per sample.
+
+    Returns the sample count, how many samples TSA scored higher / lower on, the mean score difference
+    (TSA - dense) and its 95 % confidence interval (normal approximation; None with fewer than two samples).
+    Most pairs tie, so the interval says whether a mean delta is more than sampling noise.
+    """
+    deltas = [tsa - dense for dense, tsa in scores]
+    n = len(deltas)
+    mean = _mean(deltas)
+    interval = None
+    if n > 1:
+        spread = 1.96 * (sum((d - mean) ** 2 for d in deltas) / (n - 1) / n) ** 0.5
+        interval = [mean - spread, mean + spread]
+    return {"samples": n, "tsa_better": sum(d > 0 for d in deltas), "tsa_worse": sum(d < 0 for d in deltas),
+            "mean_delta": mean, "ci95": interval}
 
 
 def _mean(values: list[float]) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tsa_patch.calibration.suite import answer_score
+
 
 def test_eval_on_an_export_writes_report_and_plot(cli, small_export, tmp_path):
     folder, _ = small_export
@@ -19,6 +21,12 @@ def test_eval_on_an_export_writes_report_and_plot(cli, small_export, tmp_path):
         assert 0.0 < row["kept"] < 1.0  # TSA engaged (the export's window is 16 tokens)
     [outputs] = report["outputs"]["niah_single/400"]
     assert outputs["tokens"] <= 400 and outputs["answers"] and isinstance(outputs["tsa"], str)
+    assert outputs["tsa_score"] == answer_score(outputs["tsa"], outputs["answers"])
+    assert outputs["dense_score"] == report["tasks"][0]["dense"]  # one sample per cell
+    paired = report["overall"]["paired"]
+    samples = [o for cell in report["outputs"].values() for o in cell]
+    assert paired["samples"] == 2 and paired["mean_delta"] == pytest.approx(
+        sum(o["tsa_score"] - o["dense_score"] for o in samples) / 2)
     [ppl] = report["perplexity"]
     assert ppl["length"] == 400 and ppl["dense"] > 1.0 and ppl["tsa"] > 1.0
     assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -79,6 +79,12 @@ def eval_command(
     out.hint("kept %: tokens kept in TSA layers; attention %: dense attention FLOPs the prefill computed, all layers."
              + (" Block-sparse layers were emulated in PyTorch (no CUDA)." if report["config"]["block_sparse_emulated"]
                 else ""))
+    paired = report["overall"]["paired"]
+    if paired["ci95"] is not None:
+        low, high = paired["ci95"]
+        out.hint(f"Paired over {paired['samples']} samples: TSA better on {paired['tsa_better']}, worse on "
+                 f"{paired['tsa_worse']}; mean delta {100 * paired['mean_delta']:+.1f} points "
+                 f"(95% CI {100 * low:+.1f} to {100 * high:+.1f}).")
     if report["perplexity"]:
         ppl = Table(title="Perplexity of the next 64 tokens after a long prefix (dense continuation)")
         for column in ("length", "dense", "TSA", "KL (nats)", "top-1 agreement %"):
