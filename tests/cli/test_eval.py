@@ -37,10 +37,15 @@ def test_eval_with_model_and_policy_file(cli, small_export, tmp_path, smollm2):
 
     _, policy = small_export
     policy_file = write_policy(policy, tmp_path / "p.json")
+    report_file = tmp_path / "eval.json"
     result = cli.invoke("eval", str(smollm2.path), "--policy", policy_file, "--tasks", "niah_single",
-                        "--lengths", "300", "--samples", "1", "--perplexity-samples", "0", "--json")
+                        "--lengths", "300", "--samples", "2", "--perplexity-samples", "0", "--output", report_file)
     assert result.exit_code == 0, result.stderr
-    assert cli.json(result.stdout)["perplexity"] == []
+    report = cli.json(report_file.read_text())
+    assert report["perplexity"] == []
+    paired = report["overall"]["paired"]
+    assert "Paired over 2 samples" in " ".join(result.stderr.split())  # the paired line under the table
+    assert paired["samples"] == 2 and len(paired["ci95"]) == 2
 
 
 @pytest.mark.parametrize(
