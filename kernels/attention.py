@@ -164,11 +164,17 @@ def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mas
     return softcapped_attention(query, key, value, scaling, softcap, mask).transpose(1, 2).contiguous()
 
 
+def block_sparse_kernel_available(device: torch.device) -> bool:
+    """Whether block-sparse layers run the Triton kernel on ``device`` (CUDA with Triton). Elsewhere they attend
+    densely, or emulate the kernel in PyTorch when ``TSA_EMULATE_BLOCK_SPARSE=1``."""
+    return device.type == "cuda" and HAS_TRITON
+
+
 def _block_sparse_backend(query: Tensor) -> str | None:
-    """How a block-sparse layer runs on ``query``'s device: "triton" on CUDA, "torch" when emulation is asked
-    for off CUDA, None (dense attention) otherwise."""
-    if query.is_cuda:
-        return "triton" if HAS_TRITON else None
+    """How a block-sparse layer runs on ``query``'s device: "triton" where the kernel is available, "torch" when
+    emulation is asked for elsewhere, None (dense attention) otherwise."""
+    if block_sparse_kernel_available(query.device):
+        return "triton"
     return "torch" if os.environ.get(EMULATE_BLOCK_SPARSE_ENV) == "1" else None
 
 

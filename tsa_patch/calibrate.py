@@ -68,7 +68,7 @@ class CalibrationConfig:
         continuation: tokens after each prompt, decoded densely over the TSA-prefilled cache and compared.
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
         block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
-            kernel (lowest drift first). On CPU the block selection is emulated in PyTorch while measuring.
+            kernel (lowest drift first). Without CUDA the block selection is emulated in PyTorch while measuring.
         window, pool_kernel, min_tokens, activation_length, selection, dense_backend, block_size, block_gamma,
             block_min_budget: copied into the policy.
     """
@@ -322,12 +322,14 @@ def _budget(model, config, samples, source_model, start) -> CalibrationResult:
     block_layers: list[int] = []
     block_report = None
     if config.block_sparse:
+        from .kernels.attention import block_sparse_kernel_available
         from .policy import emulated_block_sparse
 
         with emulated_block_sparse():
             block_layers, block_report = _choose_block_sparse(
                 taus, drift, _windowed(model, config), evaluate, _feasibility(budget), budget, start,
                 baseline={"calibration": chosen_metrics, "held_out": held})
+        block_report["emulated"] = not block_sparse_kernel_available(next(model.parameters()).device)
     report = {
         "method": "accuracy-budget", **_data_record(config), "holdout": config.holdout,
         "continuation": config.continuation, "budget": budget,

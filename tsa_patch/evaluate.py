@@ -5,8 +5,8 @@ once with dense SDPA and once with TSA (decoding is dense in both), and scored. 
 ``calibration/continuation.py``: a long held-out text is prefilled (dense or TSA) and the next tokens are scored
 densely over its cache. The report gives per task and length both accuracies, their difference, the
 fraction of tokens TSA kept in its sparse layers, and the fraction of dense attention FLOPs the prefill computed.
-Block-sparse layers off CUDA are measured with their block selection emulated in PyTorch (what a GPU computes),
-not with the dense fallback a CPU user gets.
+Block-sparse layers where the Triton kernel cannot run (no CUDA) are measured with their block selection
+emulated in PyTorch (what a GPU computes), not with the dense fallback a CPU user gets.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .calibration.continuation import continuation_metrics, dense_implementation
 from .calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
 from .calibration.suite import TASKS, SuiteBuilder
 from .errors import DataError, PolicyError
-from .kernels.attention import attention_summary, policy_from_config, tsa_statistics
+from .kernels.attention import (attention_summary, block_sparse_kernel_available, policy_from_config,
+                                tsa_statistics)
 from .kernels.policy import ATTENTION_KEY, CONFIG_KEY
 from .policy import emulated_block_sparse
 
@@ -100,7 +101,7 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     if unknown:
         raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
     device = next(model.parameters()).device
-    emulate = bool(policy_from_config(model.config).block_sparse_layers) and device.type != "cuda"
+    emulate = bool(policy_from_config(model.config).block_sparse_layers) and not block_sparse_kernel_available(device)
     with emulated_block_sparse(emulate):
         report = _run(model, tokenizer, config, progress, device)
     report["config"]["block_sparse_emulated"] = emulate

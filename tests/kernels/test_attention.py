@@ -195,6 +195,23 @@ def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
     assert not torch.allclose(out, plain, atol=1e-3)  # blocks were really skipped
 
 
+@pytest.mark.parametrize("has_triton", [False, True])
+def test_block_sparse_kernel_needs_cuda_and_triton_and_is_emulated_elsewhere_on_request(has_triton, monkeypatch):
+    from tsa_patch.kernels import attention
+
+    monkeypatch.setattr(attention, "HAS_TRITON", has_triton)
+    assert attention.block_sparse_kernel_available(torch.device("cuda")) is has_triton
+    assert attention.block_sparse_kernel_available(torch.device("cpu")) is False
+    query = torch.empty(1)
+    monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
+    assert attention._block_sparse_backend(query) is None  # dense attention
+    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
+    assert attention._block_sparse_backend(query) == "torch"
+    # the backend follows the availability test alone (so CUDA without Triton emulates on request, too)
+    monkeypatch.setattr(attention, "block_sparse_kernel_available", lambda device: True)
+    assert attention._block_sparse_backend(query) == "triton"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
 def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa, monkeypatch):

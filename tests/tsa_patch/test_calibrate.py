@@ -180,6 +180,7 @@ def test_block_sparse_calibration_adds_layers_within_the_budget(budget_run, smol
     # the block-sparse kernel really skipped attention: less computed than with TSA alone
     assert blocks["calibration"]["attention_cost"] < result.report["chosen"]["calibration"]["attention_cost"] < 1
     assert "TSA_EMULATE_BLOCK_SPARSE" not in __import__("os").environ  # emulation was only for measuring
+    assert blocks["emulated"] is True  # CPU: no Triton kernel, so the measurement emulated it
     apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
     monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
     samples = token_samples(tokenizer, load_documents(config.data), 3, config.seq_len + config.continuation, 3)

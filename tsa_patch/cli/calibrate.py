@@ -116,8 +116,8 @@ def calibrate_command(
                  f"{blocks['calibration']['kl']:.4f} / held-out {blocks['held_out']['kl']:.4f}; attention computed "
                  f"{100 * blocks['calibration']['attention_cost']:.1f}% of dense (TSA alone: "
                  f"{100 * result.report['chosen']['calibration']['attention_cost']:.1f}%), measured on the "
-                 "calibration prefills" + (" (block-sparse layers emulated in PyTorch: no CUDA)." if device != "cuda"
-                                            else "."))
+                 "calibration prefills" + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)."
+                                            if blocks["emulated"] else "."))
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
              f"Next: tsa-patch export OUT_DIR --policy {path}")
     out.emit({"policy_file": str(path), "source_model": source.spec, "sparse_layers": result.policy.sparse_layers,

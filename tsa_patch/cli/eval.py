@@ -77,7 +77,7 @@ def eval_command(
                       f"{100 * row['delta']:+.1f}", f"{100 * row['kept']:.1f}", f"{100 * row['attention_cost']:.1f}")
     out.table(table)
     out.hint("kept %: tokens kept in TSA layers; attention %: dense attention FLOPs the prefill computed, all layers."
-             + (" Block-sparse layers were emulated in PyTorch (no CUDA)." if report["config"]["block_sparse_emulated"]
+             + (" Block-sparse layers were emulated in PyTorch (no CUDA with Triton)." if report["config"]["block_sparse_emulated"]
                 else ""))
     paired = report["overall"]["paired"]
     if paired["ci95"] is not None:
