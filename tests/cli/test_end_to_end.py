@@ -177,4 +177,5 @@ def test_block_sparse_export_runs_its_kernel_in_a_fresh_process(exported, smollm
     for i in policy.sparse_layers:
         density = emulated[i]["block_density"][0]
         assert emulated[i]["path"] == "sparse" and ((0 < density < 1) if i in combined else density is None)
+    # an accuracy statement, not rounding: block-sparse layers drop attention mass, so the KL is positive but small
     assert 0 < report["kl"] < 0.5 and report["generated"] == 3

@@ -12,6 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from tsa_patch.kernels.attention import _STATS_ATTR, tsa_attention_forward
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention
+from numerics import ATTENTION_RELATIVE, layout_atol
 
 
 class _Config:
@@ -65,7 +66,7 @@ def test_left_padded_batch_gives_each_sequence_its_alone_result(q_len):
         mask = None if alone_q.shape[2] == n else _padded_mask([n], n, alone_q.shape[2])
         alone, _ = tsa_attention_forward(module, alone_q, *alone_kv, mask, scaling=d**-0.5)
         rows = alone.shape[1]
-        assert torch.allclose(out[b, q_len - rows :], alone[0], atol=1e-6, rtol=0), f"sequence {b}"
+        assert torch.allclose(out[b, q_len - rows :], alone[0], atol=layout_atol(alone), rtol=0), f"sequence {b}"
         if n < POLICY.activation_length:
             assert stats["kept"][b] is None  # too short alone: dense, also inside the batch
         else:
@@ -80,7 +81,7 @@ def test_right_padding_matches_alone():
     out, _ = tsa_attention_forward(module, q, k, v, _padded_mask(lengths, kv_len, kv_len, left=False),
                                    scaling=d**-0.5)
     alone, _ = tsa_attention_forward(module, q[1:, :, :50], k[1:, :, :50], v[1:, :, :50], None, scaling=d**-0.5)
-    assert torch.allclose(out[1, :50], alone[0], atol=1e-6, rtol=0)
+    assert torch.allclose(out[1, :50], alone[0], atol=layout_atol(alone), rtol=0)
     assert (out[1, 50:] == 0).all()  # padded query rows are never computed
 
 
@@ -154,8 +155,9 @@ def test_padded_batch_on_gpu_uses_triton_and_matches_each_sequence_alone(dtype):
     for b, n in enumerate(lengths):
         alone, _ = tsa_attention_forward(module, q[b : b + 1, :, -n:], k[b : b + 1, :, -n:], v[b : b + 1, :, -n:],
                                          None, scaling=d**-0.5)
-        # same kernels on the same values; the dense kernel may pick another algorithm for another layout
-        assert torch.allclose(out[b, kv_len - n :].float(), alone[0].float(), atol=2e-2, rtol=0)
+        # same kernels on the same values; the dense kernel may pick another algorithm for another layout, which
+        # rounds the half-precision output (and its probabilities) differently: a few eps of the dtype
+        assert torch.allclose(out[b, kv_len - n :].float(), alone[0].float(), atol=layout_atol(alone, 4), rtol=0)
 
 
 def _block_sparse_case(tsa: bool, length: int, d: int):
@@ -191,8 +193,8 @@ def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
     else:
         expected = block_sparse_attention(q[0], k[0], v[0], gamma=0.8, block=16, min_budget=16, js_threshold=0.1,
                                           scaling=d**-0.5)[0].transpose(0, 1)
-    assert torch.allclose(out[0], expected, atol=1e-6, rtol=0)
-    assert not torch.allclose(out, plain, atol=1e-3)  # blocks were really skipped
+    assert torch.allclose(out[0], expected, atol=layout_atol(expected), rtol=0)
+    assert not torch.allclose(out, plain, atol=1e-3)  # blocks were really skipped: far beyond rounding
 
 
 @pytest.mark.parametrize("has_triton", [False, True])
@@ -222,4 +224,5 @@ def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa, monkeypat
     cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
     assert getattr(module, _STATS_ATTR)["block_density"][0] < 1
-    assert ((gpu.cpu() - cpu).norm() / cpu.norm()).item() < 1e-4
+    # fp32 on both: the same block pattern, accumulated in another order (GPU tiles vs CPU SDPA per head)
+    assert ((gpu.cpu() - cpu).norm() / cpu.norm()).item() < ATTENTION_RELATIVE[torch.float32]

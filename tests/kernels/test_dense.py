@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tsa_patch.kernels import dense
+from numerics import ATTENTION_RELATIVE, layout_atol
 
 
 def _reference(q, k, v, scaling):
@@ -24,7 +25,7 @@ def test_causal_attention_is_bottom_right_aligned(q_len):
     q, k, v = torch.randn(4, q_len, 16), torch.randn(2, 50, 16), torch.randn(2, 50, 16)
     out = dense.causal_attention(q, k, v, 0.25)
     ref = _reference(q, k, v, 0.25)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((out.double() - ref).norm() / ref.norm()).item() < ATTENTION_RELATIVE[torch.float32]
 
 
 def _fake_flash_attn_func(q, k, v, softmax_scale, causal, softcap=0.0):
@@ -43,7 +44,8 @@ def test_flash_attn_path_has_the_same_layout_and_result(monkeypatch, q_len):
     q, k, v = torch.randn(6, q_len, 32), torch.randn(3, 40, 32), torch.randn(3, 40, 32)
     out = dense.flash_causal_attention(q, k, v, 0.2)
     assert out.shape == (6, q_len, 32)
-    assert torch.allclose(out, dense.causal_attention(q, k, v, 0.2), atol=1e-5)
+    expected = dense.causal_attention(q, k, v, 0.2)
+    assert torch.allclose(out, expected, atol=layout_atol(expected))  # SDPA with a mask vs causal: another order
 
 
 def test_flash_attn_backend_falls_back_to_sdpa_without_a_gpu(monkeypatch):

@@ -1,7 +1,7 @@
 """The PyTorch stages of kernels/reference.py against brute-force float64 definitions, on fresh random inputs.
 
-Bound: float32 stages must be within 1e-5 relative error of float64 (fp32 arithmetic lands far below that at
-these sizes). NaN fails.
+Bound: float32 stages must be within ``numerics.ATTENTION_RELATIVE[float32]`` (128 eps) relative error of
+float64 (fp32 arithmetic lands far below that at these sizes). NaN fails.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import ATTENTION_RELATIVE, eps
 
 from tsa_patch.kernels.reference import (
     compress_ref,
@@ -18,6 +19,8 @@ from tsa_patch.kernels.reference import (
     select_tokens_ref,
     smooth_scores_ref,
 )
+
+FP32 = ATTENTION_RELATIVE[torch.float32]
 
 SHAPES = [  # (Hq, Hkv, Lk, D, W): odd lengths, GQA, MHA, MQA
     (4, 2, 97, 32, 16),
@@ -37,8 +40,8 @@ def test_score_keys_matches_softmax_mean(shape, brute):
     q, k = torch.randn(hq, lk, d), torch.randn(hkv, lk, d)
     scores = score_keys_ref(q, k, w, d**-0.5)
     assert scores.shape == (hq, lk - w) and scores.dtype == torch.float32
-    assert brute.relative_error(scores, brute.scores(q, k, w, d**-0.5)) < 1e-5
-    assert (scores.sum(-1) <= 1 + 1e-5).all()  # each voting query's probabilities sum to at most 1
+    assert brute.relative_error(scores, brute.scores(q, k, w, d**-0.5)) < FP32
+    assert (scores.sum(-1) <= 1 + FP32).all()  # each voting query's probabilities sum to at most 1
 
 
 def _expected_keep(scores, tau, pool_kernel, min_tokens):
@@ -59,17 +62,19 @@ def test_select_tokens_invariants(tau, min_tokens):
     distribution = smooth_scores_ref(scores, pool)
     kept = select_tokens_ref(distribution, candidates + window, tau, min_tokens)
     dist, keep = _expected_keep(scores, tau, pool, min_tokens)
-    assert torch.allclose(distribution.double(), dist, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(distribution.double(), dist, rtol=FP32, atol=0)
 
     assert kept.dtype == torch.int64 and kept.shape == (heads, keep + window)
     assert (kept[:, 1:] > kept[:, :-1]).all(), "indices must be strictly ascending"
     assert (kept[:, keep:] == torch.arange(candidates, candidates + window)).all(), "the tail is always kept"
     assert keep >= min(min_tokens, candidates)
     kept_mass = dist.gather(1, kept[:, :keep]).sum(-1).mean().item()
-    assert kept_mass >= 1 - tau - 1e-9, "head-averaged kept mass must be at least 1 - tau"
+    # dist is float64 (the fp32 ranking only decides which tokens): a sum of ~C float64 terms, a few eps64 short
+    assert kept_mass >= 1 - tau - 64 * eps(torch.float64), "head-averaged kept mass must be at least 1 - tau"
     # each head keeps its own top-K: the same mass as the float64 top-K (near-ties may swap equal-mass tokens)
     best = dist.topk(keep, -1).values.sum(-1)
-    assert torch.allclose(dist.gather(1, kept[:, :keep]).sum(-1), best, rtol=1e-6, atol=0)
+    # fp32 and float64 rankings may swap two tokens whose masses differ by fp32 rounding of the distribution
+    assert torch.allclose(dist.gather(1, kept[:, :keep]).sum(-1), best, rtol=8 * eps(torch.float32), atol=0)
     if tau == 0.0:
         assert keep == candidates
 

@@ -54,7 +54,8 @@ with torch.no_grad():
 print(json.dumps({"class": type(tsa).__name__, "impl": tsa.config._attn_implementation, "sparse": sparse,
                   "finite": bool(torch.isfinite(tsa_logits).all()), "generated": generated,
                   "differs": not torch.allclose(tsa_logits, native_logits),
-                  "tau0_max_diff": (tau0_logits - native_logits).abs().max().item()}))
+                  "tau0_max_diff": (tau0_logits - native_logits).abs().max().item(),
+                  "native_max": native_logits.abs().max().item()}))
 """
 
 
@@ -91,8 +92,11 @@ def test_family_calibrate_export_load(family, tmp_path, smollm2, fresh_python):
     assert report["class"] == SUPPORTED_ARCHITECTURES[source.model_type] and report["impl"] == "tsa_v1"
     assert report["sparse"] == policy.sparse_layers and report["finite"] and report["generated"] == 3
     assert report["differs"] == bool(policy.sparse_layers)
-    # tau = 0 everywhere: the same function as the native dense model (softcap: our math vs eager, same formula)
-    assert report["tau0_max_diff"] < (1e-4 if family == "gemma2" else 1e-5)
+    # tau = 0 everywhere: the same function as the native dense model, computed on gathered copies (another
+    # accumulation order: 64 fp32 roundings at the logits' magnitude); Gemma 2's soft-cap is our math against
+    # eager's, the same formula in other ops (tanh, fp32 softmax): 1024 roundings.
+    roundings = 1024 if family == "gemma2" else 64
+    assert report["tau0_max_diff"] <= roundings * torch.finfo(torch.float32).eps * report["native_max"]
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

@@ -13,6 +13,7 @@ from tsa_patch.calibration.data import load_documents
 from tsa_patch.kernels.attention import tsa_statistics
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
 from tsa_patch.policy import apply_policy_
+from numerics import layout_atol
 
 POLICY = TsaPolicy.uniform(30, 0.05, list(range(10, 30)), window=16, min_tokens=32, activation_length=96)
 
@@ -88,7 +89,8 @@ def test_torch_compile_fails_with_a_clear_message_or_works(patched):
             assert "torch.compile" in str(err) and "sdpa" in str(err), str(err)
         else:
             eager = model(torch.tensor([prompt])).logits
-            assert torch.allclose(out, eager, atol=1e-4)
+            # the compiled graph may fuse or reorder fp32 ops through 30 layers: 1024 roundings at the logits' size
+            assert torch.allclose(out, eager, atol=layout_atol(eager, 1024))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

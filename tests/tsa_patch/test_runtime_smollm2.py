@@ -32,28 +32,49 @@ def _essay_ids(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
     return tokenizer(text).input_ids[offset : offset + n_tokens]
 
 
-def test_left_padded_batch_equals_each_sequence_alone(patched):
-    apply, model, tokenizer = patched
-    apply(TsaPolicy.uniform(30, 0.05, SPARSE_LAYERS, **SMALL))
-    sequences = [_essay_ids(tokenizer, 300), _essay_ids(tokenizer, 180, offset=1000)]
+def _left_padded(tokenizer, sequences):
     width = max(map(len, sequences))
-    ids = torch.full((2, width), tokenizer.pad_token_id)
-    mask = torch.zeros(2, width, dtype=torch.long)
+    ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
     for b, seq in enumerate(sequences):
         ids[b, width - len(seq) :] = torch.tensor(seq)
         mask[b, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def test_left_padded_batch_equals_each_sequence_alone(patched):
+    apply, model, tokenizer = patched
+    sequences = [_essay_ids(tokenizer, 300), _essay_ids(tokenizer, 180, offset=1000)]
+    ids, mask, positions = _left_padded(tokenizer, sequences)
+    width = ids.shape[1]
     with torch.no_grad():
+        # The dense model's own batched-vs-alone difference: padding changes the shapes BLAS and SDPA work on, so
+        # fp32 rounding differs by an amount that depends on the CPU and BLAS. TSA's difference is bounded by it.
+        dense_batched = model(ids, attention_mask=mask, position_ids=positions).logits
+        dense_alone = [model(torch.tensor([seq])).logits[0] for seq in sequences]
+        apply(TsaPolicy.uniform(30, 0.05, SPARSE_LAYERS, **SMALL))
         batched = model(ids, attention_mask=mask, position_ids=positions).logits
         batch_stats = tsa_statistics(model)
         for b, seq in enumerate(sequences):
             alone = model(torch.tensor([seq])).logits[0]
             alone_stats = tsa_statistics(model)
-            assert (batched[b, width - len(seq) :] - alone).abs().max().item() < 2e-4, f"sequence {b}"
+            rows = slice(width - len(seq), None)
+            # Exact: each sequence keeps the same tokens per head in the batch as alone, and predicts the same tokens.
             for layer in SPARSE_LAYERS:
                 assert batch_stats[layer]["path"] == "sparse"
                 assert batch_stats[layer]["kept"][b] == alone_stats[layer]["kept"][0]
                 assert alone_stats[layer]["kept"][0][0] < len(seq), "the sparse path must drop tokens"
+            # Rounding: TSA's sparse layers compute each sequence unpadded, exactly as alone, so the batch differs
+            # only through the dense layers, as the dense model does: at most twice the dense model's own
+            # difference, plus 16 fp32 roundings (eps 1.2e-7) at the logits' magnitude for a difference of zero.
+            dense_difference = (dense_batched[b, rows] - dense_alone[b]).abs().max().item()
+            bound = 2 * dense_difference + 16 * torch.finfo(torch.float32).eps * alone.abs().max().item()
+            assert (batched[b, rows] - alone).abs().max().item() <= bound, f"sequence {b}"
+            # The same greedy token wherever rounding within that bound cannot swap the top two logits.
+            top2 = alone.topk(2, dim=-1).values
+            decided = (top2[:, 0] - top2[:, 1]) > 2 * bound
+            assert decided[-1] and decided.float().mean() > 0.9
+            assert torch.equal(batched[b, rows].argmax(-1)[decided], alone.argmax(-1)[decided]), f"sequence {b}"
 
 
 def test_tau_zero_gives_dense_logits(patched):
