@@ -20,11 +20,11 @@ import torch
 from tsa_patch.bench import environment
 from tsa_patch.calibrate import CalibrationConfig, calibrate
 from tsa_patch.calibration.continuation import continuation_metrics
-from tsa_patch.calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
+from tsa_patch.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
 from tsa_patch.kernels.attention import attention_summary, tsa_statistics
 from tsa_patch.kernels.policy import ATTENTION_KEY
 from tsa_patch.models import load_model, resolve_model
-from tsa_patch.policy import apply_policy_
+from tsa_patch.models import apply_policy_
 
 
 def main() -> None:

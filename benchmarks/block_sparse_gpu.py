@@ -83,7 +83,7 @@ def bench_prefill(seq_len: int, density: float) -> dict:
     """Whole-model prefill through transformers: dense (cuDNN first) vs every layer block-sparse, half also TSA."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tsa_patch.policy import apply_policy_
+    from tsa_patch.models import apply_policy_
 
     config = LlamaConfig(**MODEL_CONFIGS["llama-3.1-8b"])
     layers = config.num_hidden_layers

@@ -29,7 +29,7 @@ def make(out: Path) -> None:
 
     from tsa_patch.bench import MODEL_CONFIGS
     from tsa_patch.kernels.policy import TsaPolicy
-    from tsa_patch.policy import write_policy
+    from tsa_patch.policy_file import write_policy
 
     config = LlamaConfig(**MODEL_CONFIGS["llama-3.1-8b"])
     torch.manual_seed(0)

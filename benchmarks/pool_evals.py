@@ -15,7 +15,7 @@ import json
 from datetime import date
 from pathlib import Path
 
-from tsa_patch.calibration.suite import answer_score
+from tsa_patch.suite import answer_score
 from tsa_patch.evaluate import paired_comparison
 
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsa_patch.calibration.continuation import continuation_metrics
-from tsa_patch.calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
+from tsa_patch.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
 from tsa_patch.kernels.attention import attention_summary
 
 

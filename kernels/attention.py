@@ -2,16 +2,17 @@
 
 ``tsa_attention_forward`` has the contract of ``transformers.integrations.sdpa_attention.sdpa_attention_forward``:
 inputs (B, H, L, D) after RoPE and after the KV cache update, output (B, Lq, Hq, D) plus ``None`` weights.
-It reads the per-layer policy from ``module.config`` and ``module.layer_idx`` and takes the dense SDPA path,
-unchanged, for decode, short prompts, disabled layers and training. This file ships inside exported
-checkpoints: it imports only torch, transformers and its flat siblings.
+It reads the per-layer policy from ``module.config`` and ``module.layer_idx``; ``layer_path`` decides, for the
+batch and for each of its sequences, whether the layer attends densely (decode, short prompts, dense, windowed
+or training layers: SDPA unchanged), runs TSA, or runs the block-sparse kernel alone. This file ships inside
+exported checkpoints: it imports only torch, transformers and its flat siblings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,18 +20,17 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .block_sparse import block_sparse_attention
+from .block_sparse import block_sparse_prefill
 from .dense import dense_attention, sdpa_backend, softcapped_attention
-from .policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from .policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, TsaPolicy
 from .tsa import HAS_TRITON, tsa_attention
 
 # Attribute of the attention module that holds the statistics of its last forward.
 _STATS_ATTR = "_tsa_last_forward"
 # Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
-# Off CUDA, block-sparse layers run dense attention; with this variable set to 1 they run the same block selection
-# in PyTorch instead (slow, same results as the GPU kernel: what calibration and evaluation measure on a CPU).
-EMULATE_BLOCK_SPARSE_ENV = "TSA_EMULATE_BLOCK_SPARSE"
+# The paths a layer can take on one forward (``layer_path``).
+DENSE, SPARSE, BLOCK_SPARSE = "dense", "sparse", "block_sparse"
 
 
 def policy_from_config(config) -> TsaPolicy:
@@ -47,6 +47,35 @@ def policy_from_config(config) -> TsaPolicy:
         cached = (copy.deepcopy(raw), TsaPolicy.from_dict(raw))
         _POLICY_CACHE[id(raw)] = cached
     return cached[1]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every sequence of one call needs besides its tensors (from the policy and the keyword arguments)."""
+
+    policy: TsaPolicy
+    layer: LayerPolicy
+    scaling: float
+    softcap: float | None
+    block_backend: str | None  # how block-sparse layers run here ("triton", "torch" or None: dense)
+    keep_fraction: float | None  # benchmarks only
+    block_density: float | None  # benchmarks only
+
+
+def layer_path(policy: TsaPolicy, layer: LayerPolicy, q_len: int, kv_len: int, block_backend: str | None) -> str:
+    """``DENSE``, ``SPARSE`` (TSA, on the block-sparse kernel when the layer has it) or ``BLOCK_SPARSE`` (the
+    block-sparse kernel alone) for ``q_len`` queries over ``kv_len`` keys.
+
+    Short inputs attend densely: fewer queries than the scoring window, or fewer keys than the activation length.
+    The block-sparse kernel runs on full prefills only (``q_len == kv_len``) and where ``block_backend`` is set.
+    """
+    if q_len < policy.window or kv_len < policy.activation_length:
+        return DENSE
+    if layer.active:
+        return SPARSE
+    if layer.block_sparse and block_backend is not None and q_len == kv_len:
+        return BLOCK_SPARSE
+    return DENSE
 
 
 def tsa_attention_forward(
@@ -69,8 +98,11 @@ def tsa_attention_forward(
         attention_mask: ``sdpa_mask`` output: bool (B, 1, Lq, Lk) with True = attend, or None for an unpadded
             causal prefill and for decode.
         dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
-        tsa_keep_fraction (keyword, via ``model(..., tsa_keep_fraction=f)``): benchmarks only; every sparse
-            layer keeps this fraction of its candidate tokens instead of applying tau.
+        tsa_emulate_block_sparse (keyword, via ``model(..., tsa_emulate_block_sparse=True)``): where the
+            block-sparse Triton kernel cannot run (no CUDA), run its block selection in PyTorch instead of dense
+            attention (slow; what calibration and evaluation measure on a CPU).
+        tsa_keep_fraction (keyword): benchmarks only; every sparse layer keeps this fraction of its candidate
+            tokens instead of applying tau.
         tsa_block_density (keyword): benchmarks only; every block-sparse layer keeps this fraction of each query
             block's causal key blocks instead of applying ``block_gamma``.
 
@@ -78,119 +110,99 @@ def tsa_attention_forward(
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
     """
     policy = policy_from_config(module.config)
-    layer = policy.layers[module.layer_idx]
-    batch, num_heads, q_len, head_dim = query.shape
-    if attention_mask is None and 1 < q_len < key.shape[2]:
-        # No mask with more keys than queries: a prefill into an empty static cache (transformers relies on
-        # SDPA's top-left causal alignment). The queries are the first positions; the cache's tail is empty.
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    kv_len = key.shape[2]
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    softcap = kwargs.get("softcap")
+    key, value = _filled_prefix(query, key, value, attention_mask)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    call = _Call(policy=policy, layer=policy.layers[module.layer_idx],
+                 scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, softcap=kwargs.get("softcap"),
+                 # soft-capped layers never run the block-sparse kernel: it cannot cap logits
+                 block_backend=None if kwargs.get("softcap") is not None else
+                 _block_sparse_backend(query.device, kwargs.get("tsa_emulate_block_sparse", False)),
+                 keep_fraction=kwargs.get("tsa_keep_fraction"), block_density=kwargs.get("tsa_block_density"))
     # A sliding-window layer only sees its window: TSA's causal selection does not apply once Lk exceeds it.
     windowed = kwargs.get("sliding_window") is not None and kv_len > kwargs["sliding_window"]
-
-    block_backend = _block_sparse_backend(query) if layer.block_sparse and softcap is None else None
-    # Dense path, unchanged: nothing to sparsify (decode, short prompts, dense or windowed layers) or training.
-    if ((not layer.active and block_backend is None) or module.training or windowed or q_len < policy.window
-            or kv_len < policy.activation_length):
+    path = DENSE if module.training or windowed else layer_path(policy, call.layer, q_len, kv_len, call.block_backend)
+    if path == DENSE:
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
-            setattr(module, _STATS_ATTR, _stats(module, "dense", q_len, kv_len, None))
-        if softcap is not None:  # SDPA cannot cap logits (Gemma 2)
-            return _softcapped_forward(query, key, value, attention_mask, scaling, softcap), None
-        with sdpa_backend(policy.dense_backend, query.device):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
+            setattr(module, _STATS_ATTR, _stats(module, DENSE, q_len, kv_len, None, None))
+        return dense_forward(module, query, key, value, attention_mask, scaling=call.scaling, softcap=call.softcap,
+                             dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal, **kwargs), None
 
-    valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
-    backend = "triton" if query.is_cuda and HAS_TRITON else "torch"
-    outputs, kept_counts, densities = [], [], []
-    # Triton launches on the current CUDA device; with accelerate's device_map the layer may live on another one.
-    device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with sdpa_backend(policy.dense_backend, query.device), device:
+    outputs, kept, densities = [], [], []
+    with sdpa_backend(policy.dense_backend, query.device), _launch_device(query):
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
-        for b in range(batch):
-            if valid is None:
-                q, k, v, rows = query[b], key[b], value[b], None
-            else:
-                positions = valid[b].nonzero()[:, 0]  # (n_b,) real tokens of sequence b
-                # The queries end at the last real key: at Lk - 1 for a dynamic cache, earlier in a static cache
-                # whose tail is still empty. Right padding starts them at 0.
-                offset = max(0, int(positions[-1]) + 1 - q_len)
-                positions = positions[positions < offset + q_len]
-                rows = positions[positions >= offset] - offset  # its real query rows
-                q, k, v = query[b][:, rows], key[b][:, positions], value[b][:, positions]
-            # Block-sparse runs on full prefills only (on the compact tensors when the layer also runs TSA).
-            block_density: list[float] = []
-            attend = None
-            if block_backend is not None and q.shape[1] == k.shape[1]:
-                attend = _block_sparse_attend(policy, scaling, block_backend, kwargs.get("tsa_block_density"),
-                                              block_density)
-            if q.shape[1] < policy.window or k.shape[1] < policy.activation_length:
-                out_b = dense_attention(q, k, v, scaling, policy.dense_backend, softcap).transpose(0, 1)  # (Lq_b, Hq, D)
-                counts = None
-            elif layer.active:
-                out_b, kept = tsa_attention(q, k, v, tau=layer.tau, window=policy.window,
-                                            pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-                                            selection=policy.selection, scaling=scaling, softcap=softcap,
-                                            dense_backend=policy.dense_backend, backend=backend,
-                                            keep_fraction=kwargs.get("tsa_keep_fraction"), attend=attend)
-                counts = [kept.shape[1]] * kept.shape[0]
-            else:
-                out_b = (dense_attention(q, k, v, scaling, policy.dense_backend) if attend is None
-                         else attend(q, k, v)).transpose(0, 1)  # (Lq_b, Hq, D)
-                counts = None
-            if rows is not None:  # padded: place the real rows, padded query rows stay 0
-                out_b = out_b.new_zeros(q_len, num_heads, head_dim).index_copy_(0, rows, out_b)
-            outputs.append(out_b)
-            kept_counts.append(counts)
-            densities.append(block_density[0] if block_density else None)
-    setattr(module, _STATS_ATTR, _stats(module, "sparse" if layer.active else "block_sparse", q_len, kv_len,
-                                        kept_counts, densities))
-    out = outputs[0][None] if batch == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
+        for q, k, v, rows in _unpadded_sequences(query, key, value, attention_mask):
+            out, counts, density = _sequence_forward(call, q, k, v)  # out (Lq_b, Hq, D)
+            if rows is not None:  # padded: place the real rows; padded query rows stay 0
+                out = out.new_zeros(q_len, *out.shape[1:]).index_copy_(0, rows, out)
+            outputs.append(out)
+            kept.append(counts)
+            densities.append(density)
+    setattr(module, _STATS_ATTR, _stats(module, path, q_len, kv_len, kept, densities))
+    out = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
 
 
-def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,
-                        softcap: float) -> Tensor:
-    """Dense attention with a logit cap, (B, Lq, Hq, D): the dense path of Gemma 2 layers."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    elif attention_mask.dtype == torch.bool:
-        mask = attention_mask[..., -kv_len:]
-    else:  # additive float mask
-        mask = attention_mask[..., -kv_len:] > torch.finfo(attention_mask.dtype).min / 2
-    return softcapped_attention(query, key, value, scaling, softcap, mask).transpose(1, 2).contiguous()
+def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
+                      ) -> tuple[Tensor, list[int] | None, float | None]:
+    """One unpadded sequence, query (Hq, Lq, D), key/value (Hkv, Lk, D): its output (Lq, Hq, D), the kept count of
+    each selecting head (None unless TSA ran) and the block density (None unless the block-sparse kernel ran)."""
+    path = layer_path(call.policy, call.layer, query.shape[1], key.shape[1], call.block_backend)
+    block_density: list[float] = []
+    attend = None
+    if call.layer.block_sparse and call.block_backend is not None and query.shape[1] == key.shape[1]:
+        attend = _block_sparse_attend(call, block_density)
+    if path == DENSE:
+        return dense_attention(query, key, value, call.scaling, call.policy.dense_backend, call.softcap).transpose(0, 1), \
+            None, None
+    if path == BLOCK_SPARSE:
+        return attend(query, key, value).transpose(0, 1), None, block_density[0]
+    policy = call.policy
+    out, kept = tsa_attention(query, key, value, tau=call.layer.tau, window=policy.window,
+                              pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
+                              selection=policy.selection, scaling=call.scaling, softcap=call.softcap,
+                              dense_backend=policy.dense_backend, backend=_stage_backend(query),
+                              keep_fraction=call.keep_fraction, attend=attend)
+    return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None
 
 
-def block_sparse_kernel_available(device: torch.device) -> bool:
-    """Whether block-sparse layers run the Triton kernel on ``device`` (CUDA with Triton). Elsewhere they attend
-    densely, or emulate the kernel in PyTorch when ``TSA_EMULATE_BLOCK_SPARSE=1``."""
-    return device.type == "cuda" and HAS_TRITON
+def dense_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  *, scaling: float, softcap: float | None = None, dense_backend: str = "auto", dropout: float = 0.0,
+                  is_causal: bool | None = None, **kwargs) -> Tensor:
+    """A layer's dense attention, (B, Lq, Hq, D): transformers' SDPA path with the policy's backend order, or the
+    soft-capped math path (Gemma 2's logit cap, which SDPA cannot apply). Used by the runtime and calibration."""
+    if softcap is not None:
+        return _softcapped_forward(query, key, value, attention_mask, scaling, softcap)
+    with sdpa_backend(dense_backend, query.device):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)[0]
 
 
-def _block_sparse_backend(query: Tensor) -> str | None:
-    """How a block-sparse layer runs on ``query``'s device: "triton" where the kernel is available, "torch" when
-    emulation is asked for elsewhere, None (dense attention) otherwise."""
-    if block_sparse_kernel_available(query.device):
-        return "triton"
-    return "torch" if os.environ.get(EMULATE_BLOCK_SPARSE_ENV) == "1" else None
+def _filled_prefix(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The keys that hold tokens. Without a mask and with more keys than queries, transformers is prefilling an
+    empty static cache (relying on SDPA's top-left causal alignment): the queries are the first positions and the
+    cache's tail is empty."""
+    q_len = query.shape[2]
+    if attention_mask is None and 1 < q_len < key.shape[2]:
+        return key[:, :, :q_len], value[:, :, :q_len]
+    return key, value
 
 
-def _block_sparse_attend(policy: TsaPolicy, scaling: float, backend: str, density: float | None, record: list):
-    """The policy's block-sparse kernel as an ``attend(q, k, v)`` function; appends each call's block density
-    to ``record``."""
-
-    def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        out, pattern = block_sparse_attention(query, key, value, gamma=policy.block_gamma, block=policy.block_size,
-                                              min_budget=policy.block_min_budget,
-                                              js_threshold=policy.block_js_threshold, scaling=scaling,
-                                              density=density, backend=backend)
-        record.append(pattern.density)
-        return out
-
-    return attend
+def _unpadded_sequences(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None):
+    """Yield each sequence of the batch without its padding: q (Hq, Lq_b, D), k and v (Hkv, Lk_b, D), and the
+    real query rows (Lq_b,) in the padded output, or None when nothing is padded."""
+    kv_len, q_len = key.shape[2], query.shape[2]
+    valid = _valid_keys(attention_mask, kv_len)  # (B, Lk) bool, or None when nothing is padded
+    for b in range(query.shape[0]):
+        if valid is None:
+            yield query[b], key[b], value[b], None
+            continue
+        positions = valid[b].nonzero()[:, 0]  # (n_b,) real tokens of sequence b
+        # The queries end at the last real key: at Lk - 1 for a dynamic cache, earlier in a static cache whose tail
+        # is still empty. Right padding starts them at 0.
+        offset = max(0, int(positions[-1]) + 1 - q_len)
+        positions = positions[positions < offset + q_len]
+        rows = positions[positions >= offset] - offset  # its real query rows
+        yield query[b][:, rows], key[b][:, positions], value[b][:, positions], rows
 
 
 def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
@@ -208,7 +220,60 @@ def _valid_keys(attention_mask: Tensor | None, kv_len: int) -> Tensor | None:
     return None if bool(last_row.all()) else last_row
 
 
-def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None, block_density: list | None = None) -> dict:
+def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,
+                        softcap: float) -> Tensor:
+    """Dense attention with a logit cap, (B, Lq, Hq, D): the dense path of Gemma 2 layers."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., -kv_len:]
+    else:  # additive float mask
+        mask = attention_mask[..., -kv_len:] > torch.finfo(attention_mask.dtype).min / 2
+    return softcapped_attention(query, key, value, scaling, softcap, mask).transpose(1, 2).contiguous()
+
+
+def _launch_device(query: Tensor):
+    """Triton launches on the current CUDA device; with accelerate's device_map the layer may live on another one."""
+    return torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+
+
+def _stage_backend(query: Tensor) -> str:
+    """The TSA stages to use: the Triton kernels on CUDA when Triton is installed, the PyTorch reference elsewhere."""
+    return "triton" if query.is_cuda and HAS_TRITON else "torch"
+
+
+def block_sparse_kernel_available(device: torch.device) -> bool:
+    """Whether block-sparse layers run the Triton kernel on ``device`` (CUDA with Triton). Elsewhere they attend
+    densely, or emulate the kernel in PyTorch when the forward is given ``tsa_emulate_block_sparse=True``."""
+    return device.type == "cuda" and HAS_TRITON
+
+
+def _block_sparse_backend(device: torch.device, emulate: bool) -> str | None:
+    """How block-sparse layers run on ``device``: "triton" where the kernel is available, "torch" when emulation is
+    asked for elsewhere, None (dense attention) otherwise."""
+    if block_sparse_kernel_available(device):
+        return "triton"
+    return "torch" if emulate else None
+
+
+def _block_sparse_attend(call: _Call, record: list):
+    """The policy's block-sparse kernel as an ``attend(q, k, v)`` function; appends each call's block density
+    to ``record``."""
+    policy = call.policy
+
+    def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        out, pattern = block_sparse_prefill(query, key, value, gamma=policy.block_gamma, block=policy.block_size,
+                                            min_budget=policy.block_min_budget,
+                                            js_threshold=policy.block_js_threshold, scaling=call.scaling,
+                                            density=call.block_density, backend=call.block_backend)
+        record.append(pattern.density)
+        return out
+
+    return attend
+
+
+def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None, block_density: list | None) -> dict:
     return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept,
             "block_density": block_density}
 
@@ -250,11 +315,16 @@ def attention_summary(statistics: list[dict], sequence: int = 0) -> dict:
             "attention_cost": sum(costs) / len(costs) if costs else 1.0}
 
 
-def register_tsa_attention() -> None:
-    """Register ``tsa_attention_forward`` and its mask function under ``ATTENTION_KEY`` (idempotent).
+def register_attention(key: str, function) -> None:
+    """Register an attention function under ``key`` together with SDPA's mask function (idempotent).
 
-    Both registrations are needed: transformers silently passes ``attention_mask=None`` to an attention
-    function whose key has no registered mask function, losing padding and causality.
+    Both registrations are needed: transformers silently passes ``attention_mask=None`` to an attention function
+    whose key has no registered mask function, losing padding and causality.
     """
-    AttentionInterface.register(ATTENTION_KEY, tsa_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_KEY, sdpa_mask)
+    AttentionInterface.register(key, function)
+    AttentionMaskInterface.register(key, sdpa_mask)
+
+
+def register_tsa_attention() -> None:
+    """Register ``tsa_attention_forward`` and its mask function under ``ATTENTION_KEY`` (idempotent)."""
+    register_attention(ATTENTION_KEY, tsa_attention_forward)

@@ -17,8 +17,8 @@ list of key blocks, chosen per head from the attention of the LAST query block:
 Every query block always keeps the first key block (attention sinks) and its own diagonal block, and at least
 ``min_budget`` tokens' worth of blocks (of columns and of diagonal bands, for vertical-slash heads).
 
-The block map feeds ``triton_block.block_sparse_attention_triton`` on CUDA, or ``block_sparse_attention_ref``
-(the same result computed block by block in PyTorch) elsewhere. Only full prefills (``Lq == Lk``) go through
+The block map feeds ``triton_block.block_sparse_attention`` on CUDA, or its PyTorch twin ``block_sparse_attention_ref``
+(the same result computed head by head) elsewhere. Only full prefills (``Lq == Lk``) go through
 here; ``attention.py`` and ``tsa.py`` decide when.
 """
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
-from .triton_block import block_sparse_attention_triton
+from .triton_block import block_sparse_attention
 
 _EPS = 1e-12
 
@@ -61,10 +61,16 @@ class BlockPattern:
 
     def mask(self) -> Tensor:
         """(Hq, Nb, Nb) bool block map, True = computed."""
-        heads, blocks, _ = self.index.shape
-        listed = torch.arange(blocks, device=self.count.device) < self.count[..., None]
-        mask = torch.zeros(heads, blocks, blocks + 1, dtype=torch.bool, device=self.count.device)
-        return mask.scatter_(2, torch.where(listed, self.index.long(), blocks), True)[..., :blocks]
+        return block_mask(self.index, self.count)
+
+
+def block_mask(index: Tensor, count: Tensor) -> Tensor:
+    """(Hq, Nb, Nb) bool block map, True = computed, from the key-block lists ``index`` (Hq, Nb, M) and their
+    lengths ``count`` (Hq, Nb) (``BlockPattern``'s layout)."""
+    heads, blocks = count.shape
+    listed = torch.arange(index.shape[-1], device=count.device) < count[..., None]
+    mask = torch.zeros(heads, blocks, blocks + 1, dtype=torch.bool, device=count.device)
+    return mask.scatter_(2, torch.where(listed, index.long(), blocks), True)[..., :blocks]
 
 
 def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_budget: int, js_threshold: float,
@@ -204,30 +210,31 @@ def _vertical_slash_blocks(vertical: Tensor, slash: Tensor, gamma: float, min_bl
     return columns[:, None, :] | bands[:, distance]
 
 
-def block_sparse_attention_ref(query: Tensor, key: Tensor, value: Tensor, pattern: BlockPattern, scaling: float
-                               ) -> Tensor:
-    """Causal attention of each query block over its kept key blocks only, in PyTorch (any device).
+def block_sparse_attention_ref(query: Tensor, key: Tensor, value: Tensor, index: Tensor, count: Tensor,
+                               block: int, scaling: float) -> Tensor:
+    """PyTorch twin of ``triton_block.block_sparse_attention`` (same arguments, any device): causal attention of
+    each query block over its listed key blocks only.
 
-    query (Hq, L, D), key/value (Hkv, L, D) -> (Hq, L, D). One head at a time, so the token-level mask is at
-    most (L, L) booleans; each row's softmax runs over the keys it may see.
+    query (Hq, L, D), key/value (Hkv, L, D) -> (Hq, L, D); ``index``/``count`` as ``BlockPattern``'s. One head at a
+    time, so the token-level mask is at most (L, L) booleans; each row's softmax runs over the keys it may see.
     """
     num_heads, seq_len, _ = query.shape
     group = num_heads // key.shape[0]
-    block_mask = pattern.mask()
+    blocks_kept = block_mask(index, count)
     visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
     out = torch.empty_like(query)
     for h in range(num_heads):
-        token_mask = block_mask[h].repeat_interleave(pattern.block, 0)[:seq_len].repeat_interleave(
-            pattern.block, 1)[:, :seq_len] & visible
+        token_mask = blocks_kept[h].repeat_interleave(block, 0)[:seq_len].repeat_interleave(
+            block, 1)[:, :seq_len] & visible
         out[h] = torch.nn.functional.scaled_dot_product_attention(
             query[h][None], key[h // group][None], value[h // group][None], attn_mask=token_mask[None],
             scale=scaling)[0]
     return out
 
 
-def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, *, gamma: float, block: int, min_budget: int,
-                           js_threshold: float, scaling: float, density: float | None = None,
-                           backend: str = "torch") -> tuple[Tensor, BlockPattern]:
+def block_sparse_prefill(query: Tensor, key: Tensor, value: Tensor, *, gamma: float, block: int, min_budget: int,
+                         js_threshold: float, scaling: float, density: float | None = None,
+                         backend: str = "torch") -> tuple[Tensor, BlockPattern]:
     """Choose a block pattern and attend through it, for one full prefill of one sequence.
 
     Args:
@@ -241,7 +248,6 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, *, gamma: 
     """
     pattern = block_pattern(query, key, gamma=gamma, block=block, min_budget=min_budget, js_threshold=js_threshold,
                             scaling=scaling, density=density)
-    if backend == "triton":
-        return block_sparse_attention_triton(query, key, value, pattern.index, pattern.count, block, scaling), pattern
-    return block_sparse_attention_ref(query, key, value, pattern, scaling), pattern
+    attend = block_sparse_attention if backend == "triton" else block_sparse_attention_ref
+    return attend(query, key, value, pattern.index, pattern.count, block, scaling), pattern
 

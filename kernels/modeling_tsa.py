@@ -75,3 +75,15 @@ class TsaGemma3ForCausalLM(_TsaMixin, Gemma3ForCausalLM):
 
 class TsaPhi3ForCausalLM(_TsaMixin, Phi3ForCausalLM):
     """``Phi3ForCausalLM``; layers are dense wherever the prompt exceeds the sliding window."""
+
+
+# model_type in config.json -> the class that runs TSA on it: the one table of supported architectures.
+TSA_CLASSES = {
+    "llama": TsaLlamaForCausalLM,
+    "qwen2": TsaQwen2ForCausalLM,
+    "qwen3": TsaQwen3ForCausalLM,
+    "mistral": TsaMistralForCausalLM,
+    "gemma2": TsaGemma2ForCausalLM,
+    "gemma3_text": TsaGemma3ForCausalLM,
+    "phi3": TsaPhi3ForCausalLM,
+}

@@ -35,8 +35,14 @@ SELECTION_MODES = ("query_head", "kv_group")
 DENSE_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn")
 # The attention kernel of a layer's long prefills (on the compact tensors when the layer also runs TSA):
 # "dense" (``dense_backend``) or "block_sparse" (``block_sparse.py``: FlexPrefill-style adaptive block selection
-# and a Triton kernel on CUDA; dense attention elsewhere unless TSA_EMULATE_BLOCK_SPARSE=1).
+# and a Triton kernel on CUDA; dense attention elsewhere unless the forward asks for tsa_emulate_block_sparse).
 KERNELS = ("dense", "block_sparse")
+
+
+# The policy's knobs besides its layers: what calibration copies into every policy it writes, and what the CLI
+# offers as options (their defaults are TsaPolicy's).
+POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "dense_backend",
+                "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
 
 
 @dataclass(frozen=True)
@@ -202,3 +208,8 @@ def _check(ok: bool, name: str, value, fix: str) -> None:
     # Explicit raise, never `assert`: `python -O` strips asserts and would accept any policy.
     if not ok:
         raise ValueError(f"invalid TSA policy: {name} = {value!r}; {fix}.")
+
+
+def knob_defaults() -> dict:
+    """The default value of every knob in ``POLICY_KNOBS`` (``TsaPolicy``'s field defaults)."""
+    return {f.name: f.default for f in fields(TsaPolicy) if f.name in POLICY_KNOBS}

@@ -2,7 +2,7 @@
 
 One program computes one (query block, query head) tile with the online-softmax recurrence of FlashAttention,
 looping over that tile's key-block list (ascending, so the causal diagonal block comes last). A query head of a
-GQA group reads its KV head directly. ``block_sparse_attention_ref`` in ``block_sparse.py`` is its PyTorch twin.
+GQA group reads its KV head directly. ``block_sparse.block_sparse_attention_ref`` is its PyTorch twin.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ if HAS_TRITON:
                  mask=(offs_m[:, None] < seq_len) & d_mask[None, :])
 
 
-def block_sparse_attention_triton(query: Tensor, key: Tensor, value: Tensor, index: Tensor, count: Tensor,
-                                  block: int, scaling: float) -> Tensor:
+def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, count: Tensor, block: int,
+                           scaling: float) -> Tensor:
     """Triton twin of ``block_sparse.block_sparse_attention_ref`` (same arguments and result up to rounding).
 
     Args:
@@ -72,7 +72,7 @@ def block_sparse_attention_triton(query: Tensor, key: Tensor, value: Tensor, ind
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.stride(-1) != 1:
-            raise ValueError(f"block_sparse_attention_triton: the head dim of {name} must be contiguous")
+            raise ValueError(f"block_sparse_attention: the head dim of {name} must be contiguous")
     num_heads, seq_len, head_dim = query.shape
     index, count = index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
     out = torch.empty_like(query)

@@ -12,6 +12,7 @@ passes another causal kernel as ``attend`` (the block-sparse kernel of ``block_s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -21,10 +22,22 @@ from .reference import compress_ref, decompress_ref, query_rows, score_keys_ref,
 from .triton_import import HAS_TRITON
 from .triton_rows import compress, decompress
 from .triton_score import score_keys
-from .triton_select import smooth_scores
-_STAGES = {
-    "torch": (score_keys_ref, smooth_scores_ref, compress_ref, decompress_ref),
-    "triton": (score_keys, smooth_scores, compress, decompress),
+from .triton_smooth import smooth_scores
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The swappable stages of one backend (the PyTorch reference, or their Triton twins with equal signatures)."""
+
+    score: Callable  # (query, key, window, scaling, softcap) -> (Hq, Lk - W) scores
+    smooth: Callable  # (scores, pool_kernel) -> (Hs, C) per-head distributions
+    compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
+    decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
+
+
+STAGES = {
+    "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, compress=compress_ref, decompress=decompress_ref),
+    "triton": Stages(score=score_keys, smooth=smooth_scores, compress=compress, decompress=decompress),
 }
 
 
@@ -52,14 +65,14 @@ def token_distribution(
         (Hs, C) float32 distributions over the ``C`` candidates: ``Lk - window`` for a full prefill, the
         ``Lk - Lq`` earlier tokens for a chunk.
     """
-    score_keys, smooth_scores, _, _ = _STAGES[backend]
+    stages = STAGES[backend]
     num_heads, q_len, _ = query.shape
     kv_heads, kv_len, _ = key.shape
     candidates = kv_len - window if q_len == kv_len else kv_len - q_len
-    scores = score_keys(query, key, window, scaling, softcap)[:, :candidates].contiguous()  # (Hq, C)
+    scores = stages.score(query, key, window, scaling, softcap)[:, :candidates].contiguous()  # (Hq, C)
     if selection == "kv_group":
         scores = scores.view(kv_heads, num_heads // kv_heads, candidates).mean(dim=1)  # (Hkv, C)
-    return smooth_scores(scores, pool_kernel)
+    return stages.smooth(scores, pool_kernel)
 
 
 def sparse_attention(
@@ -82,7 +95,7 @@ def sparse_attention(
     Shapes and arguments as for ``tsa_attention``; ``distribution`` comes from ``token_distribution`` (one
     distribution serves every ``tau``, which calibration exploits).
     """
-    _, _, compress, decompress = _STAGES[backend]
+    stages = STAGES[backend]
     num_heads, q_len, _ = query.shape
     kv_len = key.shape[1]
     # 3-4. coverage (how many tokens) and selection (which ones).
@@ -90,7 +103,7 @@ def sparse_attention(
     kept = select_tokens_ref(distribution, kv_len, tau, min_tokens, keep)  # (Hs, K')
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
-    query_c, key_c, value_c = compress(query, key, value, kept, rows)
+    query_c, key_c, value_c = stages.compress(query, key, value, kept, rows)
     # 6. attend with a dense kernel, or the caller's causal kernel.
     if attend is None:
         out_c = dense_attention(query_c, key_c, value_c, scaling, dense_backend, softcap)  # (Hq, Lq', D)
@@ -98,7 +111,7 @@ def sparse_attention(
         out_c = attend(query_c, key_c, value_c)
     del query_c, key_c, value_c  # at most one compact copy of Q/K/V is alive, and not during decompression
     # 7. decompress: dropped rows stay 0; the residual stream carries those tokens.
-    return decompress(out_c, rows, q_len), kept
+    return stages.decompress(out_c, rows, q_len), kept
 
 
 def tsa_attention(

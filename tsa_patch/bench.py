@@ -26,12 +26,12 @@ from importlib.metadata import version
 
 import torch
 
-from .kernels.policy import TsaPolicy
-from .kernels.dense import causal_attention, sdpa_backend
-from .kernels.reference import query_rows, select_tokens_ref
-from .kernels.triton_rows import compress, decompress
-from .kernels.triton_score import score_keys
-from .kernels.triton_select import smooth_scores
+from tsa_patch.kernels.policy import TsaPolicy
+from tsa_patch.kernels.dense import causal_attention, sdpa_backend
+from tsa_patch.kernels.reference import query_rows, select_tokens_ref
+from tsa_patch.kernels.triton_rows import compress, decompress
+from tsa_patch.kernels.triton_score import score_keys
+from tsa_patch.kernels.triton_smooth import smooth_scores
 
 # Attention shapes (and whole-model configs) of the models benchmarks refer to.
 MODEL_CONFIGS = {
@@ -159,7 +159,7 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
         del q_c, k_c, v_c, out_c
 
         def tsa():
-            from .kernels.tsa import tsa_attention
+            from tsa_patch.kernels.tsa import tsa_attention
 
             return tsa_attention(q, k, v, tau=0.005, window=WINDOW, pool_kernel=POOL_KERNEL, min_tokens=MIN_TOKENS,
                                  selection=selection, scaling=scaling, keep_fraction=kept_fraction, backend="triton")
@@ -197,7 +197,7 @@ def bench_prefill(model: str, seq_len: int, kept_fraction: float, sparse_layers:
     (default: the second half of the layers, the paper's choice for Llama-3.1-8B)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .policy import apply_policy_
+    from tsa_patch.models import apply_policy_
 
     config = LlamaConfig(**MODEL_CONFIGS[model])
     layers = config.num_hidden_layers

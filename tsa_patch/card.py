@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from .kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from .models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME, ModelSource
+from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from tsa_patch.models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME, ModelSource
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -20,28 +20,40 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, 
     if license_:
         front.append(f"license: {license_}")
     front += ["tags:", "- tsa-patch", "- token-sparse-attention", "- sparse-attention", "- long-context", "---"]
-    name = base_model or source.spec
-    sparse = policy.sparse_layers
-    rows = "\n".join(
-        f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} | {layer.kernel} |"
-        for i, layer in enumerate(policy.layers)
-    )
-    blocks = policy.block_sparse_layers
-    block_line = (f" Block-sparse kernel (FlexPrefill-style: block {policy.block_size}, coverage gamma "
-                  f"{policy.block_gamma}, min budget {policy.block_min_budget} tokens) in layers {blocks}; it runs "
-                  "on CUDA with Triton, elsewhere those layers attend densely unless TSA_EMULATE_BLOCK_SPARSE=1."
-                  if blocks else "")
+    rows = "\n".join(f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} | {layer.kernel} |"
+                     for i, layer in enumerate(policy.layers))
     siblings = ", ".join(f"`{name}`" for name in sorted(provenance["remote_code_sha256"]) if name != "modeling_tsa.py")
-    calibration_lines = _calibration_section(policy.calibration or {})
-    evaluation_lines = _evaluation_section(evaluation)
-    return f"""{chr(10).join(front)}
+    return _CARD.format(
+        front="\n".join(front), name=base_model or source.spec, sparse_count=len(policy.sparse_layers),
+        sparse=policy.sparse_layers, num_layers=policy.num_layers, format_version=policy.format_version,
+        window=policy.window, pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
+        activation_length=policy.activation_length, selection=policy.selection, dense_backend=policy.dense_backend,
+        block_line=_block_kernel_sentence(policy), rows=rows, siblings=siblings, attention_key=ATTENTION_KEY,
+        config_key=CONFIG_KEY, calibration_lines=_calibration_section(policy.calibration or {}),
+        evaluation_lines=_evaluation_section(evaluation), command=provenance.get("command") or "(library call)",
+        tool_version=provenance["tool_version"], transformers=provenance["versions"]["transformers"],
+        torch=provenance["versions"]["torch"], created=provenance["created"], spec=source.spec)
+
+
+def _block_kernel_sentence(policy: TsaPolicy) -> str:
+    blocks = policy.block_sparse_layers
+    if not blocks:
+        return ""
+    return (f" Block-sparse kernel (FlexPrefill-style: block {policy.block_size}, coverage gamma "
+            f"{policy.block_gamma}, min budget {policy.block_min_budget} tokens) in layers {blocks}; it runs "
+            "on CUDA with Triton, elsewhere those layers attend densely unless the forward is given "
+            "`tsa_emulate_block_sparse=True`.")
+
+
+# The card; every {field} is filled by render_model_card.
+_CARD = """{front}
 
 # {name} with Token Sparse Attention
 
 This checkpoint is **{name}** with its attention patched by
-tsa-patch {provenance["tool_version"]} to run **Token Sparse Attention** (TSA; Jo et al.,
+tsa-patch {tool_version} to run **Token Sparse Attention** (TSA; Jo et al.,
 arXiv 2602.03216) during prefill. The weights are the original ones, byte for byte (SHA-256 in
-`tsa_provenance.json`). In {len(sparse)} of {policy.num_layers} layers, each head attends only to the tokens
+`tsa_provenance.json`). In {sparse_count} of {num_layers} layers, each head attends only to the tokens
 that carry its attention mass on long prompts: the least-important tail of total mass below tau is dropped,
 the attention kernel runs on the compact tensors, and the output is scattered back, so later layers can
 re-select any token. Decoding is unchanged.
@@ -60,15 +72,15 @@ print(model.tsa_statistics())  # per layer: sparse or dense, kept tokens per hea
 `trust_remote_code=True` is required: the attention code ships as `modeling_tsa.py` and its flat siblings
 ({siblings}; they import only torch, transformers and, when present, triton, and do no I/O).
 Pin `revision` to a commit you have read. Without `trust_remote_code` the load fails on purpose
-(`attn_implementation="{ATTENTION_KEY}"` is not supported), instead of silently giving the dense model.
+(`attn_implementation="{attention_key}"` is not supported), instead of silently giving the dense model.
 Pass `attn_implementation="sdpa"` to get the original dense model for comparison.
 
 ## Policy
 
-Stored in `config.json` under `{CONFIG_KEY}` (format version {policy.format_version}).
-Window {policy.window}, pooling kernel {policy.pool_kernel}, min tokens {policy.min_tokens},
-prompts shorter than {policy.activation_length} tokens run dense, selection `{policy.selection}`,
-dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.{block_line}
+Stored in `config.json` under `{config_key}` (format version {format_version}).
+Window {window}, pooling kernel {pool_kernel}, min tokens {min_tokens},
+prompts shorter than {activation_length} tokens run dense, selection `{selection}`,
+dense kernel `{dense_backend}`. Sparse layers: {sparse}.{block_line}
 
 | layer | attention | tau | kernel |
 | --- | --- | --- | --- |
@@ -85,15 +97,15 @@ dense kernel `{policy.dense_backend}`. Sparse layers: {sparse}.{block_line}
 ## How this checkpoint was made
 
 ```bash
-{provenance.get("command") or "(library call)"}
+{command}
 ```
 
-tsa-patch {provenance["tool_version"]}, transformers {provenance["versions"]["transformers"]},
-torch {provenance["versions"]["torch"]}, created {provenance["created"]}. Source: `{source.spec}`.
+tsa-patch {tool_version}, transformers {transformers},
+torch {torch}, created {created}. Source: `{spec}`.
 
 ## Limitations
 
-- Prefill only: decoding (one query token) and prompts shorter than {policy.activation_length} tokens use
+- Prefill only: decoding (one query token) and prompts shorter than {activation_length} tokens use
   dense SDPA.
 - Engines that do not run transformers' modeling code (vLLM, SGLang, TGI, llama.cpp) do not run the sparse
   path; `architectures` names the TSA class so they refuse the checkpoint rather than serve it densely.

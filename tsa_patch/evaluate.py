@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .calibration.continuation import continuation_metrics, dense_implementation
-from .calibration.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
-from .calibration.suite import TASKS, SuiteBuilder
-from .errors import DataError, PolicyError
-from .kernels.attention import (attention_summary, block_sparse_kernel_available, policy_from_config,
+from tsa_patch.calibration.continuation import continuation_metrics, dense_implementation
+from tsa_patch.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
+from tsa_patch.suite import TASKS, SuiteBuilder
+from tsa_patch.errors import DataError, PolicyError
+from tsa_patch.kernels.attention import (attention_summary, block_sparse_kernel_available, policy_from_config,
                                 tsa_statistics)
-from .kernels.policy import ATTENTION_KEY, CONFIG_KEY
-from .policy import emulated_block_sparse
+from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
 
 
 @dataclass(frozen=True)
@@ -69,10 +68,12 @@ class TaskResult:
         return self.tsa - self.dense
 
 
-def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id) -> torch.Tensor:
+def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id,
+              **forward_kwargs) -> torch.Tensor:
     model.set_attn_implementation(implementation)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                             **forward_kwargs)
     return out[0, ids.shape[1]:]
 
 
@@ -100,18 +101,23 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     unknown = sorted(set(config.tasks) - set(TASKS))
     if unknown:
         raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
+    start = progress or (lambda description, total: None)
     device = next(model.parameters()).device
     emulate = bool(policy_from_config(model.config).block_sparse_layers) and not block_sparse_kernel_available(device)
-    with emulated_block_sparse(emulate):
-        report = _run(model, tokenizer, config, progress, device)
+    tsa_kwargs = {"tsa_emulate_block_sparse": emulate}  # what the GPU kernel computes, slowly, where it cannot run
+    results = _suite(model, tokenizer, config, start, tsa_kwargs)
+    perplexity = _perplexity(model, tokenizer, config, start, tsa_kwargs) if config.perplexity_samples else []
+    model.set_attn_implementation(ATTENTION_KEY)
+    report = _report(config, results, perplexity)
     report["config"]["block_sparse_emulated"] = emulate
     return report
 
 
-def _run(model, tokenizer, config: EvalConfig, progress, device) -> dict:
-    start = progress or (lambda description, total: None)
+def _suite(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -> list[TaskResult]:
+    """Every task x length x sample, generated densely and with TSA, scored."""
     builder = SuiteBuilder(tokenizer, seed=config.seed)
     dense_impl = dense_implementation(model)
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
     step = start("Suite: dense and TSA generations", len(config.tasks) * len(config.lengths) * config.samples)
@@ -124,38 +130,44 @@ def _run(model, tokenizer, config: EvalConfig, progress, device) -> dict:
                 ids = ids.to(device)
                 dense = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, dense_impl, pad),
                                          skip_special_tokens=True)
-                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
-                                          skip_special_tokens=True)
-                summary = attention_summary(tsa_statistics(model))  # of the TSA prefill just run
-                dense_score, tsa_score = sample.score(dense), sample.score(sparse)
-                result.dense += dense_score / config.samples
-                result.tsa += tsa_score / config.samples
-                result.kept += summary["kept_fraction"] / config.samples
-                result.attention_cost += summary["attention_cost"] / config.samples
-                result.outputs.append({"index": index, "tokens": ids.shape[1], "answers": list(sample.answers),
-                                       "dense": dense, "tsa": sparse, "dense_score": dense_score,
-                                       "tsa_score": tsa_score, "kept": round(summary["kept_fraction"], 4),
-                                       "attention_cost": round(summary["attention_cost"], 4)})
+                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad,
+                                                    **tsa_kwargs), skip_special_tokens=True)
+                _record(result, index, ids.shape[1], sample, dense, sparse, attention_summary(tsa_statistics(model)))
                 if step is not None:
                     step()
             results.append(result)
+    return results
 
+
+def _record(result: TaskResult, index: int, tokens: int, sample, dense: str, sparse: str, summary: dict) -> None:
+    """Add one sample's scores (and what its TSA prefill computed, ``summary``) to ``result``."""
+    dense_score, tsa_score = sample.score(dense), sample.score(sparse)
+    result.dense += dense_score / result.samples
+    result.tsa += tsa_score / result.samples
+    result.kept += summary["kept_fraction"] / result.samples
+    result.attention_cost += summary["attention_cost"] / result.samples
+    result.outputs.append({"index": index, "tokens": tokens, "answers": list(sample.answers), "dense": dense,
+                           "tsa": sparse, "dense_score": dense_score, "tsa_score": tsa_score,
+                           "kept": round(summary["kept_fraction"], 4),
+                           "attention_cost": round(summary["attention_cost"], 4)})
+
+
+def _perplexity(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -> list[dict]:
+    """Perplexity of the continuation after a TSA (and a dense) prefill of held-out text, per length."""
+    documents = load_documents(config.perplexity_data)
+    step = start("Perplexity: TSA prefill, dense continuation", len(config.lengths))
     perplexity = []
-    if config.perplexity_samples:
-        documents = load_documents(config.perplexity_data)
-        step = start("Perplexity: TSA prefill, dense continuation", len(config.lengths))
-        for length in config.lengths:
-            texts = token_samples(tokenizer, documents, config.perplexity_samples, length + config.continuation,
-                                  config.seed + 1)
-            metrics = continuation_metrics(model, texts, length, ATTENTION_KEY)
-            perplexity.append({"length": length, "samples": config.perplexity_samples,
-                               "dense": round(float(torch.tensor(metrics.dense_nll).exp()), 4),
-                               "tsa": round(float(torch.tensor(metrics.tsa_nll).exp()), 4),
-                               "kl": metrics.kl, "top1_agreement": metrics.top1_agreement})
-            if step is not None:
-                step()
-    model.set_attn_implementation(ATTENTION_KEY)
-    return _report(config, results, perplexity)
+    for length in config.lengths:
+        texts = token_samples(tokenizer, documents, config.perplexity_samples, length + config.continuation,
+                              config.seed + 1)
+        metrics = continuation_metrics(model, texts, length, ATTENTION_KEY, prefill_kwargs=tsa_kwargs)
+        perplexity.append({"length": length, "samples": config.perplexity_samples,
+                           "dense": round(float(torch.tensor(metrics.dense_nll).exp()), 4),
+                           "tsa": round(float(torch.tensor(metrics.tsa_nll).exp()), 4),
+                           "kl": metrics.kl, "top1_agreement": metrics.top1_agreement})
+        if step is not None:
+            step()
+    return perplexity
 
 
 def _report(config: EvalConfig, results: list[TaskResult], perplexity: list[dict]) -> dict:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from . import __version__, kernels
-from .card import render_model_card
-from .errors import OutputExistsError, PolicyError
-from .kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from .models import ModelSource
-from .policy import check_policy_fits
+from tsa_patch import __version__, kernels
+from tsa_patch.card import render_model_card
+from tsa_patch.errors import OutputExistsError, PolicyError
+from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
+from tsa_patch.models import ModelSource
+from tsa_patch.policy_file import check_policy_fits
 
 KERNELS_DIR = Path(kernels.__file__).resolve().parent
 REMOTE_ENTRY_FILE = "modeling_tsa.py"

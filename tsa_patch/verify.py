@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .export import PROVENANCE_FILE, remote_code_files, sha256_file
-from .hub import check_export
-from .kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch import __version__
+from tsa_patch.export import PROVENANCE_FILE, remote_code_files, sha256_file
+from tsa_patch.hub import check_export
+from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 
 
 @dataclass

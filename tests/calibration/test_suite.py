@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsa_patch.calibration.suite import TASKS, Sample, SuiteBuilder
+from tsa_patch.suite import TASKS, Sample, SuiteBuilder
 
 
 @pytest.fixture(scope="module")

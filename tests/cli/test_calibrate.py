@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tsa_patch.policy import read_policy
+from tsa_patch.policy_file import read_policy
 
 
 SMALL = ["--samples", "1", "--holdout", "1", "--seq-len", "256", "--continuation", "8", "--window", "16",

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tsa_patch.calibration.data import load_documents
+from tsa_patch.data import load_documents
 from tsa_patch.kernels.policy import TsaPolicy
-from tsa_patch.policy import read_policy, write_policy
+from tsa_patch.policy_file import read_policy, write_policy
 
 # Small window and floors so a 400-token prompt takes the sparse path on CPU in seconds.
 SMALL = ["--window", "16", "--min-tokens", "32", "--activation-length", "96"]
@@ -134,7 +134,7 @@ def test_without_trust_remote_code_load_fails_loudly_and_tokenizer_loads(exporte
 
 
 BLOCK_SPARSE_SCRIPT = """
-import json, os, sys, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 
 export, source, ids_file = sys.argv[1:4]
@@ -145,8 +145,7 @@ with torch.no_grad():
     native_logits = native(ids).logits[0, -1].log_softmax(-1)
     model(ids)
     plain = model.tsa_statistics()  # on CPU, block-sparse layers run dense unless emulated
-    os.environ["TSA_EMULATE_BLOCK_SPARSE"] = "1"
-    logits = model(ids).logits[0, -1].log_softmax(-1)
+    logits = model(ids, tsa_emulate_block_sparse=True).logits[0, -1].log_softmax(-1)
     emulated = model.tsa_statistics()
     generated = model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] - ids.shape[1]
 kl = float((native_logits.exp() * (native_logits - logits)).sum())

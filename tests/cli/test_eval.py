@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsa_patch.calibration.suite import answer_score
+from tsa_patch.suite import answer_score
 
 
 def test_eval_on_an_export_writes_report_and_plot(cli, small_export, tmp_path):
@@ -33,7 +33,7 @@ def test_eval_on_an_export_writes_report_and_plot(cli, small_export, tmp_path):
 
 
 def test_eval_with_model_and_policy_file(cli, small_export, tmp_path, smollm2):
-    from tsa_patch.policy import write_policy
+    from tsa_patch.policy_file import write_policy
 
     _, policy = small_export
     policy_file = write_policy(policy, tmp_path / "p.json")

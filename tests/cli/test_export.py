@@ -8,7 +8,7 @@ import pytest
 
 from tsa_patch.export import remote_code_files, sha256_file
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from tsa_patch.policy import write_policy
+from tsa_patch.policy_file import write_policy
 
 
 @pytest.fixture

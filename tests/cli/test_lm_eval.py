@@ -31,7 +31,7 @@ metric_list:
 def test_lm_eval_runs_the_export(small_export, tmp_path, smollm2):
     from transformers import AutoTokenizer
 
-    from tsa_patch.calibration.suite import SuiteBuilder
+    from tsa_patch.suite import SuiteBuilder
 
     folder, _ = small_export
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)

@@ -48,7 +48,7 @@ def test_push_uploads_the_folder_as_written(cli, small_export, fake_api):
 
 
 def test_export_push_to_hub(cli, tmp_path, small_export, fake_api):
-    from tsa_patch.policy import write_policy
+    from tsa_patch.policy_file import write_policy
 
     _, policy = small_export
     policy_file = write_policy(policy, tmp_path / "p.json")

@@ -170,28 +170,26 @@ def _block_sparse_case(tsa: bool, length: int, d: int):
 
 
 @pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
-def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa, monkeypatch):
+def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa):
     torch.manual_seed(4)
     d = 16
     module, q, k, v = _block_sparse_case(tsa, 160, d)
-    monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
     plain, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     if not tsa:  # CPU without emulation: exactly the dense SDPA path
         dense, _ = sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
         assert torch.equal(plain, dense) and getattr(module, _STATS_ATTR)["path"] == "dense"
-    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
-    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5, tsa_emulate_block_sparse=True)
     stats = getattr(module, _STATS_ATTR)
     assert stats["path"] == ("sparse" if tsa else "block_sparse")
     assert 0 < stats["block_density"][0] < 1
-    from tsa_patch.kernels.block_sparse import block_sparse_attention
+    from tsa_patch.kernels.block_sparse import block_sparse_prefill
 
     if tsa:  # the block-sparse kernel ran on the compact tensors: same selection as TSA alone, then blocks
         expected, _ = tsa_attention(q[0], k[0], v[0], scaling=d**-0.5, **OPTIONS, attend=lambda a, b, c:
-                                    block_sparse_attention(a, b, c, gamma=0.8, block=16, min_budget=16,
+                                    block_sparse_prefill(a, b, c, gamma=0.8, block=16, min_budget=16,
                                                            js_threshold=0.1, scaling=d**-0.5)[0])
     else:
-        expected = block_sparse_attention(q[0], k[0], v[0], gamma=0.8, block=16, min_budget=16, js_threshold=0.1,
+        expected = block_sparse_prefill(q[0], k[0], v[0], gamma=0.8, block=16, min_budget=16, js_threshold=0.1,
                                           scaling=d**-0.5)[0].transpose(0, 1)
     assert torch.allclose(out[0], expected, atol=layout_atol(expected), rtol=0)
     assert not torch.allclose(out, plain, atol=1e-3)  # blocks were really skipped: far beyond rounding
@@ -204,24 +202,21 @@ def test_block_sparse_kernel_needs_cuda_and_triton_and_is_emulated_elsewhere_on_
     monkeypatch.setattr(attention, "HAS_TRITON", has_triton)
     assert attention.block_sparse_kernel_available(torch.device("cuda")) is has_triton
     assert attention.block_sparse_kernel_available(torch.device("cpu")) is False
-    query = torch.empty(1)
-    monkeypatch.delenv("TSA_EMULATE_BLOCK_SPARSE", raising=False)
-    assert attention._block_sparse_backend(query) is None  # dense attention
-    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
-    assert attention._block_sparse_backend(query) == "torch"
+    cpu = torch.device("cpu")
+    assert attention._block_sparse_backend(cpu, emulate=False) is None  # dense attention
+    assert attention._block_sparse_backend(cpu, emulate=True) == "torch"
     # the backend follows the availability test alone (so CUDA without Triton emulates on request, too)
     monkeypatch.setattr(attention, "block_sparse_kernel_available", lambda device: True)
-    assert attention._block_sparse_backend(query) == "triton"
+    assert attention._block_sparse_backend(cpu, emulate=False) == "triton"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tsa", [False, True], ids=["block-sparse-alone", "tsa+block-sparse"])
-def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa, monkeypatch):
+def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa):
     torch.manual_seed(5)
     d = 64
     module, q, k, v = _block_sparse_case(tsa, 700, d)
-    monkeypatch.setenv("TSA_EMULATE_BLOCK_SPARSE", "1")
-    cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5, tsa_emulate_block_sparse=True)
     gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
     assert getattr(module, _STATS_ATTR)["block_density"][0] < 1
     # fp32 on both: the same block pattern, accumulated in another order (GPU tiles vs CPU SDPA per head)

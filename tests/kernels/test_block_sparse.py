@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, block_pattern, block_sparse_attention,
+from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, block_pattern, block_sparse_prefill,
                                             block_sparse_attention_ref)
-from tsa_patch.kernels.triton_block import block_sparse_attention_triton
+from tsa_patch.kernels.triton_block import block_sparse_attention
 from numerics import ATTENTION_RELATIVE, eps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,7 +76,7 @@ def test_triton_kernel_matches_brute_force_under_the_same_block_mask(shape, dtyp
     block = shape[4]
     for density in (0.3, 1.0):
         pattern = random_pattern(shape[0], shape[2], block, density, generator)
-        out = block_sparse_attention_triton(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5)
+        out = block_sparse_attention(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5)
         ref = brute_block_attention(q, k, v, pattern.mask(), block)
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out, ref) < BOUND[dtype], (density, relative_error(out, ref))
@@ -86,13 +86,13 @@ def test_triton_kernel_matches_brute_force_under_the_same_block_mask(shape, dtyp
 def test_torch_path_matches_brute_force(shape):
     (q, k, v), generator = inputs(shape, torch.float32, seed=7)
     pattern = random_pattern(shape[0], shape[2], shape[4], 0.4, generator)
-    out = block_sparse_attention_ref(q, k, v, pattern, shape[3] ** -0.5)
+    out = block_sparse_attention_ref(q, k, v, pattern.index, pattern.count, pattern.block, shape[3] ** -0.5)
     assert relative_error(out, brute_block_attention(q, k, v, pattern.mask(), shape[4])) < BOUND[torch.float32]
 
 
 def test_full_coverage_is_dense_causal_attention():
     (q, k, v), _ = inputs((4, 2, 200, 32, 16), torch.float32, seed=3)
-    out, pattern = block_sparse_attention(q, k, v, gamma=1.0, block=16, min_budget=10**6, js_threshold=0.1,
+    out, pattern = block_sparse_prefill(q, k, v, gamma=1.0, block=16, min_budget=10**6, js_threshold=0.1,
                                           scaling=32**-0.5)
     dense = torch.nn.functional.scaled_dot_product_attention(q[None], k.repeat_interleave(2, 0)[None],
                                                              v.repeat_interleave(2, 0)[None], is_causal=True)[0]
@@ -162,7 +162,7 @@ def test_concentrated_attention_gives_a_sparse_pattern_close_to_dense():
     q += 7 * sink / sink.norm()
     k[:, :4] += 7 * sink / sink.norm()  # the first tokens take about 95 % of the attention
     q, k, v = (x.to(DEVICE) for x in (q, k, v))
-    out, pattern = block_sparse_attention(q, k, v, gamma=0.9, block=block, min_budget=64, js_threshold=0.1,
+    out, pattern = block_sparse_prefill(q, k, v, gamma=0.9, block=block, min_budget=64, js_threshold=0.1,
                                           scaling=d**-0.5)
     dense = torch.nn.functional.scaled_dot_product_attention(q[None], k.repeat_interleave(2, 0)[None],
                                                              v.repeat_interleave(2, 0)[None], is_causal=True)[0]
@@ -183,7 +183,7 @@ def test_forced_density_keeps_that_fraction_of_each_row():
 def test_triton_path_equals_torch_path_on_a_chosen_pattern():
     (q, k, v), _ = inputs((8, 2, 8192, 128, 128), torch.bfloat16, seed=1)
     options = dict(gamma=0.9, block=128, min_budget=1024, js_threshold=0.1, scaling=128**-0.5)
-    out_t, pattern_t = block_sparse_attention(q, k, v, backend="triton", **options)
-    out_r, pattern_r = block_sparse_attention(q, k, v, backend="torch", **options)
+    out_t, pattern_t = block_sparse_prefill(q, k, v, backend="triton", **options)
+    out_r, pattern_r = block_sparse_prefill(q, k, v, backend="torch", **options)
     assert torch.equal(pattern_t.count, pattern_r.count)
     assert relative_error(out_t, out_r.float()) < BOUND[torch.bfloat16]

@@ -12,7 +12,7 @@ import torch
 from tsa_patch.kernels.reference import compress_ref, decompress_ref, query_rows, score_keys_ref, smooth_scores_ref
 from tsa_patch.kernels.triton_rows import compress, decompress
 from tsa_patch.kernels.triton_score import score_keys
-from tsa_patch.kernels.triton_select import smooth_scores
+from tsa_patch.kernels.triton_smooth import smooth_scores
 from numerics import eps
 
 SLACK = 8 * eps(torch.float32)

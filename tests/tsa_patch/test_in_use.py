@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tsa_patch.calibration.continuation import cache_argument
-from tsa_patch.calibration.data import load_documents
+from tsa_patch.data import load_documents
 from tsa_patch.kernels.attention import tsa_statistics
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-from tsa_patch.policy import apply_policy_
+from tsa_patch.models import apply_policy_
 from numerics import layout_atol
 
 POLICY = TsaPolicy.uniform(30, 0.05, list(range(10, 30)), window=16, min_tokens=32, activation_length=96)

@@ -9,7 +9,7 @@ import pytest
 
 from tsa_patch.errors import PolicyError
 from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
-from tsa_patch.policy import read_policy, write_policy
+from tsa_patch.policy_file import read_policy, write_policy
 
 EXAMPLES = {
     "paper-rule": TsaPolicy.uniform(30, 0.005, list(range(15, 30))),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsa_patch.calibration.data import load_documents
+from tsa_patch.data import load_documents
 from tsa_patch.kernels.attention import tsa_statistics
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
-from tsa_patch.policy import apply_policy_
+from tsa_patch.models import apply_policy_
 
 # Small window and floors so that prompts of a few hundred tokens take the sparse path on CPU.
 SMALL = dict(window=16, min_tokens=32, activation_length=96)

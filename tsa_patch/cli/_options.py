@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..policy import DEFAULT_POLICY_FILE
+from tsa_patch.policy_file import DEFAULT_POLICY_FILE
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (progress stays on stderr).")]
 PolicyOpt = Annotated[Path, typer.Option("--policy", "-p", help="Policy file written by `tsa-patch calibrate`.")]
@@ -20,7 +20,7 @@ def resolve_device(device: str) -> str:
     """'cpu' or 'cuda' for a --device value; raises TsaError for an unknown value or a missing GPU."""
     import torch
 
-    from ..errors import TsaError
+    from tsa_patch.errors import TsaError
 
     if device not in ("auto", "cpu", "cuda"):
         raise TsaError(f"--device must be auto, cpu or cuda; got '{device}'.")

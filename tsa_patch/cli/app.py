@@ -6,13 +6,13 @@ import os
 
 import typer
 
-from .. import __version__
-from .bench import BENCH_EXAMPLES, bench_command
-from .calibrate import CALIBRATE_EXAMPLES, calibrate_command
-from .eval import EVAL_EXAMPLES, eval_command
-from .inspect import INSPECT_EXAMPLES, inspect_command
-from .push import PUSH_EXAMPLES, push_command
-from .export import EXPORT_EXAMPLES, export_command
+from tsa_patch import __version__
+from tsa_patch.cli.bench import BENCH_EXAMPLES, bench_command
+from tsa_patch.cli.calibrate import CALIBRATE_EXAMPLES, calibrate_command
+from tsa_patch.cli.eval import EVAL_EXAMPLES, eval_command
+from tsa_patch.cli.inspect import INSPECT_EXAMPLES, inspect_command
+from tsa_patch.cli.push import PUSH_EXAMPLES, push_command
+from tsa_patch.cli.export import EXPORT_EXAMPLES, export_command
 
 app = typer.Typer(
     name="tsa-patch",

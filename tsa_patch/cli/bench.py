@@ -11,10 +11,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import TsaError
-from ..plots import plot_speedup
-from ._options import JsonOpt
-from ._output import Output, handle_errors
+from tsa_patch.errors import TsaError
+from tsa_patch.plots import plot_speedup
+from tsa_patch.cli._options import JsonOpt
+from tsa_patch.cli._output import Output, handle_errors
 
 BENCH_EXAMPLES = """
 Examples:
@@ -51,8 +51,8 @@ def bench_command(
     """Time Token Sparse Attention against every dense SDPA backend on this GPU (needs CUDA and Triton)."""
     import torch
 
-    from .. import bench
-    from ..kernels.tsa import HAS_TRITON
+    from tsa_patch import bench
+    from tsa_patch.kernels.tsa import HAS_TRITON
 
     out = Output(json_output)
     if not torch.cuda.is_available() or not HAS_TRITON:

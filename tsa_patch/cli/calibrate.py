@@ -9,12 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..calibrate import DEFAULT_MAX_KL, CalibrationConfig, calibrate
-from ..models import load_model, resolve_model
-from ..plots import plot_calibration
-from ..policy import write_policy
-from ._options import DEFAULT_POLICY_PATH, DeviceOpt, JsonOpt, resolve_device
-from ._output import Output, handle_errors
+from tsa_patch.calibrate import DEFAULT_MAX_KL, CalibrationConfig, calibrate
+from tsa_patch.models import load_model, resolve_model
+from tsa_patch.plots import plot_calibration
+from tsa_patch.policy_file import write_policy
+from tsa_patch.cli._options import DEFAULT_POLICY_PATH, DeviceOpt, JsonOpt, resolve_device
+from tsa_patch.cli._output import Output, handle_errors
 
 CALIBRATE_EXAMPLES = f"""
 Examples:
@@ -49,6 +49,7 @@ def calibrate_command(
     tau: Annotated[float, typer.Option(help="drift method: coverage threshold of the sparse layers, in [0, 1).")] = _DEFAULTS.tau,
     delta: Annotated[float, typer.Option(help="drift method: layers at or below this drift quantile go sparse.")] = _DEFAULTS.delta,
     window: Annotated[int, typer.Option(help="Trailing queries that score tokens; always kept.")] = _DEFAULTS.window,
+    pool_kernel: Annotated[int, typer.Option("--pool-kernel", help="Width of the average pool that smooths token scores (odd).")] = _DEFAULTS.pool_kernel,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
     activation_length: Annotated[int, typer.Option("--activation-length", help="Shorter prompts run dense.")] = _DEFAULTS.activation_length,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
@@ -57,6 +58,7 @@ def calibrate_command(
     block_size: Annotated[int, typer.Option("--block-size", help="Block-sparse: tokens per block (power of two, >= 16).")] = _DEFAULTS.block_size,
     block_gamma: Annotated[float, typer.Option("--block-gamma", help="Block-sparse: attention mass the kept blocks cover, in (0, 1].")] = _DEFAULTS.block_gamma,
     block_min_budget: Annotated[int, typer.Option("--block-min-budget", help="Block-sparse: tokens each query block attends to at least.")] = _DEFAULTS.block_min_budget,
+    block_js_threshold: Annotated[float, typer.Option("--block-js-threshold", help="Block-sparse: a head whose pooled estimate is this close (sqrt JS divergence) to its exact last-block attention uses the estimate.")] = _DEFAULTS.block_js_threshold,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the policy file.")] = DEFAULT_POLICY_PATH,
     report: Annotated[Path | None, typer.Option(help="Also write the full calibration report (JSON).")] = None,
     plot: Annotated[Path | None, typer.Option(help="budget method: also write a PNG of the per-layer policy and the accuracy/savings curve.")] = None,
@@ -65,14 +67,13 @@ def calibrate_command(
 ) -> None:
     """Measure MODEL on calibration text and decide, per layer, whether to sparsify attention and with which tau."""
     out = Output(json_output)
-    config = CalibrationConfig(data=data, samples=samples, seq_len=seq_len, seed=seed, method=method, max_kl=max_kl,
-                              min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper,
-                              holdout=holdout,
-                              continuation=continuation, tau=tau, delta=delta, window=window,
-                              pool_kernel=_DEFAULTS.pool_kernel, min_tokens=min_tokens,
-                              activation_length=activation_length, selection=selection, dense_backend=dense_backend,
-                              block_sparse=block_sparse, block_size=block_size, block_gamma=block_gamma,
-                              block_min_budget=block_min_budget)
+    config = CalibrationConfig(
+        data=data, samples=samples, seq_len=seq_len, seed=seed, method=method, max_kl=max_kl,
+        min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
+        continuation=continuation, tau=tau, delta=delta, block_sparse=block_sparse, window=window,
+        pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length, selection=selection,
+        dense_backend=dense_backend, block_size=block_size, block_gamma=block_gamma, block_min_budget=block_min_budget,
+        block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)
@@ -86,10 +87,16 @@ def calibrate_command(
         report.write_text(json.dumps(result.report or result.policy.calibration, indent=2) + "\n")
     if plot is not None and result.report and not plot_calibration(result.report, str(plot)):
         out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
+    _print_summary(out, result, source.spec, path, config)
+    out.emit({"policy_file": str(path), "source_model": source.spec, "sparse_layers": result.policy.sparse_layers,
+              "drift": result.drift, "policy": result.policy.to_dict(), "report": result.report})
 
+
+def _print_summary(out: Output, result, spec: str, path: Path, config: CalibrationConfig) -> None:
+    """The policy table and what was measured, for people (stderr)."""
     layers = result.report.get("layers") if result.report else None
     total_error = sum(layer["error"] for layer in layers) if layers else 0.0
-    table = Table(title=f"TSA policy for {source.spec}", caption=f"written to {path}")
+    table = Table(title=f"TSA policy for {spec}", caption=f"written to {path}")
     for column in ("layer", "drift", "attention", "tau", "kept %", "error share %", "kernel"):
         table.add_column(column, justify="right")
     for i, (layer, drift) in enumerate(zip(result.policy.layers, result.drift)):
@@ -99,26 +106,29 @@ def calibrate_command(
                       kept, share, "[magenta]block-sparse[/]" if layer.block_sparse else "dense")
     out.table(table)
     if result.report:
-        chosen, paper = result.report["chosen"], result.report["paper_rule"]
-        out.hint(
-            f"Attention FLOPs removed at {seq_len} tokens: {100 * chosen['attention_removed']:.1f}% "
-            f"(estimated whole-model attention speedup x{chosen['estimated_attention_speedup']:.2f}). "
-            f"KL vs dense, calibration {chosen['calibration']['kl']:.4f} / held-out {chosen['held_out']['kl']:.4f} "
-            f"(budget {result.report['budget']['kind']} {result.report['budget']['value']}). "
-            f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
-            f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {continuation} densely "
-            "decoded tokens, compared with the dense model; KL is the worse of the text's own continuation and a "
-            "long-range recall probe."
-        )
+        out.hint(_budget_line(result.report, config))
     if result.report and "block_sparse" in result.report:
-        blocks = result.report["block_sparse"]
-        out.hint(f"Block-sparse kernel in {len(blocks['layers'])} layers: KL calibration "
-                 f"{blocks['calibration']['kl']:.4f} / held-out {blocks['held_out']['kl']:.4f}; attention computed "
-                 f"{100 * blocks['calibration']['attention_cost']:.1f}% of dense (TSA alone: "
-                 f"{100 * result.report['chosen']['calibration']['attention_cost']:.1f}%), measured on the "
-                 "calibration prefills" + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)."
-                                            if blocks["emulated"] else "."))
+        out.hint(_block_sparse_line(result.report))
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
              f"Next: tsa-patch export OUT_DIR --policy {path}")
-    out.emit({"policy_file": str(path), "source_model": source.spec, "sparse_layers": result.policy.sparse_layers,
-              "drift": result.drift, "policy": result.policy.to_dict(), "report": result.report})
+
+
+def _budget_line(report: dict, config: CalibrationConfig) -> str:
+    chosen, paper = report["chosen"], report["paper_rule"]
+    return (f"Attention FLOPs removed at {config.seq_len} tokens: {100 * chosen['attention_removed']:.1f}% "
+            f"(estimated whole-model attention speedup x{chosen['estimated_attention_speedup']:.2f}). "
+            f"KL vs dense, calibration {chosen['calibration']['kl']:.4f} / held-out {chosen['held_out']['kl']:.4f} "
+            f"(budget {report['budget']['kind']} {report['budget']['value']}). "
+            f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
+            f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {config.continuation} densely "
+            "decoded tokens, compared with the dense model; KL is the worse of the text's own continuation and a "
+            "long-range recall probe.")
+
+
+def _block_sparse_line(report: dict) -> str:
+    blocks = report["block_sparse"]
+    return (f"Block-sparse kernel in {len(blocks['layers'])} layers: KL calibration {blocks['calibration']['kl']:.4f} "
+            f"/ held-out {blocks['held_out']['kl']:.4f}; attention computed "
+            f"{100 * blocks['calibration']['attention_cost']:.1f}% of dense (TSA alone: "
+            f"{100 * report['chosen']['calibration']['attention_cost']:.1f}%), measured on the calibration prefills"
+            + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)." if blocks["emulated"] else "."))

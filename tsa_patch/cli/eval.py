@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..calibration.suite import TASKS
-from ..errors import TsaError
-from ._options import DeviceOpt, JsonOpt, resolve_device
-from ._output import Output, handle_errors
+from tsa_patch.suite import TASKS
+from tsa_patch.errors import TsaError
+from tsa_patch.cli._options import DeviceOpt, JsonOpt, resolve_device
+from tsa_patch.cli._output import Output, handle_errors
 
 EVAL_EXAMPLES = """
 Examples:
@@ -46,9 +46,9 @@ def eval_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Run an offline RULER-style suite and perplexity with dense attention and with TSA on the same inputs."""
-    from ..evaluate import EvalConfig, evaluate, write_report
-    from ..models import load_patched
-    from ..plots import plot_eval
+    from tsa_patch.evaluate import EvalConfig, evaluate, write_report
+    from tsa_patch.models import load_patched
+    from tsa_patch.plots import plot_eval
 
     out = Output(json_output)
     if samples < 1:

@@ -9,13 +9,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import PolicyError, TsaError
-from ..export import export
-from ..models import resolve_model
-from ..policy import read_policy
-from ._options import DEFAULT_POLICY_PATH, JsonOpt, PolicyOpt
-from ._output import Output, handle_errors
-from .push import PrivateOpt
+from tsa_patch.errors import PolicyError, TsaError
+from tsa_patch.export import export
+from tsa_patch.models import resolve_model
+from tsa_patch.policy_file import read_policy
+from tsa_patch.cli._options import DEFAULT_POLICY_PATH, JsonOpt, PolicyOpt
+from tsa_patch.cli._output import Output, handle_errors
+from tsa_patch.cli.push import PrivateOpt
 
 EXPORT_EXAMPLES = """
 Examples:
@@ -62,7 +62,7 @@ def export_command(
                         evaluation=evaluation)
     url = None
     if push_to_hub is not None:
-        from ..hub import push
+        from tsa_patch.hub import push
 
         with out.status(f"Uploading {out_dir} to {push_to_hub}"):
             url = push(result.out_dir, push_to_hub, private=private)

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._options import JsonOpt
-from ._output import Output, handle_errors
+from tsa_patch.cli._options import JsonOpt
+from tsa_patch.cli._output import Output, handle_errors
 
 INSPECT_EXAMPLES = """
 Examples:
@@ -30,8 +30,8 @@ def inspect_command(
     """
     from pathlib import Path
 
-    from ..models import resolve_model
-    from ..verify import inspect_export
+    from tsa_patch.models import resolve_model
+    from tsa_patch.verify import inspect_export
 
     out = Output(json_output)
     folder = Path(target) if Path(target).is_dir() else resolve_model(target).path

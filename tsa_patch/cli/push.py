@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ._options import JsonOpt
-from ._output import Output, handle_errors
+from tsa_patch.cli._options import JsonOpt
+from tsa_patch.cli._output import Output, handle_errors
 
 PUSH_EXAMPLES = """
 Examples:
@@ -33,7 +33,7 @@ def push_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Upload OUT_DIR to the Hub with HfApi.upload_folder (model.push_to_hub would overwrite the model card)."""
-    from ..hub import push
+    from tsa_patch.hub import push
 
     out = Output(json_output)
     with out.status(f"Uploading {out_dir} to {repo_id}"):

@@ -27,7 +27,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from .data import load_documents
+from tsa_patch.data import load_documents
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
 # A short fixed vocabulary for keys, variable names and coded words: tokens a small model copies reliably.

@@ -1,4 +1,4 @@
-"""Policy files and applying a policy to a loaded model.
+"""Policy files: reading, validating and writing the JSON that ``tsa-patch calibrate`` writes.
 
 The schema itself (``TsaPolicy``) lives in ``tsa_patch.kernels.policy``, the file that also ships inside
 exported checkpoints, so the CLI and the runtime validate with the same code.
@@ -6,19 +6,13 @@ exported checkpoints, so the CLI and the runtime validate with the same code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import PolicyError
-from .kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
-
-if TYPE_CHECKING:
-    import torch
+from tsa_patch.errors import PolicyError
+from tsa_patch.kernels.policy import TsaPolicy
 
 DEFAULT_POLICY_FILE = "tsa_policy.json"
 
@@ -61,36 +55,3 @@ def check_policy_fits(policy: TsaPolicy, num_layers: int, where: str) -> None:
             f"the policy has {policy.num_layers} layers but {where} has {num_layers}; "
             "calibrate a policy for this model."
         )
-
-
-def apply_policy_(model: "torch.nn.Module", policy: TsaPolicy) -> "torch.nn.Module":
-    """Make a loaded native model run Token Sparse Attention with ``policy`` (in place; returns the model).
-
-    ``model.set_attn_implementation("sdpa")`` turns it back into the dense model.
-    """
-    from .kernels.attention import register_tsa_attention  # imports transformers: only when needed
-
-    check_policy_fits(policy, model.config.num_hidden_layers, "the model")
-    register_tsa_attention()
-    setattr(model.config, CONFIG_KEY, policy.to_dict())
-    model.set_attn_implementation(ATTENTION_KEY)
-    return model
-
-
-@contextlib.contextmanager
-def emulated_block_sparse(enabled: bool = True) -> Iterator[None]:
-    """Within the block, block-sparse layers off CUDA run their block selection in PyTorch (what the GPU kernel
-    computes, slowly) instead of dense attention; calibration and evaluation measure them so. Restores the
-    previous setting."""
-    from .kernels.attention import EMULATE_BLOCK_SPARSE_ENV
-
-    previous = os.environ.get(EMULATE_BLOCK_SPARSE_ENV)
-    if enabled:
-        os.environ[EMULATE_BLOCK_SPARSE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(EMULATE_BLOCK_SPARSE_ENV, None)
-        else:
-            os.environ[EMULATE_BLOCK_SPARSE_ENV] = previous

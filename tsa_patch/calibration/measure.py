@@ -1,0 +1,123 @@
+"""Per-layer measurements: every layer at every candidate tau, in one dense forward per sample.
+
+Inside every layer's attention (the dense output is what the model keeps), TSA is also run for each candidate tau
+on the same Q/K/V, and two numbers are recorded: the kept fraction, and the layer's error: the perturbation the
+sparsified attention block adds to the residual stream, ``r(p) = ||o_proj(TSA - dense)[p]||^2 / ||h[p]||^2``,
+averaged over ALL positions. Every position counts because the continuation reads every position's keys and
+values in later layers. (Measured on SmolLM2-135M at 4K tokens, this uniform average predicts the end-to-end KL of
+a policy far better than averages restricted to the last queries or weighted by their attention: at 34 % of
+attention FLOPs removed, policies built from it measured KL 0.023 against 0.046 and 0.070.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tsa_patch.calibration.drift import decoder_layers
+from tsa_patch.kernels.attention import dense_forward, register_attention
+from tsa_patch.kernels.policy import TsaPolicy
+from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, token_distribution
+
+# Candidate coverage thresholds (0 = dense is always an option too).
+TAU_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# Registered only while measuring: the model runs dense, and the function measures TSA on the side.
+_MEASURE_KEY = "tsa_calibration_measure"
+
+
+@dataclass
+class LayerMeasurement:
+    """Sums over samples for one decoder layer; ``kept[i]`` and ``error[i]`` belong to ``taus[i]``."""
+
+    taus: tuple[float, ...]
+    kept: list[float]
+    error: list[float]
+    samples: int = 0
+
+    def mean_kept(self, i: int) -> float:
+        return self.kept[i] / self.samples
+
+    def mean_error(self, i: int) -> float:
+        return self.error[i] / self.samples
+
+
+@contextlib.contextmanager
+def _measuring(model, measurements: list[LayerMeasurement], policy: TsaPolicy) -> Iterator[None]:
+    """Route every attention layer through the measuring function, capturing layer inputs for normalisation."""
+    inputs: dict[int, torch.Tensor] = {}
+    backend = "triton" if next(model.parameters()).is_cuda and HAS_TRITON else "torch"
+
+    def measure(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        residual_norm2 = inputs.pop(module.layer_idx)
+        softcap, window = kwargs.pop("softcap", None), kwargs.get("sliding_window")
+        out = dense_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
+                            dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal,
+                            **kwargs)  # (1, L, Hq, D)
+        if window is None or key.shape[2] <= window:  # TSA never runs where a sliding window cuts the context
+            _measure_layer(module, query[0], key[0], value[0], out[0], residual_norm2, scaling, softcap, policy,
+                           backend, measurements[module.layer_idx])
+        return out, None
+
+    def keep_input(index):
+        def hook(layer, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[index] = hidden[0].float().pow(2).sum(-1)  # (L,) squared norm of the residual stream
+        return hook
+
+    register_attention(_MEASURE_KEY, measure)
+    previous = model.config._attn_implementation
+    handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True)
+               for i, layer in enumerate(decoder_layers(model))]
+    model.set_attn_implementation(_MEASURE_KEY)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, softcap, policy: TsaPolicy,
+                   backend: str, into: LayerMeasurement) -> None:
+    """Kept fraction and weighted residual perturbation of this layer for every tau (one sequence)."""
+    seq_len = key.shape[1]
+    distribution = token_distribution(query, key, window=policy.window, pool_kernel=policy.pool_kernel,
+                                      selection=policy.selection, scaling=scaling, softcap=softcap,
+                                      backend=backend)  # (Hs, C)
+    o_proj = module.o_proj.weight.float()  # (hidden, Hq*D)
+    into.samples += 1
+    previous_kept, previous_error = None, 0.0
+    for i, tau in enumerate(into.taus):
+        out, kept = sparse_attention(query, key, value, distribution, tau=tau, min_tokens=policy.min_tokens,
+                                     scaling=scaling, softcap=softcap, dense_backend=policy.dense_backend,
+                                     backend=backend)
+        if previous_kept is not None and torch.equal(kept, previous_kept):
+            error = previous_error  # same tokens kept as the previous tau: same output
+        else:
+            delta = (out.float() - dense.float()).reshape(seq_len, -1) @ o_proj.T  # (L, hidden)
+            error = (delta.pow(2).sum(-1) / residual_norm2.clamp_min(1e-12)).mean().item()
+        into.kept[i] += kept.shape[1] / seq_len
+        into.error[i] += error
+        previous_kept, previous_error = kept, error
+
+
+@torch.no_grad()  # the dense forward must not keep every layer's activations for a backward pass
+def measure_layers(model, samples: list[list[int]], policy: TsaPolicy, taus: tuple[float, ...] = TAU_GRID,
+                   on_sample: Callable[[], None] | None = None) -> list[LayerMeasurement]:
+    """Measure every layer at every tau on ``samples`` (one dense forward each, batch 1).
+
+    Memory: one layer's Q/K/V and one TSA output at a time, beyond the dense forward.
+    """
+    measurements = [LayerMeasurement(taus=tuple(taus), kept=[0.0] * len(taus), error=[0.0] * len(taus))
+                    for _ in range(model.config.num_hidden_layers)]
+    device = next(model.parameters()).device
+    with _measuring(model, measurements, policy):
+        for ids in samples:
+            model.model(torch.tensor([ids], device=device))
+            if on_sample is not None:
+                on_sample()
+    return measurements
