@@ -43,15 +43,6 @@ def test_export_writes_a_complete_checkpoint(cli, tmp_path, policy_file, smollm2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
 
 
-def test_overwrite_replaces_a_previous_export(cli, tmp_path, policy_file, smollm2):
-    out = tmp_path / "export"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    result = cli.invoke("export", out, "--policy", policy_file, "--overwrite")
-    assert result.exit_code == 0, result.stderr
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
-
-
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
