@@ -200,12 +200,15 @@ def _default_model_dir() -> Path:
     return convert_gguf(ggufs[0])
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md")
+
+
+def _hub_snapshot(repo_id: str, patterns: tuple[str, ...] | None = _HUB_PATTERNS) -> Path:
+    """The local snapshot folder of ``repo_id`` with the files matching ``patterns`` (None: every file)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns) if patterns else None))
     except Exception as err:  # validation, not found, offline and HTTP errors all mean the same to the user
         raise ModelNotFoundError(
             f"model '{repo_id}' is not a local folder, a .gguf file, or a hub model reachable from here "

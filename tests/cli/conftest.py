@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,16 @@ def cli():
                             "tree": staticmethod(tree), "json": staticmethod(json.loads), "run": staticmethod(run),
                             "start": staticmethod(start),
                             "assert_one_line_failure": staticmethod(assert_one_line_failure)})
+
+
+@pytest.fixture
+def export_copy(tmp_path, small_export):
+    """A copy of the small export to tamper with, made of hard links (unlink a file before rewriting it)."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in small_export[0].iterdir():
+        try:
+            os.link(path, folder / path.name)
+        except OSError:
+            shutil.copy2(path, folder / path.name)
+    return folder
