@@ -27,19 +27,26 @@ from .kernels.attention import (attention_summary, block_sparse_kernel_available
 from .kernels.policy import ATTENTION_KEY, CONFIG_KEY
 from .policy import emulated_block_sparse
 
+# Shortest prompt the suite builds: the question, the answer prefix, the needles and some haystack fit in it.
+MIN_EVAL_LENGTH = 256
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What to run.
 
     Args:
-        tasks: suite tasks (``calibration.suite.TASKS``).
-        lengths: prompt lengths in tokens, each at most the model's context.
-        samples: samples per task and length.
+        tasks: suite tasks (``calibration.suite.TASKS``), at least one.
+        lengths: prompt lengths in tokens, at least one, each at least ``MIN_EVAL_LENGTH`` and at most the
+            model's context.
+        samples: samples per task and length, at least 1.
         seed: suite and perplexity sampling seed.
         perplexity_samples: held-out texts per length for perplexity (0 skips it).
-        continuation: tokens scored after each perplexity prefix.
+        continuation: tokens scored after each perplexity prefix, at least 1.
         perplexity_data: text for perplexity (default: Paul Graham essays).
+
+    Raises:
+        DataError: any of these is out of range (checked here, before a model is loaded).
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -49,6 +56,22 @@ class EvalConfig:
     perplexity_samples: int = 2
     continuation: int = 64
     perplexity_data: str = DEFAULT_EVALUATION_DATA
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if not self.tasks or unknown:
+            raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}." if unknown else
+                            f"--tasks names no task; choose from {list(TASKS)}.")
+        if not self.lengths:
+            raise DataError("--lengths names no length; give prompt lengths in tokens, e.g. 2048,4096.")
+        short = [n for n in self.lengths if isinstance(n, bool) or not isinstance(n, int) or n < MIN_EVAL_LENGTH]
+        if short:
+            raise DataError(f"--lengths must be integers of at least {MIN_EVAL_LENGTH} tokens (a prompt holds the "
+                            f"question, the answer prefix and a haystack); got {list(self.lengths)}.")
+        for name, value, least in (("samples", self.samples, 1), ("perplexity-samples", self.perplexity_samples, 0),
+                                   ("continuation", self.continuation, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DataError(f"--{name} must be at least {least}; got {value}.")
 
 
 @dataclass
@@ -89,7 +112,7 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
 
     Raises:
         PolicyError: the model carries no TSA policy.
-        DataError: a length exceeds the model's context, or an unknown task.
+        DataError: a length exceeds the model's context.
     """
     if not hasattr(model.config, CONFIG_KEY):
         raise PolicyError("the model carries no TSA policy; pass an export folder or MODEL with --policy.")
@@ -97,9 +120,6 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     for length in config.lengths:
         if context is not None and length + max(64, config.continuation) > context:
             raise DataError(f"--lengths: {length} tokens plus the answer exceed the model's context ({context}).")
-    unknown = sorted(set(config.tasks) - set(TASKS))
-    if unknown:
-        raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
     device = next(model.parameters()).device
     emulate = bool(policy_from_config(model.config).block_sparse_layers) and not block_sparse_kernel_available(device)
     with emulated_block_sparse(emulate):

@@ -84,3 +84,24 @@ def export_copy(tmp_path, small_export):
         except OSError:
             shutil.copy2(path, folder / path.name)
     return folder
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``mount(options)``: a small tmpfs at a fresh folder (needs root), unmounted afterwards."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)

@@ -248,27 +248,6 @@ def test_staging_of_a_killed_export_is_removed_by_the_next_one(cli, tmp_path, po
 
 # -- 6. OUT_DIR that cannot be written: one line, nothing left ----------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """``mount(options)``: a small tmpfs at a fresh folder (needs root), unmounted afterwards."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
-
-
 def test_out_dir_on_a_read_only_filesystem(cli, policy_file, small_tmpfs):
     point = small_tmpfs("ro,size=1m")
     result = cli.run("export", point / "out", "--policy", policy_file)
