@@ -205,12 +205,18 @@ _HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py
 
 def _hub_snapshot(repo_id: str, patterns: tuple[str, ...] | None = _HUB_PATTERNS) -> Path:
     """The local snapshot folder of ``repo_id`` with the files matching ``patterns`` (None: every file)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(patterns) if patterns else None))
-    except Exception as err:  # validation, not found, offline and HTTP errors all mean the same to the user
+    except HFValidationError:  # not "org/name": meant as a path
+        raise ModelNotFoundError(f"model '{repo_id}' does not exist: there is no such folder or file; check the "
+                                 "path (a hub id looks like org/name).") from None
+    except Exception as err:  # not found, offline and HTTP errors all mean the same to the user
+        where = ("HF_HUB_OFFLINE is set and it is not in the hub cache" if constants.HF_HUB_OFFLINE
+                 else f"the Hub does not have it or cannot be reached: {type(err).__name__}")
         raise ModelNotFoundError(
-            f"model '{repo_id}' is not a local folder, a .gguf file, or a hub model reachable from here "
-            f"({type(err).__name__}); check the name, or download it first with `hf download {repo_id}`."
+            f"model '{repo_id}' is neither a local folder or file nor a hub model available here ({where}); check "
+            f"the path or the name, or download it first with `hf download {repo_id}`."
         ) from None

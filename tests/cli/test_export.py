@@ -80,3 +80,23 @@ def test_non_empty_out_dir_is_refused(cli, tmp_path, policy_file, smollm2):
     result = cli.invoke("export", out, "--policy", policy_file)
     cli.assert_one_line_error(result, "is not empty; choose another folder or pass --overwrite")
     assert cli.tree(tmp_path) == before and {p.name for p in tmp_path.iterdir()} == {"export", "policy.json"}
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("./no/such/model", "model './no/such/model' does not exist: there is no such folder or file; check the path"),
+    ("no-org/no-model", "is neither a local folder or file nor a hub model available here (HF_HUB_OFFLINE is set"),
+])
+def test_missing_model_is_named_plainly(cli, tmp_path, policy_file, spec, fragment):
+    """A missing local path was reported as an HFValidationError with advice to `hf download` it."""
+    result = cli.run("export", tmp_path / "out", "--policy", policy_file, "--model", spec, cwd=tmp_path)
+    line = cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr, fragment)
+    assert "HFValidationError" not in line and not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_failure_says_the_export_was_written(cli, tmp_path, policy_file, smollm2):
+    out = tmp_path / "out"
+    result = cli.run("export", out, "--policy", policy_file, "--push-to-hub", "org/name")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                f"the export was written to '{out}', but the upload failed: the Hub is unreachable")
+    assert f"Retry it with `tsa-patch push {out} org/name`" in result.stderr
+    assert cli.invoke("inspect", out).exit_code == 0  # the export itself is complete

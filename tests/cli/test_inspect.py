@@ -110,3 +110,9 @@ def test_an_older_export_is_verified_as_far_as_its_provenance_goes(cli, export_c
     checks = cli.json(result.stdout)["checks"]
     assert checks["model.safetensors"] == checks["attention.py"] == "ok"
     assert checks["config.json"] == checks["tokenizer.json"] == "not covered: an older export; re-export it"
+
+
+def test_inspect_of_a_missing_path(cli, tmp_path):
+    result = cli.run("inspect", "./no/such/export", cwd=tmp_path)
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                "model './no/such/export' does not exist: there is no such folder or file")

@@ -64,8 +64,12 @@ def export_command(
     if push_to_hub is not None:
         from ..hub import push
 
-        with out.status(f"Uploading {out_dir} to {push_to_hub}"):
-            url = push(result.out_dir, push_to_hub, private=private)
+        try:
+            with out.status(f"Uploading {out_dir} to {push_to_hub}"):
+                url = push(result.out_dir, push_to_hub, private=private)
+        except TsaError as err:
+            raise TsaError(f"the export was written to '{result.out_dir}', but the upload failed: {err} Retry it with "
+                           f"`tsa-patch push {shlex.quote(str(result.out_dir))} {push_to_hub}`.") from None
     out.hint(
         f"Exported {source.spec} with {len(loaded_policy.sparse_layers)} sparse layers to {result.out_dir}.\n"
         f"Load it with: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r}, trust_remote_code=True)"
