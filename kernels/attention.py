@@ -26,6 +26,8 @@ from .tsa import HAS_TRITON, tsa_attention
 
 # Attribute of the attention module that holds the statistics of its last forward.
 _STATS_ATTR = "_tsa_last_forward"
+# Set on the attention modules of models built by the TSA classes (modeling_tsa.py) or ``apply_policy_``.
+_RUNTIME_ATTR = "_tsa_runtime"
 # Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
 # Off CUDA, block-sparse layers run dense attention; with this variable set to 1 they run the same block selection
@@ -77,6 +79,11 @@ def tsa_attention_forward(
     Returns:
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
     """
+    if not getattr(module, _RUNTIME_ATTR, False) and _exported_config(module.config):
+        raise ValueError(f"this model was loaded from a tsa-patch export without trust_remote_code=True, as its native "
+                         f"class, which runs '{ATTENTION_KEY}' only because another export loaded in this process "
+                         "registered it; load it with trust_remote_code=True, or with attn_implementation=\"sdpa\" for "
+                         "the dense model.")
     policy = policy_from_config(module.config)
     layer = policy.layers[module.layer_idx]
     batch, num_heads, q_len, head_dim = query.shape
@@ -149,6 +156,22 @@ def tsa_attention_forward(
                                         kept_counts, densities))
     out = outputs[0][None] if batch == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
+
+
+def mark_tsa_runtime_(model: torch.nn.Module) -> torch.nn.Module:
+    """Mark the attention modules of ``model`` as built to run TSA (by the remote-code classes or
+    ``apply_policy_``); ``tsa_attention_forward`` refuses an export's config on unmarked modules."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            setattr(module, _RUNTIME_ATTR, True)
+    return model
+
+
+def _exported_config(config) -> bool:
+    """True for the config of a tsa-patch export (its auto_map names modeling_tsa, maybe after "org/repo--")."""
+    auto_map = getattr(config, "auto_map", None)
+    return isinstance(auto_map, dict) and any(
+        isinstance(ref, str) and ref.split("--")[-1].startswith("modeling_tsa.") for ref in auto_map.values())
 
 
 def _softcapped_forward(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,

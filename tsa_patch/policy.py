@@ -68,10 +68,11 @@ def apply_policy_(model: "torch.nn.Module", policy: TsaPolicy) -> "torch.nn.Modu
 
     ``model.set_attn_implementation("sdpa")`` turns it back into the dense model.
     """
-    from .kernels.attention import register_tsa_attention  # imports transformers: only when needed
+    from .kernels.attention import mark_tsa_runtime_, register_tsa_attention  # imports transformers: when needed
 
     check_policy_fits(policy, model.config.num_hidden_layers, "the model")
     register_tsa_attention()
+    mark_tsa_runtime_(model)
     setattr(model.config, CONFIG_KEY, policy.to_dict())
     model.set_attn_implementation(ATTENTION_KEY)
     return model
