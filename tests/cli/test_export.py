@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,19 @@ def test_push_to_hub_failure_says_the_export_was_written(cli, tmp_path, policy_f
                                 f"the export was written to '{out}', but the upload failed: the Hub is unreachable")
     assert f"Retry it with `tsa-patch push {out} org/name`" in result.stderr
     assert cli.invoke("inspect", out).exit_code == 0  # the export itself is complete
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_lists_every_file_of_the_remote_code():
+    """The README's file list omitted block_sparse.py and triton_block.py."""
+    [row] = [line for line in README.read_text().splitlines() if line.startswith("| `modeling_tsa.py` and its flat")]
+    assert {p.name for p in remote_code_files()} == set(re.findall(r"`(\w+\.py)`", row)) - {"__init__.py"}
+
+
+def test_readme_loading_snippet_sets_the_dtype():
+    """transformers 5 loads a bf16 checkpoint in bf16 on CPU too (test_loading.py checks it); the README says so."""
+    text = README.read_text()
+    snippet = text[text.index("## Loading a patched model"):text.index("- `attn_implementation=\"sdpa\"`")]
+    assert "dtype=torch.float32" in snippet and "bf16" in snippet
