@@ -102,8 +102,8 @@ def export(source: ModelSource, policy: TsaPolicy, out_dir: str | os.PathLike, *
         raise PolicyError(f"model '{source.spec}' has no .safetensors weights; re-save it with save_pretrained() first.")
     copied = [p for pattern in _COPIED_PATTERNS for p in sorted(source.path.glob(pattern)) if p.is_file()]
     _check_not_source(out, shown, source, weight_files + copied)
-    previous = _check_target(out, shown, overwrite)
-    with _interruptible(shown), _os_errors(shown):
+    with _os_errors(shown), _interruptible(shown):
+        previous = _check_target(out, shown, overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         with _staging(out) as staging:
             weights = {p.name: _copy_verified(p, staging / p.name) for p in weight_files}
