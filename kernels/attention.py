@@ -27,6 +27,10 @@ from .tsa import HAS_TRITON, tsa_attention
 
 # Attribute of the attention module that holds the statistics of its last forward.
 _STATS_ATTR = "_tsa_last_forward"
+# Set on the attention modules of models built by the TSA classes (modeling_tsa.py) or ``apply_policy_``.
+_RUNTIME_ATTR = "_tsa_runtime"
+# Attention-module attribute set by ``emulate_block_sparse_``.
+_EMULATE_ATTR = "_tsa_emulate_block_sparse"
 # Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
 # The paths a layer can take on one forward (``layer_path``).
@@ -98,9 +102,6 @@ def tsa_attention_forward(
         attention_mask: ``sdpa_mask`` output: bool (B, 1, Lq, Lk) with True = attend, or None for an unpadded
             causal prefill and for decode.
         dropout, scaling, is_causal: as for ``sdpa_attention_forward``.
-        tsa_emulate_block_sparse (keyword, via ``model(..., tsa_emulate_block_sparse=True)``): where the
-            block-sparse Triton kernel cannot run (no CUDA), run its block selection in PyTorch instead of dense
-            attention (slow; what calibration and evaluation measure on a CPU).
         tsa_keep_fraction (keyword): benchmarks only; every sparse layer keeps this fraction of its candidate
             tokens instead of applying tau.
         tsa_block_density (keyword): benchmarks only; every block-sparse layer keeps this fraction of each query
@@ -109,6 +110,11 @@ def tsa_attention_forward(
     Returns:
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
     """
+    if not getattr(module, _RUNTIME_ATTR, False) and _exported_config(module.config):
+        raise ValueError(f"this model was loaded from a tsa-patch export without trust_remote_code=True, as its native "
+                         f"class, which runs '{ATTENTION_KEY}' only because another export loaded in this process "
+                         "registered it; load it with trust_remote_code=True, or with attn_implementation=\"sdpa\" for "
+                         "the dense model.")
     policy = policy_from_config(module.config)
     key, value = _filled_prefix(query, key, value, attention_mask)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -116,7 +122,7 @@ def tsa_attention_forward(
                  scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, softcap=kwargs.get("softcap"),
                  # soft-capped layers never run the block-sparse kernel: it cannot cap logits
                  block_backend=None if kwargs.get("softcap") is not None else
-                 _block_sparse_backend(query.device, kwargs.get("tsa_emulate_block_sparse", False)),
+                 _block_sparse_backend(query.device, getattr(module, _EMULATE_ATTR, False)),
                  keep_fraction=kwargs.get("tsa_keep_fraction"), block_density=kwargs.get("tsa_block_density"))
     # A sliding-window layer only sees its window: TSA's causal selection does not apply once Lk exceeds it.
     windowed = kwargs.get("sliding_window") is not None and kv_len > kwargs["sliding_window"]
@@ -163,6 +169,22 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
                               dense_backend=policy.dense_backend, backend=_stage_backend(query),
                               keep_fraction=call.keep_fraction, attend=attend)
     return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None
+
+
+def mark_tsa_runtime_(model: torch.nn.Module) -> torch.nn.Module:
+    """Mark the attention modules of ``model`` as built to run TSA (by the remote-code classes or
+    ``apply_policy_``); ``tsa_attention_forward`` refuses an export's config on unmarked modules."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            setattr(module, _RUNTIME_ATTR, True)
+    return model
+
+
+def _exported_config(config) -> bool:
+    """True for the config of a tsa-patch export (its auto_map names modeling_tsa, maybe after "org/repo--")."""
+    auto_map = getattr(config, "auto_map", None)
+    return isinstance(auto_map, dict) and any(
+        isinstance(ref, str) and ref.split("--")[-1].startswith("modeling_tsa.") for ref in auto_map.values())
 
 
 def dense_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -245,8 +267,31 @@ def _stage_backend(query: Tensor) -> str:
 
 def block_sparse_kernel_available(device: torch.device) -> bool:
     """Whether block-sparse layers run the Triton kernel on ``device`` (CUDA with Triton). Elsewhere they attend
-    densely, or emulate the kernel in PyTorch when the forward is given ``tsa_emulate_block_sparse=True``."""
+    densely, or emulate the kernel in PyTorch after ``emulate_block_sparse_``."""
     return device.type == "cuda" and HAS_TRITON
+
+
+def emulate_block_sparse_(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Where the block-sparse Triton kernel cannot run (no CUDA), make ``model``'s block-sparse layers run its
+    block selection in PyTorch (slow; what a GPU computes) instead of dense attention; ``enabled=False`` undoes it.
+    Calibration and evaluation measure block-sparse layers so on a CPU."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            setattr(module, _EMULATE_ATTR, enabled)
+    return model
+
+
+@contextlib.contextmanager
+def block_sparse_emulation(model: torch.nn.Module, enabled: bool = True):
+    """``emulate_block_sparse_(model, enabled)`` within the block; afterwards the layers attend as before."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx")]
+    previous = [getattr(m, _EMULATE_ATTR, False) for m in modules]
+    emulate_block_sparse_(model, enabled)
+    try:
+        yield model
+    finally:
+        for module, flag in zip(modules, previous):
+            setattr(module, _EMULATE_ATTR, flag)
 
 
 def _block_sparse_backend(device: torch.device, emulate: bool) -> str | None:

@@ -18,7 +18,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .attention import register_tsa_attention, tsa_statistics
+from .attention import emulate_block_sparse_, mark_tsa_runtime_, register_tsa_attention, tsa_statistics
 from .policy import ATTENTION_KEY
 
 register_tsa_attention()
@@ -31,6 +31,12 @@ class _TsaMixin:
         if getattr(config, "_attn_implementation_internal", None) is None:
             config._attn_implementation_internal = ATTENTION_KEY
         super().__init__(config, *args, **kwargs)
+        mark_tsa_runtime_(self)
+
+    def emulate_block_sparse(self, enabled: bool = True):
+        """Without CUDA, run block-sparse layers' block selection in PyTorch (slow; what a GPU computes) instead of
+        dense attention; ``enabled=False`` undoes it."""
+        return emulate_block_sparse_(self, enabled)
 
     def tsa_statistics(self) -> list[dict]:
         """Per-layer statistics (path taken, kept tokens per head) of the last prefill."""

@@ -35,7 +35,7 @@ SELECTION_MODES = ("query_head", "kv_group")
 DENSE_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn")
 # The attention kernel of a layer's long prefills (on the compact tensors when the layer also runs TSA):
 # "dense" (``dense_backend``) or "block_sparse" (``block_sparse.py``: FlexPrefill-style adaptive block selection
-# and a Triton kernel on CUDA; dense attention elsewhere unless the forward asks for tsa_emulate_block_sparse).
+# and a Triton kernel on CUDA; dense attention elsewhere unless emulated: attention.emulate_block_sparse_).
 KERNELS = ("dense", "block_sparse")
 
 

@@ -41,8 +41,8 @@ def _block_kernel_sentence(policy: TsaPolicy) -> str:
         return ""
     return (f" Block-sparse kernel (FlexPrefill-style: block {policy.block_size}, coverage gamma "
             f"{policy.block_gamma}, min budget {policy.block_min_budget} tokens) in layers {blocks}; it runs "
-            "on CUDA with Triton, elsewhere those layers attend densely unless the forward is given "
-            "`tsa_emulate_block_sparse=True`.")
+            "on CUDA with Triton, elsewhere those layers attend densely unless `model.emulate_block_sparse()` "
+            "is called.")
 
 
 # The card; every {field} is filled by render_model_card.

@@ -26,4 +26,13 @@ class DataError(TsaError):
 
 
 class OutputExistsError(TsaError):
-    """The output folder exists and is not empty."""
+    """The output folder cannot take the export: it is a file, not empty, not a previous export (with
+    ``--overwrite``), the source model or a folder holding it, or it changed while the export was written."""
+
+
+class ExportInterrupted(TsaError):
+    """SIGINT, SIGTERM or SIGHUP arrived during an export; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

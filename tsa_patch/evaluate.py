@@ -22,9 +22,13 @@ from tsa_patch.calibration.continuation import continuation_metrics, dense_imple
 from tsa_patch.data import DEFAULT_EVALUATION_DATA, load_documents, token_samples
 from tsa_patch.suite import TASKS, SuiteBuilder
 from tsa_patch.errors import DataError, PolicyError
-from tsa_patch.kernels.attention import (attention_summary, block_sparse_kernel_available, policy_from_config,
+from tsa_patch.kernels.attention import (attention_summary, block_sparse_emulation, block_sparse_kernel_available,
+                                         policy_from_config,
                                 tsa_statistics)
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
+
+# Shortest prompt the suite builds: the question, the answer prefix, the needles and some haystack fit in it.
+MIN_EVAL_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,17 @@ class EvalConfig:
     """What to run.
 
     Args:
-        tasks: suite tasks (``calibration.suite.TASKS``).
-        lengths: prompt lengths in tokens, each at most the model's context.
-        samples: samples per task and length.
+        tasks: suite tasks (``tsa_patch.suite.TASKS``), at least one.
+        lengths: prompt lengths in tokens, at least one, each at least ``MIN_EVAL_LENGTH`` and at most the
+            model's context.
+        samples: samples per task and length, at least 1.
         seed: suite and perplexity sampling seed.
         perplexity_samples: held-out texts per length for perplexity (0 skips it).
-        continuation: tokens scored after each perplexity prefix.
+        continuation: tokens scored after each perplexity prefix, at least 1.
         perplexity_data: text for perplexity (default: Paul Graham essays).
+
+    Raises:
+        DataError: any of these is out of range (checked here, before a model is loaded).
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -48,6 +56,22 @@ class EvalConfig:
     perplexity_samples: int = 2
     continuation: int = 64
     perplexity_data: str = DEFAULT_EVALUATION_DATA
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if not self.tasks or unknown:
+            raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}." if unknown else
+                            f"--tasks names no task; choose from {list(TASKS)}.")
+        if not self.lengths:
+            raise DataError("--lengths names no length; give prompt lengths in tokens, e.g. 2048,4096.")
+        short = [n for n in self.lengths if isinstance(n, bool) or not isinstance(n, int) or n < MIN_EVAL_LENGTH]
+        if short:
+            raise DataError(f"--lengths must be integers of at least {MIN_EVAL_LENGTH} tokens (a prompt holds the "
+                            f"question, the answer prefix and a haystack); got {list(self.lengths)}.")
+        for name, value, least in (("samples", self.samples, 1), ("perplexity-samples", self.perplexity_samples, 0),
+                                   ("continuation", self.continuation, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DataError(f"--{name} must be at least {least}; got {value}.")
 
 
 @dataclass
@@ -68,12 +92,10 @@ class TaskResult:
         return self.tsa - self.dense
 
 
-def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id,
-              **forward_kwargs) -> torch.Tensor:
+def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id) -> torch.Tensor:
     model.set_attn_implementation(implementation)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
-                             **forward_kwargs)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
     return out[0, ids.shape[1]:]
 
 
@@ -90,7 +112,7 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
 
     Raises:
         PolicyError: the model carries no TSA policy.
-        DataError: a length exceeds the model's context, or an unknown task.
+        DataError: a length exceeds the model's context.
     """
     if not hasattr(model.config, CONFIG_KEY):
         raise PolicyError("the model carries no TSA policy; pass an export folder or MODEL with --policy.")
@@ -98,22 +120,19 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     for length in config.lengths:
         if context is not None and length + max(64, config.continuation) > context:
             raise DataError(f"--lengths: {length} tokens plus the answer exceed the model's context ({context}).")
-    unknown = sorted(set(config.tasks) - set(TASKS))
-    if unknown:
-        raise DataError(f"unknown tasks {unknown}; choose from {list(TASKS)}.")
     start = progress or (lambda description, total: None)
     device = next(model.parameters()).device
     emulate = bool(policy_from_config(model.config).block_sparse_layers) and not block_sparse_kernel_available(device)
-    tsa_kwargs = {"tsa_emulate_block_sparse": emulate}  # what the GPU kernel computes, slowly, where it cannot run
-    results = _suite(model, tokenizer, config, start, tsa_kwargs)
-    perplexity = _perplexity(model, tokenizer, config, start, tsa_kwargs) if config.perplexity_samples else []
+    with block_sparse_emulation(model, emulate):  # what the GPU kernel computes, slowly, where it cannot run
+        results = _suite(model, tokenizer, config, start)
+        perplexity = _perplexity(model, tokenizer, config, start) if config.perplexity_samples else []
     model.set_attn_implementation(ATTENTION_KEY)
     report = _report(config, results, perplexity)
     report["config"]["block_sparse_emulated"] = emulate
     return report
 
 
-def _suite(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -> list[TaskResult]:
+def _suite(model, tokenizer, config: EvalConfig, start) -> list[TaskResult]:
     """Every task x length x sample, generated densely and with TSA, scored."""
     builder = SuiteBuilder(tokenizer, seed=config.seed)
     dense_impl = dense_implementation(model)
@@ -130,8 +149,8 @@ def _suite(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -> lis
                 ids = ids.to(device)
                 dense = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, dense_impl, pad),
                                          skip_special_tokens=True)
-                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad,
-                                                    **tsa_kwargs), skip_special_tokens=True)
+                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
+                                          skip_special_tokens=True)
                 _record(result, index, ids.shape[1], sample, dense, sparse, attention_summary(tsa_statistics(model)))
                 if step is not None:
                     step()
@@ -152,7 +171,7 @@ def _record(result: TaskResult, index: int, tokens: int, sample, dense: str, spa
                            "attention_cost": round(summary["attention_cost"], 4)})
 
 
-def _perplexity(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -> list[dict]:
+def _perplexity(model, tokenizer, config: EvalConfig, start) -> list[dict]:
     """Perplexity of the continuation after a TSA (and a dense) prefill of held-out text, per length."""
     documents = load_documents(config.perplexity_data)
     step = start("Perplexity: TSA prefill, dense continuation", len(config.lengths))
@@ -160,7 +179,7 @@ def _perplexity(model, tokenizer, config: EvalConfig, start, tsa_kwargs: dict) -
     for length in config.lengths:
         texts = token_samples(tokenizer, documents, config.perplexity_samples, length + config.continuation,
                               config.seed + 1)
-        metrics = continuation_metrics(model, texts, length, ATTENTION_KEY, prefill_kwargs=tsa_kwargs)
+        metrics = continuation_metrics(model, texts, length, ATTENTION_KEY)
         perplexity.append({"length": length, "samples": config.perplexity_samples,
                            "dense": round(float(torch.tensor(metrics.dense_nll).exp()), 4),
                            "tsa": round(float(torch.tensor(metrics.tsa_nll).exp()), 4),

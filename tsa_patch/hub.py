@@ -7,33 +7,33 @@ folder byte for byte (card, policy, provenance, remote code). The token comes fr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tsa_patch.errors import TsaError
-from tsa_patch.export import PROVENANCE_FILE
-from tsa_patch.kernels.policy import CONFIG_KEY
+from tsa_patch.verify import check_export, inspect_export
 
 
 class HubError(TsaError):
     """The Hub cannot be reached or refuses the request."""
 
 
-def check_export(folder: str | Path) -> Path:
-    """``folder`` as a Path if it is a tsa-patch export (config with a policy, provenance), else ``TsaError``."""
-    folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file() or CONFIG_KEY not in json.loads(config.read_text()):
-        raise TsaError(f"'{folder}' is not a tsa-patch export (no config.json with '{CONFIG_KEY}'); "
-                       "create one with `tsa-patch export`.")
-    if not (folder / PROVENANCE_FILE).is_file():
-        raise TsaError(f"'{folder}' has no {PROVENANCE_FILE}; re-create it with `tsa-patch export`.")
-    return folder
+def download_export(repo_id: str) -> Path:
+    """The local snapshot of the Hub repository ``repo_id`` with every file it holds (what verification needs:
+    loading downloads only some of them); offline, the cached snapshot.
+
+    Raises:
+        ModelNotFoundError: no such repository reachable from here.
+    """
+    from tsa_patch.models import _hub_snapshot
+
+    return _hub_snapshot(repo_id, patterns=None)
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, create_pr: bool = False, token: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload the export folder as written; returns the commit or PR URL.
+         commit_message: str | None = None, create_pr: bool = False, token: str | None = None,
+         verify: bool = True) -> str:
+    """Verify the export folder (``inspect_export``), create ``repo_id`` if needed and upload the folder as
+    written; returns the commit or PR URL.
 
     Args:
         folder: an export folder (``tsa-patch export``).
@@ -43,15 +43,18 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         commit_message: defaults to "Upload Token Sparse Attention export (tsa-patch)".
         create_pr: open a pull request instead of committing directly.
         token: Hub token; None uses ``HF_TOKEN`` or the stored login.
+        verify: refuse to upload a folder that fails verification; False uploads it as it is.
 
     Raises:
-        TsaError: ``folder`` is not an export.
+        TsaError: ``folder`` is not an export, or fails verification.
         HubError: offline, not authenticated, not allowed, or any other Hub failure (one line, with the fix).
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     folder = check_export(folder)
+    if verify:
+        verify_before_upload(folder)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -73,3 +76,11 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise HubError(f"cannot push to '{repo_id}': {type(err).__name__}: {str(err).splitlines()[0]}; check the "
                        "repository id and your network.") from None
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
+
+
+def verify_before_upload(folder: Path) -> None:
+    """Raise ``TsaError`` unless every check of ``inspect_export`` passes."""
+    inspection = inspect_export(folder)
+    if not inspection.ok:
+        raise TsaError(f"'{folder}' fails verification: {'; '.join(inspection.problems)}; nothing was uploaded. "
+                       f"See `tsa-patch inspect {folder}`, re-export it, or pass --no-verify to upload it as it is.")

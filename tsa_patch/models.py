@@ -137,12 +137,13 @@ def apply_policy_(model, policy):
     Raises:
         PolicyError: the policy does not have one entry per decoder layer of the model.
     """
-    from tsa_patch.kernels.attention import register_tsa_attention  # imports transformers: only when needed
+    from tsa_patch.kernels.attention import mark_tsa_runtime_, register_tsa_attention  # imports transformers
     from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
     from tsa_patch.policy_file import check_policy_fits
 
     check_policy_fits(policy, model.config.num_hidden_layers, "the model")
     register_tsa_attention()
+    mark_tsa_runtime_(model)
     setattr(model.config, CONFIG_KEY, policy.to_dict())
     model.set_attn_implementation(ATTENTION_KEY)
     return model
@@ -217,14 +218,23 @@ def _default_model_dir() -> Path:
     return convert_gguf(ggufs[0])
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md")
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]
+
+def _hub_snapshot(repo_id: str, patterns: tuple[str, ...] | None = _HUB_PATTERNS) -> Path:
+    """The local snapshot folder of ``repo_id`` with the files matching ``patterns`` (None: every file)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as err:  # validation, not found, offline and HTTP errors all mean the same to the user
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns) if patterns else None))
+    except HFValidationError:  # not "org/name": meant as a path
+        raise ModelNotFoundError(f"model '{repo_id}' does not exist: there is no such folder or file; check the "
+                                 "path (a hub id looks like org/name).") from None
+    except Exception as err:  # not found, offline and HTTP errors all mean the same to the user
+        where = ("HF_HUB_OFFLINE is set and it is not in the hub cache" if constants.HF_HUB_OFFLINE
+                 else f"the Hub does not have it or cannot be reached: {type(err).__name__}")
         raise ModelNotFoundError(
-            f"model '{repo_id}' is not a local folder, a .gguf file, or a hub model reachable from here "
-            f"({type(err).__name__}); check the name, or download it first with `hf download {repo_id}`."
+            f"model '{repo_id}' is neither a local folder or file nor a hub model available here ({where}); check "
+            f"the path or the name, or download it first with `hf download {repo_id}`."
         ) from None

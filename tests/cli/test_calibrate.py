@@ -44,8 +44,8 @@ def _unsupported_model(tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["/no/such/model/folder"], "is not a local folder, a .gguf file, or a hub model"),
-        (["no-such-org/no-such-model"], "is not a local folder, a .gguf file, or a hub model"),
+        (["/no/such/model/folder"], "model '/no/such/model/folder' does not exist: there is no such folder or file"),
+        (["no-such-org/no-such-model"], "is neither a local folder or file nor a hub model available here"),
         (["UNSUPPORTED"], "has model_type 'gpt2'; tsa-patch supports ['gemma2', 'gemma3_text', 'llama',"),
         (["--method", "drift", "--tau", "1.5"], "tau must be in [0, 1)"),
         (["--method", "drift", "--tau", "-0.01"], "tau must be in [0, 1)"),

@@ -145,7 +145,8 @@ with torch.no_grad():
     native_logits = native(ids).logits[0, -1].log_softmax(-1)
     model(ids)
     plain = model.tsa_statistics()  # on CPU, block-sparse layers run dense unless emulated
-    logits = model(ids, tsa_emulate_block_sparse=True).logits[0, -1].log_softmax(-1)
+    model.emulate_block_sparse()
+    logits = model(ids).logits[0, -1].log_softmax(-1)
     emulated = model.tsa_statistics()
     generated = model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] - ids.shape[1]
 kl = float((native_logits.exp() * (native_logits - logits)).sum())

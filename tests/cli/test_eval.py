@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tsa_patch.suite import answer_score
@@ -60,6 +62,53 @@ def test_eval_with_model_and_policy_file(cli, small_export, tmp_path, smollm2):
 def test_eval_bad_input(cli, small_export, args, fragment):
     result = cli.invoke("eval", small_export[0], *args)
     cli.assert_one_line_error(result, fragment)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--lengths", "0"], "--lengths must be integers of at least 256 tokens"),
+        (["--lengths=-5"], "--lengths must be integers of at least 256 tokens"),
+        (["--lengths", "4096,100"], "got [4096, 100]"),
+        (["--lengths", ""], "--lengths names no length"),
+        (["--tasks", ","], "--tasks names no task"),
+        (["--tasks", "niah_single,summarise"], "unknown tasks ['summarise']"),
+        (["--perplexity-samples", "-1"], "--perplexity-samples must be at least 0; got -1"),
+    ],
+    ids=["zero", "negative", "short", "empty", "no-task", "unknown-task", "negative-perplexity-samples"],
+)
+def test_eval_rejects_impossible_settings_before_loading(cli, tmp_path, args, fragment):
+    """Reported (once printed as rows at 100 %, an empty report, or a ZeroDivisionError after the whole suite)
+    before the model is even resolved: MODEL here does not exist."""
+    result = cli.run("eval", tmp_path / "not-loaded", *args)
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr, fragment)
+
+
+def test_eval_unwritable_plot_is_refused_before_loading(cli, tmp_path, small_tmpfs):
+    read_only = small_tmpfs("ro,size=64k")
+    result = cli.run("eval", tmp_path / "not-loaded", "--plot", read_only / "eval.png")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                f"--plot '{read_only / 'eval.png'}' cannot be written (Read-only file system)")
+
+
+def test_eval_writes_the_results_before_a_plot_that_fails(cli, small_export, tmp_path, small_tmpfs):
+    """A plot that fails after the run (here: the disk fills up) loses neither the table nor the report."""
+    full = small_tmpfs("size=64k")
+    fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # fill it: an empty file still fits, a PNG does not
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    report = tmp_path / "report.json"
+    result = cli.run("eval", small_export[0], "--tasks", "niah_single", "--lengths", "256", "--samples", "1",
+                     "--perplexity-samples", "0", "--output", report, "--plot", full / "eval.png")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                f"--plot '{full / 'eval.png'}' could not be written (No space left on device); the "
+                                f"results were printed above and written to '{report}'.")
+    assert "dense vs TSA" in result.stderr and cli.json(report.read_text())["tasks"][0]["task"] == "niah_single"
 
 
 def test_eval_of_a_model_without_policy(cli, smollm2):

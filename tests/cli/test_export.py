@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -43,15 +45,6 @@ def test_export_writes_a_complete_checkpoint(cli, tmp_path, policy_file, smollm2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
 
 
-def test_overwrite_replaces_a_previous_export(cli, tmp_path, policy_file, smollm2):
-    out = tmp_path / "export"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    result = cli.invoke("export", out, "--policy", policy_file, "--overwrite")
-    assert result.exit_code == 0, result.stderr
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
-
-
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -89,3 +82,39 @@ def test_non_empty_out_dir_is_refused(cli, tmp_path, policy_file, smollm2):
     result = cli.invoke("export", out, "--policy", policy_file)
     cli.assert_one_line_error(result, "is not empty; choose another folder or pass --overwrite")
     assert cli.tree(tmp_path) == before and {p.name for p in tmp_path.iterdir()} == {"export", "policy.json"}
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("./no/such/model", "model './no/such/model' does not exist: there is no such folder or file; check the path"),
+    ("no-org/no-model", "is neither a local folder or file nor a hub model available here (HF_HUB_OFFLINE is set"),
+])
+def test_missing_model_is_named_plainly(cli, tmp_path, policy_file, spec, fragment):
+    """A missing local path was reported as an HFValidationError with advice to `hf download` it."""
+    result = cli.run("export", tmp_path / "out", "--policy", policy_file, "--model", spec, cwd=tmp_path)
+    line = cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr, fragment)
+    assert "HFValidationError" not in line and not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_failure_says_the_export_was_written(cli, tmp_path, policy_file, smollm2):
+    out = tmp_path / "out"
+    result = cli.run("export", out, "--policy", policy_file, "--push-to-hub", "org/name")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                f"the export was written to '{out}', but the upload failed: the Hub is unreachable")
+    assert f"Retry it with `tsa-patch push {out} org/name`" in result.stderr
+    assert cli.invoke("inspect", out).exit_code == 0  # the export itself is complete
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_lists_every_file_of_the_remote_code():
+    """The README's file list omitted block_sparse.py and triton_block.py."""
+    [row] = [line for line in README.read_text().splitlines() if line.startswith("| `modeling_tsa.py` and its flat")]
+    assert {p.name for p in remote_code_files()} == set(re.findall(r"`(\w+\.py)`", row)) - {"__init__.py"}
+
+
+def test_readme_loading_snippet_sets_the_dtype():
+    """transformers 5 loads a bf16 checkpoint in bf16 on CPU too (test_loading.py checks it); the README says so."""
+    text = README.read_text()
+    snippet = text[text.index("## Loading a patched model"):text.index("- `attn_implementation=\"sdpa\"`")]
+    assert "dtype=torch.float32" in snippet and "bf16" in snippet

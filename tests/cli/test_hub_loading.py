@@ -37,6 +37,7 @@ def hub_cache(tmp_path_factory, small_export):
     cache = tmp_path_factory.mktemp("hub")
     repo = cache / "models--org--name"
     shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    (repo / "snapshots" / COMMIT / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # the Hub adds it
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     return cache, policy
@@ -63,3 +64,14 @@ def test_inspect_by_hub_id_offline(cli, hub_cache, monkeypatch):
     assert result.exit_code == 0, result.stderr
     report = cli.json(result.stdout)
     assert report["ok"] and report["policy"]["layers"] == policy.to_dict()["layers"]
+
+
+def test_inspect_by_hub_id_sees_every_file_of_the_snapshot(cli, hub_cache, monkeypatch, tmp_path):
+    """A hub id is verified on the whole repository, not only the files a load downloads."""
+    cache, _ = hub_cache
+    tampered = tmp_path / "hub"
+    shutil.copytree(cache, tampered, symlinks=True)
+    (tampered / "models--org--name" / "snapshots" / COMMIT / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tampered))
+    result = cli.invoke("inspect", "org/name")
+    cli.assert_one_line_error(result, "org/name fails verification: pytorch_model.bin (pickle weights")

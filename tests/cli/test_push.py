@@ -69,3 +69,14 @@ def test_push_offline_is_one_clear_line(cli, small_export, monkeypatch):
 def test_push_refuses_a_folder_that_is_not_an_export(cli, tmp_path):
     result = cli.invoke("push", tmp_path, "org/name")
     cli.assert_one_line_error(result, "is not a tsa-patch export")
+
+
+def test_push_verifies_before_it_uploads(cli, export_copy):
+    (export_copy / "notes.txt").write_text("not part of the export\n")
+    result = cli.run("push", export_copy, "org/name", "--token", "hf_x")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr,
+                                f"'{export_copy}' fails verification: notes.txt (unexpected); nothing was uploaded")
+    assert "--no-verify" in result.stderr
+    # --no-verify skips the check: this push gets as far as the Hub, which is offline here
+    result = cli.run("push", export_copy, "org/name", "--token", "hf_x", "--no-verify")
+    cli.assert_one_line_failure(result.returncode, result.stdout, result.stderr, "the Hub is unreachable")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tsa_patch.kernels.attention import _STATS_ATTR, tsa_attention_forward
+from tsa_patch.kernels.attention import _STATS_ATTR, emulate_block_sparse_, tsa_attention_forward
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention
 from numerics import ATTENTION_RELATIVE, layout_atol
@@ -178,7 +178,8 @@ def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa):
     if not tsa:  # CPU without emulation: exactly the dense SDPA path
         dense, _ = sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
         assert torch.equal(plain, dense) and getattr(module, _STATS_ATTR)["path"] == "dense"
-    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5, tsa_emulate_block_sparse=True)
+    emulate_block_sparse_(module)
+    out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     stats = getattr(module, _STATS_ATTR)
     assert stats["path"] == ("sparse" if tsa else "block_sparse")
     assert 0 < stats["block_density"][0] < 1
@@ -216,7 +217,8 @@ def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa):
     torch.manual_seed(5)
     d = 64
     module, q, k, v = _block_sparse_case(tsa, 700, d)
-    cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5, tsa_emulate_block_sparse=True)
+    emulate_block_sparse_(module)
+    cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
     assert getattr(module, _STATS_ATTR)["block_density"][0] < 1
     # fp32 on both: the same block pattern, accumulated in another order (GPU tiles vs CPU SDPA per head)

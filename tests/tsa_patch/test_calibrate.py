@@ -16,6 +16,7 @@ from tsa_patch.calibration.continuation import continuation_metrics, recall_prob
 from tsa_patch.data import load_documents, token_samples
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
+from tsa_patch.kernels.attention import block_sparse_emulation
 from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.models import apply_policy_
 
@@ -186,8 +187,8 @@ def test_block_sparse_calibration_adds_layers_within_the_budget(budget_run, smol
     apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
     samples = token_samples(tokenizer, load_documents(config.data), 3, config.seq_len + config.continuation, 3)
     try:
-        again = continuation_metrics(model, samples[2:], config.seq_len, ATTENTION_KEY,
-                                     prefill_kwargs={"tsa_emulate_block_sparse": True})
+        with block_sparse_emulation(model):
+            again = continuation_metrics(model, samples[2:], config.seq_len, ATTENTION_KEY)
     finally:
         model.set_attn_implementation("sdpa")
         del model.config.tsa_policy

@@ -1,4 +1,4 @@
-"""TsaPolicy schema (kernels/policy.py) and policy files (tsa_patch/policy.py)."""
+"""TsaPolicy schema (kernels/policy.py) and policy files (tsa_patch/policy_file.py)."""
 
 from __future__ import annotations
 

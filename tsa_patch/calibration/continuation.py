@@ -83,11 +83,10 @@ def cache_argument(model) -> str:
 
 @torch.no_grad()
 def _prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tensor, prefill_impl: str,
-                           dense_impl: str, prefill_kwargs: dict | None = None) -> torch.Tensor:
-    """Log-probabilities (Lc, V) predicting each continuation token: prefill with one implementation (and
-    ``prefill_kwargs`` for its forward), continue densely."""
+                           dense_impl: str) -> torch.Tensor:
+    """Log-probabilities (Lc, V) predicting each continuation token: prefill with one implementation, continue densely."""
     model.set_attn_implementation(prefill_impl)
-    prefill = model(prompt, use_cache=True, logits_to_keep=1, **(prefill_kwargs or {}))
+    prefill = model(prompt, use_cache=True, logits_to_keep=1)
     model.set_attn_implementation(dense_impl)
     name = cache_argument(model)
     cache = getattr(prefill, name)
@@ -118,12 +117,10 @@ def dense_reference(model, samples: list[list[int]], prompt_len: int, dense_impl
 @torch.no_grad()
 def compare_with_dense(model, samples: list[list[int]], prompt_len: int, reference: list[torch.Tensor],
                        sparse_impl: str, dense_impl: str | None = None,
-                       on_sample: Callable[[], None] | None = None,
-                       prefill_kwargs: dict | None = None) -> ContinuationMetrics:
+                       on_sample: Callable[[], None] | None = None) -> ContinuationMetrics:
     """TSA prefill, dense continuation, compared with ``dense_reference`` of the same samples.
 
-    ``prefill_kwargs`` go to the TSA prefill's forward (``tsa_emulate_block_sparse``). The model is left with
-    ``sparse_impl`` set.
+    The model is left with ``sparse_impl`` set.
     """
     dense_impl = dense_impl or dense_implementation(model)
     device = next(model.parameters()).device
@@ -132,8 +129,7 @@ def compare_with_dense(model, samples: list[list[int]], prompt_len: int, referen
         for ids, dense in zip(samples, reference):
             tokens = torch.tensor([ids], device=device)
             continuation = tokens[:, prompt_len:]
-            sparse = _prefill_then_continue(model, tokens[:, :prompt_len], continuation, sparse_impl, dense_impl,
-                                            prefill_kwargs)
+            sparse = _prefill_then_continue(model, tokens[:, :prompt_len], continuation, sparse_impl, dense_impl)
             cost += attention_summary(tsa_statistics(model))["attention_cost"]  # of the prefill just run
             per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
             target = continuation[0, :, None]
@@ -153,7 +149,7 @@ def compare_with_dense(model, samples: list[list[int]], prompt_len: int, referen
 
 
 def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,
-                         dense_impl: str | None = None, prefill_kwargs: dict | None = None) -> ContinuationMetrics:
+                         dense_impl: str | None = None) -> ContinuationMetrics:
     """Compare TSA with dense on the continuation of each sample (``sample[prompt_len:]``).
 
     Args:
@@ -162,8 +158,6 @@ def continuation_metrics(model, samples: list[list[int]], prompt_len: int, spars
         prompt_len: tokens prefilled; the rest of each sample is the continuation.
         sparse_impl: attention implementation of the TSA prefill (``tsa_v1``).
         dense_impl: the dense implementation (reference prefill and every continuation).
-        prefill_kwargs: keyword arguments of the TSA prefill's forward (``tsa_emulate_block_sparse``).
     """
     reference = dense_reference(model, samples, prompt_len, dense_impl)
-    return compare_with_dense(model, samples, prompt_len, reference, sparse_impl, dense_impl,
-                              prefill_kwargs=prefill_kwargs)
+    return compare_with_dense(model, samples, prompt_len, reference, sparse_impl, dense_impl)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tsa_patch.calibration.continuation import compare_with_dense, dense_reference, recall_probe
+from tsa_patch.kernels.attention import block_sparse_emulation
 from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 
 # Tokens copied from far back to cue a long-range recall probe (``continuation.recall_probe``).
@@ -51,10 +52,10 @@ class EndToEnd:
 
         apply_policy_(self.model, self.make_policy(taus, set(block_layers)))
         # Block-sparse layers are measured with their block selection, emulated where the Triton kernel cannot run.
-        natural, recall = (compare_with_dense(self.model, self.sequences[which, kind], self.prompt_len,
-                                              self.references[which, kind], ATTENTION_KEY,
-                                              prefill_kwargs={"tsa_emulate_block_sparse": True}).as_dict()
-                           for kind in KINDS)
+        with block_sparse_emulation(self.model):
+            natural, recall = (compare_with_dense(self.model, self.sequences[which, kind], self.prompt_len,
+                                                  self.references[which, kind], ATTENTION_KEY).as_dict()
+                               for kind in KINDS)
         return {"kl": max(natural["kl"], recall["kl"]),
                 "top1_agreement": min(natural["top1_agreement"], recall["top1_agreement"]),
                 "attention_cost": round((natural["attention_cost"] + recall["attention_cost"]) / 2, 4),

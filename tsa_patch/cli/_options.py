@@ -29,3 +29,22 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise TsaError("--device cuda needs a CUDA GPU, and none is visible; use --device cpu.")
     return device
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Raise TsaError unless a file can be created at ``path`` (checked before minutes of work, by creating and
+    removing a probe file in the nearest existing folder; as root, permissions alone say nothing)."""
+    import tempfile
+
+    from tsa_patch.errors import TsaError
+
+    if path.is_dir():
+        raise TsaError(f"{option} '{path}' is a folder; give a file path.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tsa-patch-probe-"):
+            pass
+    except OSError as err:
+        raise TsaError(f"{option} '{path}' cannot be written ({err.strerror or err}); choose a writable path.") from None

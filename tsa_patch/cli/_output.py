@@ -73,7 +73,8 @@ class Output:
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn a ``TsaError`` into one red line on stderr and exit status 1 (full traceback with ``TSA_DEBUG=1``)."""
+    """Turn a ``TsaError`` into one red line on stderr and exit status 1, or the error's ``exit_code`` (128 +
+    the signal for an interrupted export); the full traceback with ``TSA_DEBUG=1``."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -83,6 +84,6 @@ def handle_errors(command: Callable) -> Callable:
             if os.environ.get("TSA_DEBUG") == "1":
                 raise
             Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {err}", soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(err, "exit_code", 1)) from None
 
     return wrapper

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tsa_patch.suite import TASKS
 from tsa_patch.errors import TsaError
-from tsa_patch.cli._options import DeviceOpt, JsonOpt, resolve_device
+from tsa_patch.cli._options import DeviceOpt, JsonOpt, check_writable, resolve_device
 from tsa_patch.cli._output import Output, handle_errors
 
 EVAL_EXAMPLES = """
@@ -46,26 +46,48 @@ def eval_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Run an offline RULER-style suite and perplexity with dense attention and with TSA on the same inputs."""
-    from tsa_patch.evaluate import EvalConfig, evaluate, write_report
+    from tsa_patch.evaluate import EvalConfig, evaluate
     from tsa_patch.models import load_patched
-    from tsa_patch.plots import plot_eval
 
     out = Output(json_output)
-    if samples < 1:
-        raise TsaError(f"--samples must be at least 1; got {samples}.")
     config = EvalConfig(tasks=_csv(tasks, str, "tasks"), lengths=_csv(lengths, int, "lengths"), samples=samples,
                         seed=seed, perplexity_samples=perplexity_samples)
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        if path is not None:
+            check_writable(path, option)
     device = resolve_device(device)
     with out.status(f"Loading {model}"):
         loaded, tokenizer = load_patched(model, str(policy) if policy else None, device=device)
     with out.steps() as progress:
         report = evaluate(loaded, tokenizer, config, progress=progress)
     report["model"] = model
-    if output is not None:
-        write_report(report, output)
-    if plot is not None and not plot_eval(report, str(plot)):
-        out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
+    _render(out, report, model, samples)  # the results first: a file that cannot be written loses nothing
+    out.emit(report)
+    _save(out, report, output, plot)
 
+
+def _save(out: Output, report: dict, output: Path | None, plot: Path | None) -> None:
+    """Write the report and the plot; an OSError is one line that says the results were printed."""
+    from tsa_patch.evaluate import write_report
+    from tsa_patch.plots import plot_eval
+
+    written = []
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        if path is None:
+            continue
+        try:
+            if option == "--output":
+                write_report(report, path)
+            elif not plot_eval(report, str(path)):
+                out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
+        except OSError as err:
+            raise TsaError(f"{option} '{path}' could not be written ({err.strerror or err}); the results were "
+                           "printed above" + (f" and written to '{written[0]}'." if written else ".")) from None
+        written.append(path)
+
+
+def _render(out, report: dict, model: str, samples: int) -> None:
+    """The results table, the paired comparison and the perplexity table, on stderr."""
     table = Table(title=f"{model}: dense vs TSA ({samples} samples per cell)")
     for column in ("task", "length", "dense %", "TSA %", "delta", "kept %", "attention %"):
         table.add_column(column, justify="right")
@@ -93,4 +115,3 @@ def eval_command(
             ppl.add_row(str(row["length"]), f"{row['dense']:.2f}", f"{row['tsa']:.2f}", f"{row['kl']:.4f}",
                         f"{100 * row['top1_agreement']:.1f}")
         out.table(ppl)
-    out.emit(report)

@@ -31,7 +31,7 @@ def export_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be absent or empty unless --overwrite).")],
     policy: PolicyOpt = DEFAULT_POLICY_PATH,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Source model; default: the one recorded in the policy.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous tsa-patch export at OUT_DIR (never anything else).")] = False,
     eval_report: Annotated[Path | None, typer.Option("--eval-report", help="A `tsa-patch eval --output` report to put in the model card.")] = None,
     push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Then upload OUT_DIR to this Hub repo (org/name).")] = None,
     private: PrivateOpt = False,
@@ -64,8 +64,12 @@ def export_command(
     if push_to_hub is not None:
         from tsa_patch.hub import push
 
-        with out.status(f"Uploading {out_dir} to {push_to_hub}"):
-            url = push(result.out_dir, push_to_hub, private=private)
+        try:
+            with out.status(f"Uploading {out_dir} to {push_to_hub}"):
+                url = push(result.out_dir, push_to_hub, private=private)
+        except TsaError as err:
+            raise TsaError(f"the export was written to '{result.out_dir}', but the upload failed: {err} Retry it with "
+                           f"`tsa-patch push {shlex.quote(str(result.out_dir))} {push_to_hub}`.") from None
     out.hint(
         f"Exported {source.spec} with {len(loaded_policy.sparse_layers)} sparse layers to {result.out_dir}.\n"
         f"Load it with: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r}, trust_remote_code=True)"
@@ -73,4 +77,4 @@ def export_command(
     if url:
         out.hint(f"Pushed: {url}")
     out.emit({"out_dir": str(result.out_dir), "source_model": source.spec, "weights_sha256": result.weights,
-              "remote_code_sha256": result.remote_code, "sparse_layers": loaded_policy.sparse_layers, "hub_url": url})
+              "remote_code_sha256": result.remote_code, "files_sha256": result.files, "sparse_layers": loaded_policy.sparse_layers, "hub_url": url})
