@@ -9,7 +9,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest tests/kernels -q -m gpu -x -p no:warnings 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  python3 -m pytest tests/kernels -q -m gpu -p no:warnings 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  python3 benchmarks/sync_check.py 2>&1 | tee "$OUT/sync-check.log"
 fi
 tsa-patch bench --output "$OUT/bench.json" --plot "$OUT/speedup.png" "$@" 2>"$OUT/bench.log"
 tail -45 "$OUT/bench.log"

@@ -23,10 +23,10 @@ from transformers.masking_utils import sdpa_mask
 from .block_sparse import block_sparse_prefill
 from .dense import dense_attention, sdpa_backend, softcapped_attention
 from .policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, TsaPolicy
-from .tsa import HAS_TRITON, tsa_attention
+from .tsa import HAS_TRITON, tsa_attention, tsa_attention_sync_free
 
-# Attribute of the attention module that holds the statistics of its last forward.
-_STATS_ATTR = "_tsa_last_forward"
+# Attribute of the attention module that holds the statistics of its last forward (``tsa_statistics``).
+STATS_ATTR = "_tsa_last_forward"
 # Set on the attention modules of models built by the TSA classes (modeling_tsa.py) or ``apply_policy_``.
 _RUNTIME_ATTR = "_tsa_runtime"
 # Attention-module attribute set by ``emulate_block_sparse_``.
@@ -35,6 +35,10 @@ _EMULATE_ATTR = "_tsa_emulate_block_sparse"
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
 # The paths a layer can take on one forward (``layer_path``).
 DENSE, SPARSE, BLOCK_SPARSE = "dense", "sparse", "block_sparse"
+# Full prefills shorter than this run TSA without a host synchronisation (``tsa.tsa_attention_sync_free``, Triton
+# on CUDA); longer ones read the kept count back once and attend on compact copies with cuDNN, which is faster
+# there and where one sync costs nothing. Measured on an H200 (benchmarks/README.md, "Sync-free path").
+SYNC_FREE_BELOW = 16384
 
 
 def policy_from_config(config) -> TsaPolicy:
@@ -129,7 +133,8 @@ def tsa_attention_forward(
     path = DENSE if module.training or windowed else layer_path(policy, call.layer, q_len, kv_len, call.block_backend)
     if path == DENSE:
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
-            setattr(module, _STATS_ATTR, _stats(module, DENSE, q_len, kv_len, None, None))
+            setattr(module, STATS_ATTR, layer_statistics(module, DENSE, q_len, kv_len, None, None))
+        kwargs.pop("softcap", None)  # in ``call`` already
         return dense_forward(module, query, key, value, attention_mask, scaling=call.scaling, softcap=call.softcap,
                              dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal, **kwargs), None
 
@@ -143,15 +148,16 @@ def tsa_attention_forward(
             outputs.append(out)
             kept.append(counts)
             densities.append(density)
-    setattr(module, _STATS_ATTR, _stats(module, path, q_len, kv_len, kept, densities))
+    setattr(module, STATS_ATTR, layer_statistics(module, path, q_len, kv_len, kept, densities))
     out = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
 
 
 def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
-                      ) -> tuple[Tensor, list[int] | None, float | None]:
+                      ) -> tuple[Tensor, list[int] | Tensor | None, float | None]:
     """One unpadded sequence, query (Hq, Lq, D), key/value (Hkv, Lk, D): its output (Lq, Hq, D), the kept count of
-    each selecting head (None unless TSA ran) and the block density (None unless the block-sparse kernel ran)."""
+    each selecting head (None unless TSA ran; a device tensor on the sync-free path) and the block density (None
+    unless the block-sparse kernel ran)."""
     path = layer_path(call.policy, call.layer, query.shape[1], key.shape[1], call.block_backend)
     block_density: list[float] = []
     attend = None
@@ -162,12 +168,15 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
             None, None
     if path == BLOCK_SPARSE:
         return attend(query, key, value).transpose(0, 1), None, block_density[0]
-    policy = call.policy
-    out, kept = tsa_attention(query, key, value, tau=call.layer.tau, window=policy.window,
-                              pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-                              selection=policy.selection, scaling=call.scaling, softcap=call.softcap,
-                              dense_backend=policy.dense_backend, backend=_stage_backend(query),
-                              keep_fraction=call.keep_fraction, attend=attend)
+    policy, backend = call.policy, _stage_backend(query)
+    options = dict(tau=call.layer.tau, window=policy.window, pool_kernel=policy.pool_kernel,
+                   min_tokens=policy.min_tokens, selection=policy.selection, scaling=call.scaling,
+                   coverage=policy.coverage, softcap=call.softcap, keep_fraction=call.keep_fraction, backend=backend)
+    full_prefill = query.shape[1] == key.shape[1]
+    if attend is None and backend == "triton" and full_prefill and key.shape[1] < SYNC_FREE_BELOW:
+        out, _, count = tsa_attention_sync_free(query, key, value, **options)
+        return out, count, None  # the counts stay on the device; tsa_statistics reads them when asked
+    out, kept = tsa_attention(query, key, value, dense_backend=policy.dense_backend, attend=attend, **options)
     return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None
 
 
@@ -318,7 +327,9 @@ def _block_sparse_attend(call: _Call, record: list):
     return attend
 
 
-def _stats(module, path: str, q_len: int, kv_len: int, kept: list | None, block_density: list | None) -> dict:
+def layer_statistics(module, path: str, q_len: int, kv_len: int, kept: list | None = None,
+                     block_density: list | None = None) -> dict:
+    """The statistics entry of one layer's forward (what ``tsa_statistics`` lists)."""
     return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept,
             "block_density": block_density}
 
@@ -332,7 +343,10 @@ def tsa_statistics(model: torch.nn.Module) -> list[dict]:
     too short or not reduced; ``None`` for a dense layer; and ``block_density``: for a block-sparse layer a list
     (one per sequence) of the kept fraction of the causal block map, ``None`` where the kernel did not run.
     """
-    found = [getattr(m, _STATS_ATTR) for m in model.modules() if hasattr(m, _STATS_ATTR)]
+    found = [getattr(m, STATS_ATTR) for m in model.modules() if hasattr(m, STATS_ATTR)]
+    for stats in found:  # the sync-free path leaves its counts on the device: read them now
+        if stats["kept"] is not None:
+            stats["kept"] = [c.tolist() if isinstance(c, Tensor) else c for c in stats["kept"]]
     return sorted(found, key=lambda s: s["layer"])
 
 

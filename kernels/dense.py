@@ -32,13 +32,36 @@ _SDPA_ORDER = {
 }
 
 
+# The flags SDPA's context manager sets, by its own names (torch.nn.attention._backend_names).
+_SDP_FLAGS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "mem_efficient": "EFFICIENT_ATTENTION",
+              "math": "MATH", "overrideable": "OVERRIDEABLE"}
+
+
 def sdpa_backend(backend: str, device: torch.device):
-    """Context that makes SDPA try the policy's backends in order (PyTorch's own choice off CUDA)."""
-    if device.type != "cuda":
+    """Context that makes SDPA try the policy's backends in order (PyTorch's own choice off CUDA).
+
+    Entering ``sdpa_kernel`` costs tens of microseconds of Python, and the runtime asks for it in every layer, so
+    when SDPA is already set that way (the TSA model's forward sets it once for all its layers) this is a no-op.
+    """
+    if device.type != "cuda" or _sdpa_already(backend):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]], set_priority=True)
+
+
+def _sdpa_already(backend: str) -> bool:
+    """Whether SDPA's flags and priority order are already those ``sdpa_kernel`` would set for ``backend``."""
+    from torch.nn.attention import SDPBackend
+
+    names = _SDPA_ORDER[backend]
+    try:
+        order = torch._C._get_sdp_priority_order()
+        if [int(backend) for backend in order[: len(names)]] != [int(getattr(SDPBackend, n)) for n in names]:
+            return False
+        return all(getattr(torch._C, f"_get_{flag}_sdp_enabled")() == (name in names) for flag, name in _SDP_FLAGS.items())
+    except AttributeError:  # a torch without these getters: always set the context
+        return False
 
 
 def causal_attention(query: Tensor, key: Tensor, value: Tensor, scaling: float, softcap: float | None = None

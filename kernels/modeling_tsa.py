@@ -8,6 +8,8 @@ The weights and every other behaviour are the native model's. No I/O, no network
 
 from __future__ import annotations
 
+import functools
+
 from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -18,10 +20,26 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .attention import emulate_block_sparse_, mark_tsa_runtime_, register_tsa_attention, tsa_statistics
+from .attention import (emulate_block_sparse_, mark_tsa_runtime_, policy_from_config, register_tsa_attention,
+                        tsa_statistics)
+from .dense import sdpa_backend
 from .policy import ATTENTION_KEY
 
 register_tsa_attention()
+
+
+def _with_sdpa_order(forward):
+    """The native forward; running TSA, with SDPA's backend order set once for all layers rather than in each (that
+    costs tens of microseconds a layer). ``functools.wraps`` keeps the native signature, which generate() reads."""
+
+    @functools.wraps(forward)
+    def tsa_forward(self, *args, **kwargs):
+        if self.config._attn_implementation != ATTENTION_KEY:  # e.g. attn_implementation="sdpa": the native model
+            return forward(self, *args, **kwargs)
+        with sdpa_backend(policy_from_config(self.config).dense_backend, self.device):
+            return forward(self, *args, **kwargs)
+
+    return tsa_forward
 
 
 class _TsaMixin:
@@ -32,6 +50,10 @@ class _TsaMixin:
             config._attn_implementation_internal = ATTENTION_KEY
         super().__init__(config, *args, **kwargs)
         mark_tsa_runtime_(self)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.forward = _with_sdpa_order(super(_TsaMixin, cls).forward)
 
     def emulate_block_sparse(self, enabled: bool = True):
         """Without CUDA, run block-sparse layers' block selection in PyTorch (slow; what a GPU computes) instead of

@@ -7,8 +7,8 @@ It imports nothing beyond the standard library.
 A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone JSON file written by
 ``tsa-patch calibrate``::
 
-    {"format_version": 1, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
-     "selection": "query_head", "dense_backend": "auto",
+    {"format_version": 2, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
+     "selection": "query_head", "coverage": "paper", "dense_backend": "auto",
      "block_size": 128, "block_gamma": 0.95, "block_min_budget": 1024, "block_js_threshold": 0.1,
      "layers": [{"enabled": false, "tau": 0.0, "kernel": "dense"},
                 {"enabled": true, "tau": 0.005, "kernel": "block_sparse"}, ...],
@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-POLICY_FORMAT_VERSION = 1
+# Version 2 added ``coverage`` (version 1 policies are read with the rule their runtime used, "normalized").
+POLICY_FORMAT_VERSION = 2
 # Attention and mask functions are registered under this key. The registry is process-global, so the key
 # carries the format version: two checkpoints with incompatible runtimes never overwrite each other.
 ATTENTION_KEY = f"tsa_v{POLICY_FORMAT_VERSION}"
@@ -29,6 +30,10 @@ CONFIG_KEY = "tsa_policy"
 # "query_head": each query head keeps its own tokens; K/V are expanded to the query heads (the paper's choice).
 # "kv_group": the query heads sharing a KV head vote together and keep one token set; K/V are never expanded.
 SELECTION_MODES = ("query_head", "kv_group")
+# How Dynamic Token Coverage counts the tokens to drop (``reference.kept_count_ref``): "paper" is the authors' rule
+# (the mean of the heads' raw pooled scores, normalised; the tail below tau plus one token); "normalized" is a
+# variant of ours (the mean of per-head normalised distributions; the tail below tau).
+COVERAGE_RULES = ("paper", "normalized")
 # Dense attention kernel used on the compressed tensors (and on dense layers). "auto" prefers cuDNN, then
 # flash, then memory-efficient SDPA on CUDA (the order measured fastest on H200); "flash_attn" uses the
 # flash-attn package when installed. On CPU every value means PyTorch's default choice.
@@ -41,8 +46,8 @@ KERNELS = ("dense", "block_sparse")
 
 # The policy's knobs besides its layers: what calibration copies into every policy it writes, and what the CLI
 # offers as options (their defaults are TsaPolicy's).
-POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "dense_backend",
-                "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
+POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "coverage",
+                "dense_backend", "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class TsaPolicy:
             prompts are never reduced to a handful of tokens.
         activation_length: sequences shorter than this run dense; TSA's scoring cost is not repaid on them.
         selection: one of ``SELECTION_MODES`` (how GQA heads choose tokens).
+        coverage: one of ``COVERAGE_RULES`` (how many tokens a layer drops for its tau).
         dense_backend: one of ``DENSE_BACKENDS``.
         block_size: block-sparse layers: tokens per block (a power of two, at least 16; FlexPrefill: 128).
         block_gamma: block-sparse layers: attention mass the kept blocks cover, in (0, 1] (paper: 0.95).
@@ -102,6 +108,7 @@ class TsaPolicy:
     min_tokens: int = 1024
     activation_length: int = 2048
     selection: str = "query_head"
+    coverage: str = "paper"
     dense_backend: str = "auto"
     block_size: int = 128
     block_gamma: float = 0.95
@@ -131,6 +138,7 @@ class TsaPolicy:
         _check(_is_int(self.activation_length) and self.activation_length > self.window, "activation_length",
                self.activation_length, f"use an integer larger than window ({self.window})")
         _check(self.selection in SELECTION_MODES, "selection", self.selection, f"use one of {list(SELECTION_MODES)}")
+        _check(self.coverage in COVERAGE_RULES, "coverage", self.coverage, f"use one of {list(COVERAGE_RULES)}")
         _check(self.dense_backend in DENSE_BACKENDS, "dense_backend", self.dense_backend,
                f"use one of {list(DENSE_BACKENDS)}")
         _check(_is_int(self.block_size) and self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
@@ -179,6 +187,9 @@ class TsaPolicy:
         unknown = sorted(set(data) - known)
         _check(not unknown, "policy", unknown, f"remove the unknown keys; known keys are {sorted(known)}")
         _check("format_version" in data, "format_version", "missing", f"add \"format_version\": {POLICY_FORMAT_VERSION}")
+        if data["format_version"] == 1:  # version 1 had no coverage field; its runtime used the "normalized" rule
+            _check("coverage" not in data, "coverage", data.get("coverage"), "format_version 1 has no coverage field")
+            data = {**data, "format_version": POLICY_FORMAT_VERSION, "coverage": "normalized"}
         _check("layers" in data, "layers", "missing", "give one {\"enabled\", \"tau\"} entry per decoder layer")
         _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")
         layers = []

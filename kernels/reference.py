@@ -67,43 +67,99 @@ def score_keys_ref(query: Tensor, key: Tensor, window: int, scaling: float, soft
 
 
 def smooth_scores_ref(scores: Tensor, pool_kernel: int) -> Tensor:
-    """Average-pool the scores over ``pool_kernel`` neighbouring tokens (zero-padded edges, as the paper) and
-    normalise each head to a distribution. scores (Hs, C) -> (Hs, C) float32, each row summing to 1."""
-    pooled = F.avg_pool1d(scores.float()[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2)[:, 0]
-    return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    """Average-pool the scores over ``pool_kernel`` neighbouring tokens (zero-padded edges, as the paper).
+    scores (Hs, C) -> (Hs, C) float32 pooled scores (not normalised: each coverage rule normalises as it needs,
+    and a head's top-K does not depend on its scale)."""
+    return F.avg_pool1d(scores.float()[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2)[:, 0]
 
 
-def select_tokens_ref(distribution: Tensor, seq_len: int, tau: float, min_tokens: int,
+def kept_count_ref(pooled: Tensor, tau: float, min_tokens: int, coverage: str = "paper",
+                   keep: int | None = None) -> Tensor:
+    """Dynamic Token Coverage: how many candidates every head keeps, as a 0-dim int64 tensor on the scores' device
+    (no host synchronisation).
+
+    The least-important tail of the head-averaged distribution whose cumulative mass stays below ``tau`` is
+    dropped. ``coverage`` is how heads are averaged and how much is dropped:
+
+    - "paper" (the authors' code, reference/paper.md section 3.3): the mean over heads of the raw pooled scores,
+      normalised; the tail of n tokens with cumulative mass < tau, plus one more (mass >= tau), is dropped, and
+      nothing when n = 0.
+    - "normalized" (a variant of ours): the mean over heads of each head's normalised distribution (every head
+      counts equally, however little mass it puts on the candidates); the n tokens are dropped. With it, the
+      head-averaged kept mass is at least 1 - tau.
+
+    The count is at least ``min_tokens`` and at most ``C``; ``keep`` forces it (benchmarks at a stated operating
+    point still pay for the coverage computation).
+
+    Args:
+        pooled: (Hs, C) pooled scores (``smooth_scores_ref``).
+        tau: coverage threshold in [0, 1); 0 keeps every candidate.
+        min_tokens: floor on the count (paper: 1024).
+        coverage: "paper" or "normalized".
+        keep: force the count instead of deriving it from ``tau``; None (the default) applies the rule.
+    """
+    candidates = pooled.shape[1]
+    if coverage == "paper":
+        mean = pooled.mean(dim=0)
+        averaged = mean / (mean.sum() + 1e-8)  # the authors' normalisation, eps included
+    else:
+        averaged = (pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)).mean(dim=0)
+    tail_mass = torch.sort(averaged).values.cumsum(dim=0)  # ascending: least important first
+    below = torch.searchsorted(tail_mass, tau)  # 0-dim: the tail tokens whose cumulative mass stays below tau
+    dropped = torch.where(below > 0, below + 1, below) if coverage == "paper" else below
+    count = candidates - dropped if keep is None else torch.full_like(dropped, keep)
+    return count.clamp(max(0, min(min_tokens, candidates)), candidates)
+
+
+def select_tokens_ref(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
                       keep: int | None = None) -> Tensor:
     """Dynamic Token Coverage: how many tokens to keep (per layer) and which ones (per head).
 
-    From the head-averaged distribution, the least-important tail whose total mass is below ``tau`` is
-    dropped; that fixes ``K`` (at least ``min_tokens``, at most ``C``). Each head then keeps its own top-``K``
-    candidates, and every head keeps the tail ``[C, seq_len)``.
-
-    Because the head average is taken over normalised per-head distributions and each head keeps its own
-    top-``K``, the head-averaged kept mass is at least ``1 - tau``.
+    ``kept_count_ref`` fixes ``K``; each head then keeps its own top-``K`` candidates, and every head keeps the
+    tail ``[C, seq_len)``. The count is read back to the host once (it sizes the compact tensors): the one host
+    synchronisation of this path (``select_tokens_padded_ref`` has none).
 
     Args:
-        distribution: (Hs, C) per-head distributions over the candidates (``smooth_scores_ref``).
+        pooled: (Hs, C) pooled scores (``smooth_scores_ref``).
         seq_len: sequence length ``Lk``; the tail ``[C, Lk)`` is always kept.
-        tau: coverage threshold in [0, 1); 0 keeps every token.
-        min_tokens: floor on ``K`` (paper: 1024).
-        keep: force ``K`` instead of deriving it from ``tau`` (benchmarks at a stated operating point);
-            None (the default) applies Dynamic Token Coverage.
+        tau, min_tokens, coverage, keep: as for ``kept_count_ref``.
 
     Returns:
         kept_indices: (Hs, K + T) int64, ascending per head.
     """
-    num_heads, candidates = distribution.shape
-    tail_mass = torch.sort(distribution.mean(dim=0)).values.cumsum(dim=0)  # ascending: least important first
-    # number of tail tokens whose cumulative mass stays below tau; .item() is the one host sync of the layer
-    coverage_keep = candidates - int(torch.searchsorted(tail_mass, tau))
-    # A forced count still pays for the coverage computation above, so benchmarks time the real work.
-    keep = min(candidates, max(min_tokens, coverage_keep if keep is None else keep))
-    top = distribution.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (Hs, K)
-    tail = torch.arange(candidates, seq_len, device=distribution.device).expand(num_heads, -1)  # (Hs, T)
+    num_heads, candidates = pooled.shape
+    keep = int(kept_count_ref(pooled, tau, min_tokens, coverage, keep))  # the host sync
+    top = pooled.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (Hs, K)
+    tail = torch.arange(candidates, seq_len, device=pooled.device).expand(num_heads, -1)  # (Hs, T)
     return torch.cat([top, tail], dim=-1)
+
+
+def select_tokens_padded_ref(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
+                             keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """``select_tokens_ref`` without a host synchronisation: the kept positions in a buffer sized for keeping
+    everything, and their count on the device.
+
+    Each head's top-``K`` candidates are marked (a stable descending sort ranks them; ties go to the earlier
+    token), and a prefix sum over the mask writes them in ascending order, followed by the tail.
+
+    Returns:
+        kept: (Hs, Lk) int64; row h holds its ``count[h]`` kept positions in ascending order, then padding
+            (``Lk - 1``, never read).
+        count: (Hs,) int64 on the device, ``K + T`` for every head.
+    """
+    num_heads, candidates = pooled.shape
+    device = pooled.device
+    keep_count = kept_count_ref(pooled, tau, min_tokens, coverage, keep)  # 0-dim, on the device
+    order = pooled.argsort(dim=-1, descending=True, stable=True)  # (Hs, C)
+    ranked = (torch.arange(candidates, device=device) < keep_count).expand(num_heads, -1)
+    mask = torch.zeros(num_heads, candidates, dtype=torch.bool, device=device).scatter_(1, order, ranked)
+    slots = torch.where(mask, mask.cumsum(dim=-1) - 1, seq_len)  # ascending slot of each kept candidate
+    kept = torch.full((num_heads, seq_len + 1), seq_len - 1, dtype=torch.int64, device=device)  # + a discard column
+    positions = torch.arange(seq_len, device=device)
+    kept.scatter_(1, slots, positions[:candidates].expand(num_heads, -1))
+    tail_slots = (keep_count + torch.arange(seq_len - candidates, device=device)).expand(num_heads, -1)
+    kept.scatter_(1, tail_slots, positions[candidates:].expand(num_heads, -1))
+    return kept[:, :seq_len], (keep_count + seq_len - candidates).expand(num_heads).clone()
 
 
 def query_rows(kept: Tensor, num_heads: int, q_len: int, kv_len: int) -> Tensor:
@@ -152,3 +208,39 @@ def decompress_ref(out_c: Tensor, rows: Tensor, q_len: int) -> Tensor:
     out = out_c.new_zeros(num_heads, q_len, head_dim)
     out.scatter_(1, rows[:, :, None].expand(-1, -1, head_dim), out_c)
     return out.transpose(0, 1)  # (Lq, Hq, D) view
+
+
+def gathered_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
+                           softcap: float | None = None) -> Tensor:
+    """Compress, attend and decompress in one step: the PyTorch twin of ``triton_gather.gathered_attention``.
+
+    For every query head h and its selecting head s (``s = h`` in "query_head" mode, ``h // G`` in "kv_group"
+    mode), the first ``count[s]`` positions of ``kept[s]`` are its tokens: each attends causally to the kept
+    tokens up to itself; every other row of head h is 0. Full prefills only (``Lq == Lk``).
+
+    Args:
+        query: (Hq, L, D); key, value: (Hkv, L, D).
+        kept: (Hs, M) ascending positions per selecting head in the first ``count`` entries (``M >= count``).
+        count: (Hs,) int64 number of kept positions per selecting head (read back to the host here: this twin is
+            a reference, not the sync-free path).
+        scaling, softcap: as for ``score_keys_ref``.
+
+    Returns:
+        (L, Hq, D), the layout transformers expects.
+    """
+    num_heads, seq_len, head_dim = query.shape
+    selecting, kv_heads = kept.shape[0], key.shape[0]
+    out = query.new_zeros(seq_len, num_heads, head_dim)
+    for h in range(num_heads):
+        s = h if selecting == num_heads else h // (num_heads // selecting)
+        positions = kept[s, : int(count[s])]
+        q = query[h, positions].float()  # (K', D)
+        k = key[h // (num_heads // kv_heads), positions].float()
+        v = value[h // (num_heads // kv_heads), positions].float()
+        logits = q @ k.T * scaling  # (K', K')
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        causal = torch.ones_like(logits, dtype=torch.bool).tril()
+        weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        out[positions, h] = (weights @ v).to(out.dtype)
+    return out

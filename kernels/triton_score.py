@@ -21,7 +21,7 @@ from .triton_import import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def _logits_log2(q, k, scaling, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    def logits_log2(q, k, scaling, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
         # q k^T * scaling, capped as SOFTCAP * tanh(x / SOFTCAP) when SOFTCAP > 0, in log2 units (for exp2)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
         if SOFTCAP > 0:
@@ -48,7 +48,7 @@ if HAS_TRITON:
             offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            s = _logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
+            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             visible = (offs_n[None, :] < kv_len) & (offs_n[None, :] <= query_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -88,10 +88,14 @@ if HAS_TRITON:
                 m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
                 l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
             inv_l = 1.0 / tl.where(offs_w < window, l, 1.0)
-            s = _logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
+            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
         tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
+
+
+if not HAS_TRITON:
+    logits_log2 = None  # the Triton helper exists only with Triton (triton_gather imports the name)
 
 
 def _block_d(head_dim: int) -> int:

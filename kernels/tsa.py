@@ -2,11 +2,19 @@
 
     score -> smooth -> coverage -> select -> compress -> attend -> decompress
 
-The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in the Triton
-twins of the scoring, smoothing, compression and decompression stages (CUDA). Coverage and selection are the same
-PyTorch code on both (sort, cumulative sum and top-k run on the GPU with one host sync for the kept count). Attention on the compact
-tensors is the policy's dense kernel (``dense.py``: SDPA with cuDNN first, or flash-attn) unless the caller
-passes another causal kernel as ``attend`` (the block-sparse kernel of ``block_sparse.py``).
+Two paths give the same result (the same kept tokens; the attention up to rounding):
+
+- ``tsa_attention`` reads the kept count back to the host once (it sizes compact copies of Q, K and V), then runs
+  the policy's dense kernel on them (``dense.py``: SDPA with cuDNN first, or flash-attn) unless the caller passes
+  another causal kernel as ``attend`` (the block-sparse kernel). At long prompts the one sync is nothing and cuDNN
+  is the fastest kernel there is.
+- ``tsa_attention_sync_free`` keeps the count on the device: the selection writes the kept positions into a
+  buffer sized for keeping every token, and one kernel attends by index over them and scatters its rows back
+  (``triton_gather.py``). Nothing waits for the GPU, so the CPU keeps queueing work ahead of it: what pays at
+  short prompts, where the launches, not the FLOPs, set the time.
+
+The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in their Triton
+twins (CUDA). Coverage and selection are the same PyTorch code on both.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .dense import dense_attention
-from .reference import compress_ref, decompress_ref, query_rows, score_keys_ref, select_tokens_ref, smooth_scores_ref
+from .reference import (compress_ref, decompress_ref, gathered_attention_ref, query_rows, score_keys_ref,
+                        select_tokens_padded_ref, select_tokens_ref, smooth_scores_ref)
+from .triton_gather import gathered_attention
 from .triton_import import HAS_TRITON
 from .triton_rows import compress, decompress
 from .triton_score import score_keys
@@ -30,18 +40,21 @@ class Stages:
     """The swappable stages of one backend (the PyTorch reference, or their Triton twins with equal signatures)."""
 
     score: Callable  # (query, key, window, scaling, softcap) -> (Hq, Lk - W) scores
-    smooth: Callable  # (scores, pool_kernel) -> (Hs, C) per-head distributions
+    smooth: Callable  # (scores, pool_kernel) -> (Hs, C) pooled scores
     compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
     decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
+    gathered: Callable  # (query, key, value, kept, count, scaling, softcap) -> (L, Hq, D): the sync-free attention
 
 
 STAGES = {
-    "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, compress=compress_ref, decompress=decompress_ref),
-    "triton": Stages(score=score_keys, smooth=smooth_scores, compress=compress, decompress=decompress),
+    "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, compress=compress_ref, decompress=decompress_ref,
+                    gathered=gathered_attention_ref),
+    "triton": Stages(score=score_keys, smooth=smooth_scores, compress=compress, decompress=decompress,
+                     gathered=gathered_attention),
 }
 
 
-def token_distribution(
+def token_scores(
     query: Tensor,
     key: Tensor,
     *,
@@ -52,18 +65,17 @@ def token_distribution(
     softcap: float | None = None,
     backend: str = "torch",
 ) -> Tensor:
-    """Steps 1-2: score the candidate tokens with the last ``window`` queries, smooth, normalise per head.
+    """Steps 1-2: score the candidate tokens with the last ``window`` queries, and smooth the scores.
 
     Args:
         query: (Hq, Lq, D) after RoPE, the last ``Lq`` positions; key: (Hkv, Lk, D).
         window, pool_kernel, scaling, softcap: as for ``tsa_attention``.
-        selection: "query_head" gives one distribution per query head, "kv_group" one per KV head (the mean of
-            its query heads' scores).
+        selection: "query_head" gives scores per query head, "kv_group" per KV head (the mean of its query heads').
         backend: "torch" or "triton".
 
     Returns:
-        (Hs, C) float32 distributions over the ``C`` candidates: ``Lk - window`` for a full prefill, the
-        ``Lk - Lq`` earlier tokens for a chunk.
+        (Hs, C) float32 pooled scores of the ``C`` candidates: ``Lk - window`` for a full prefill, the ``Lk - Lq``
+        earlier tokens for a chunk.
     """
     stages = STAGES[backend]
     num_heads, q_len, _ = query.shape
@@ -79,28 +91,29 @@ def sparse_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    distribution: Tensor,
+    pooled: Tensor,
     *,
     tau: float,
     min_tokens: int,
     scaling: float,
+    coverage: str = "paper",
     softcap: float | None = None,
     dense_backend: str = "auto",
     keep_fraction: float | None = None,
     backend: str = "torch",
     attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Steps 3-7 for one ``tau``: coverage, selection, compression, attention, decompression.
+    """Steps 3-7 for one ``tau``: coverage, selection, compression, attention, decompression (one host sync).
 
-    Shapes and arguments as for ``tsa_attention``; ``distribution`` comes from ``token_distribution`` (one
-    distribution serves every ``tau``, which calibration exploits).
+    Shapes and arguments as for ``tsa_attention``; ``pooled`` comes from ``token_scores`` (one set of scores
+    serves every ``tau``, which calibration exploits).
     """
     stages = STAGES[backend]
     num_heads, q_len, _ = query.shape
     kv_len = key.shape[1]
     # 3-4. coverage (how many tokens) and selection (which ones).
-    keep = None if keep_fraction is None else round(keep_fraction * distribution.shape[1])
-    kept = select_tokens_ref(distribution, kv_len, tau, min_tokens, keep)  # (Hs, K')
+    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
+    kept = select_tokens_ref(pooled, kv_len, tau, min_tokens, coverage, keep)  # (Hs, K')
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
     query_c, key_c, value_c = stages.compress(query, key, value, kept, rows)
@@ -125,6 +138,7 @@ def tsa_attention(
     min_tokens: int,
     selection: str,
     scaling: float,
+    coverage: str = "paper",
     softcap: float | None = None,
     dense_backend: str = "auto",
     keep_fraction: float | None = None,
@@ -141,7 +155,8 @@ def tsa_attention(
     Args:
         query: (Hq, Lq, D) after RoPE, the last ``Lq`` positions.
         key, value: (Hkv, Lk, D), the whole sequence (nothing is evicted from the KV cache).
-        tau, window, pool_kernel, min_tokens: Dynamic Token Coverage knobs (``reference.select_tokens_ref``).
+        tau, window, pool_kernel, min_tokens, coverage: Dynamic Token Coverage knobs
+            (``reference.kept_count_ref``).
         selection: "query_head" (each query head keeps its own tokens; K/V rows are gathered per query head, as
             in the paper) or "kv_group" (the query heads of a KV group average their scores and share one set,
             so K/V stay at Hkv heads).
@@ -159,8 +174,42 @@ def tsa_attention(
             keys; a dropped row is exactly 0.
         kept_indices: (Hs, K') ascending positions in ``[0, Lk)``.
     """
-    distribution = token_distribution(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
-                                      scaling=scaling, softcap=softcap, backend=backend)
-    return sparse_attention(query, key, value, distribution, tau=tau, min_tokens=min_tokens, scaling=scaling,
-                            softcap=softcap, dense_backend=dense_backend, keep_fraction=keep_fraction, backend=backend,
-                            attend=attend)
+    pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
+                          scaling=scaling, softcap=softcap, backend=backend)
+    return sparse_attention(query, key, value, pooled, tau=tau, min_tokens=min_tokens, scaling=scaling,
+                            coverage=coverage, softcap=softcap, dense_backend=dense_backend,
+                            keep_fraction=keep_fraction, backend=backend, attend=attend)
+
+
+def tsa_attention_sync_free(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    tau: float,
+    window: int,
+    pool_kernel: int,
+    min_tokens: int,
+    selection: str,
+    scaling: float,
+    coverage: str = "paper",
+    softcap: float | None = None,
+    keep_fraction: float | None = None,
+    backend: str = "triton",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``tsa_attention`` for a full prefill (``Lq == Lk``) without a host synchronisation (same arguments).
+
+    Returns:
+        out: (L, Hq, D), as ``tsa_attention``'s.
+        kept: (Hs, L) int64 buffer; row h holds its kept positions, ascending, in its first ``count[h]`` entries.
+        count: (Hs,) int64 on the device.
+    """
+    pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
+                          scaling=scaling, softcap=softcap, backend=backend)
+    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
+    kept, count = select_tokens_padded_ref(pooled, key.shape[1], tau, min_tokens, coverage, keep)
+    return STAGES[backend].gathered(query, key, value, kept, count, scaling, softcap), kept, count
+
+
+__all__ = ["HAS_TRITON", "STAGES", "Stages", "sparse_attention", "token_scores", "tsa_attention",
+           "tsa_attention_sync_free"]

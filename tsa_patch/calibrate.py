@@ -16,6 +16,7 @@ Lifecycle (the model is loaded by the caller; every step is a module of ``tsa_pa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ MAX_SEQ_LEN = 131072
 METHODS = ("budget", "drift")
 # The paper's rule, evaluated next to every budget calibration for comparison.
 PAPER_TAU, PAPER_DELTA = 0.005, 0.5
+# Where no timing on a CUDA GPU decides it, TSA engages from this prompt length: the longest crossover measured on an
+# H200 for the models of benchmarks/README.md (below it a sparse layer may cost more than it saves there).
+CONSERVATIVE_ACTIVATION_LENGTH = 8192
 _KNOBS = knob_defaults()
 
 __all__ = ["DEFAULT_MAX_KL", "CalibrationConfig", "CalibrationResult", "calibrate"]
@@ -64,7 +68,11 @@ class CalibrationConfig:
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
         block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
             kernel (lowest drift first). Without CUDA the block selection is emulated in PyTorch while measuring.
-        window ... block_js_threshold: the policy's knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
+        activation_length: prompts shorter than this run dense. None (the default): the paper's
+            ``min_tokens + window + 1`` for the drift method; for the budget method the shortest length from which
+            the sparse layers, timed against dense on this machine, are never slower (on CUDA), or
+            ``CONSERVATIVE_ACTIVATION_LENGTH`` without a CUDA GPU (CPU timings say nothing about a GPU's).
+        window ... block_js_threshold: the policy's other knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
             ``TsaPolicy``), copied into the policy.
     """
 
@@ -85,17 +93,25 @@ class CalibrationConfig:
     window: int = _KNOBS["window"]
     pool_kernel: int = _KNOBS["pool_kernel"]
     min_tokens: int = _KNOBS["min_tokens"]
-    activation_length: int = _KNOBS["activation_length"]
+    activation_length: int | None = None
     selection: str = _KNOBS["selection"]
+    coverage: str = _KNOBS["coverage"]
     dense_backend: str = _KNOBS["dense_backend"]
     block_size: int = _KNOBS["block_size"]
     block_gamma: float = _KNOBS["block_gamma"]
     block_min_budget: int = _KNOBS["block_min_budget"]
     block_js_threshold: float = _KNOBS["block_js_threshold"]
 
-    def policy_options(self) -> dict:
-        """The policy knobs, as keyword arguments of ``TsaPolicy``."""
-        return {name: getattr(self, name) for name in POLICY_KNOBS}
+    def policy_options(self, **knobs) -> dict:
+        """The policy knobs, as keyword arguments of ``TsaPolicy`` (``knobs`` override them); an activation length
+        left to calibration is the paper's while it measures."""
+        options = {name: getattr(self, name) for name in POLICY_KNOBS}
+        options["activation_length"] = options["activation_length"] or self.paper_activation_length()
+        return {**options, **knobs}
+
+    def paper_activation_length(self) -> int:
+        """The authors sparsify prompts longer than ``min_tokens + window``."""
+        return self.min_tokens + self.window + 1
 
     def data_record(self) -> dict:
         return {"data": self.data, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
@@ -191,11 +207,11 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise PolicyError(str(err)) from None
 
 
-def _policy(taus, config: CalibrationConfig, source_model, provenance: dict, block_layers=()) -> TsaPolicy:
+def _policy(taus, config: CalibrationConfig, source_model, provenance: dict, block_layers=(), **knobs) -> TsaPolicy:
     layers = tuple(LayerPolicy(enabled=tau > 0, tau=tau, kernel="block_sparse" if i in block_layers else "dense")
                    for i, tau in enumerate(taus))
     return TsaPolicy(layers=layers, tool_version=__version__, source_model=source_model, calibration=provenance,
-                     **config.policy_options())
+                     **config.policy_options(**knobs))
 
 
 def _windowed(model, config: CalibrationConfig) -> set[int]:
@@ -213,33 +229,68 @@ def _drift_rule(model, config, samples, source_model, start) -> CalibrationResul
     taus = [config.tau if i in chosen else 0.0 for i in range(len(drift))]
     provenance = {"method": "representation-drift", **config.data_record(), "tau": config.tau,
                   "delta": config.delta, "drift": [round(d, 6) for d in drift]}
-    return CalibrationResult(policy=_policy(taus, config, source_model, provenance), drift=drift)
+    return CalibrationResult(policy=_policy(taus, config, source_model, provenance), drift=drift)  # paper's knobs
 
 
 def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, start) -> CalibrationResult:
-    from tsa_patch.calibration.drift import recording_drift
+    from tsa_patch.calibration.drift import DriftRecorder, recording_drift
     from tsa_patch.calibration.endtoend import EndToEnd
     from tsa_patch.calibration.front import pareto_policies
-    from tsa_patch.calibration.measure import TAU_GRID, measure_layers
+    from tsa_patch.calibration.measure import measuring, new_measurements
 
     calibration, held_out = samples[: config.samples], samples[config.samples :]
     template = TsaPolicy.uniform(model.config.num_hidden_layers, 0.0, **config.policy_options())
-    step = start(f"Measuring {model.config.num_hidden_layers} layers x {len(TAU_GRID)} taus on {len(calibration)} x "
-                 f"{config.seq_len} tokens", len(calibration))
-    with recording_drift(model) as drift_recorder:
-        measurements = measure_layers(model, [s[: config.seq_len] for s in calibration], template, on_sample=step)
+    measurements = new_measurements(model.config.num_hidden_layers)
+    drift_recorder = DriftRecorder(model.config.num_hidden_layers)
+
+    @contextlib.contextmanager
+    def measured_prefill():  # the per-layer measurement and the drift ride on the dense calibration prefills
+        with recording_drift(model, drift_recorder), measuring(model, measurements, template):
+            yield
+
+    judge = EndToEnd(model, {"calibration": calibration, "held_out": held_out}, config.seq_len, config.seed,
+                     lambda taus, blocks, **knobs: _policy(taus, config, source_model, {}, blocks, **knobs), start,
+                     measure=measured_prefill)
     drift = drift_recorder.mean()
     front = pareto_policies(measurements)
-    judge = EndToEnd(model, {"calibration": calibration, "held_out": held_out}, config.seq_len, config.seed,
-                     lambda taus, blocks: _policy(taus, config, source_model, {}, blocks), start)
     report = _search(model, config, measurements, front, drift, judge, start)
     block_layers = ()
     if config.block_sparse:
         report.block_sparse = _block_sparse(model, config, report, drift, judge, start)
         block_layers = report.block_sparse["layers"]
-    taus, report = report.chosen.candidate.taus, report.to_dict()
-    return CalibrationResult(policy=_policy(taus, config, source_model, report, block_layers), drift=drift,
-                             report=report)
+    taus = report.chosen.candidate.taus
+    activation = config.activation_length
+    if activation is None:
+        report.speed = _speed(model, config, _policy(taus, config, source_model, {}, block_layers), calibration[0],
+                              start)
+        activation = report.speed["activation_length"]
+    report = report.to_dict()
+    policy = _policy(taus, config, source_model, report, block_layers, activation_length=activation)
+    return CalibrationResult(policy=policy, drift=drift, report=report)
+
+
+def _speed(model, config: CalibrationConfig, policy: TsaPolicy, sample: list[int], start) -> dict:
+    """On CUDA, time the sparse layers against dense at a ladder of lengths and take the activation length from it;
+    elsewhere the conservative default (a CPU's timings say nothing about a GPU's)."""
+    import torch
+
+    from tsa_patch.calibration.speed import activation_from, ladder, measure_speed
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return {"device": "cpu", "activation_length": CONSERVATIVE_ACTIVATION_LENGTH,
+                "rule": "conservative default: no CUDA GPU to time the sparse layers on"}
+    lengths = ladder(config.seq_len)
+    step = start(f"Timing the sparse layers against dense at {len(lengths)} lengths", 1)
+    speed = {"lengths": lengths, "dense_ms": [], "tsa_ms": [], "layers": {}}
+    if policy.sparse_layers or policy.block_sparse_layers:
+        speed = measure_speed(model, sample, policy, lengths)
+    measured = activation_from(speed) if speed["tsa_ms"] else None
+    if step is not None:
+        step()
+    return {**speed, "device": torch.cuda.get_device_name(device), "measured_activation_length": measured,
+            "activation_length": measured if measured is not None else config.seq_len + 1,
+            "rule": "shortest ladder length from which the sparse layers are never slower than dense"}
 
 
 def _search(model, config: CalibrationConfig, measurements, front, drift, judge, start):
@@ -251,9 +302,10 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
 
     paper_layers = sorted(set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config))
     paper_taus = [PAPER_TAU if i in paper_layers else 0.0 for i in range(len(drift))]
+    paper_knobs = dict(coverage="paper", activation_length=config.paper_activation_length())  # the authors' rule
     paper = PaperRule(tau=PAPER_TAU, delta=PAPER_DELTA, layers=paper_layers,
                       attention_removed=attention_removed(measurements, paper_taus),
-                      calibration=judge.metrics(paper_taus, "calibration"), held_out={})
+                      calibration=judge.metrics(paper_taus, "calibration", **paper_knobs), held_out={})
     budget = (Budget.matching(paper.calibration["kl"]) if config.match_paper
               else Budget.from_options(config.max_kl, config.min_agreement, config.target_speedup))
     evaluations: dict[int, dict] = {}
@@ -270,7 +322,7 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
 
     search_step = start("Searching the accuracy/savings front end to end", MAX_SEARCH_EVALUATIONS)
     chosen = search_front(front, budget, measure, config.seq_len, search_step)
-    paper.held_out = judge.metrics(paper_taus, "held_out")
+    paper.held_out = judge.metrics(paper_taus, "held_out", **paper_knobs)
     if config.match_paper:  # equal accuracy means equal on the held-out text too, not the calibration text's KL
         budget = budget.with_held_out(paper.held_out["kl"])
     chosen, held, held_evaluations = back_off(front, chosen, budget,

@@ -44,6 +44,7 @@ class EvalConfig:
         perplexity_samples: held-out texts per length for perplexity (0 skips it).
         continuation: tokens scored after each perplexity prefix, at least 1.
         perplexity_data: text for perplexity (default: Paul Graham essays).
+        batch_size: prompts generated together (left-padded; each sequence chooses its own tokens, as alone).
 
     Raises:
         DataError: any of these is out of range (checked here, before a model is loaded).
@@ -56,6 +57,7 @@ class EvalConfig:
     perplexity_samples: int = 2
     continuation: int = 64
     perplexity_data: str = DEFAULT_EVALUATION_DATA
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -69,7 +71,7 @@ class EvalConfig:
             raise DataError(f"--lengths must be integers of at least {MIN_EVAL_LENGTH} tokens (a prompt holds the "
                             f"question, the answer prefix and a haystack); got {list(self.lengths)}.")
         for name, value, least in (("samples", self.samples, 1), ("perplexity-samples", self.perplexity_samples, 0),
-                                   ("continuation", self.continuation, 1)):
+                                   ("continuation", self.continuation, 1), ("batch-size", self.batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise DataError(f"--{name} must be at least {least}; got {value}.")
 
@@ -92,11 +94,23 @@ class TaskResult:
         return self.tsa - self.dense
 
 
-def _generate(model, ids: torch.Tensor, max_new_tokens: int, implementation: str, pad_token_id) -> torch.Tensor:
+def _generate(model, prompts: list[list[int]], max_new_tokens: int, implementation: str, pad_token_id
+              ) -> tuple[list[list[int]], list[dict]]:
+    """Greedy continuations of a batch of prompts (left-padded), and what each sequence's prefill computed
+    (``attention_summary`` of the TSA statistics; meaningless for a dense implementation)."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_token_id, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[b, width - len(prompt):] = 1
     model.set_attn_implementation(implementation)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
-    return out[0, ids.shape[1]:]
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_token_id)
+    statistics = tsa_statistics(model) if implementation == ATTENTION_KEY else []
+    return [row.tolist() for row in out[:, width:]], [attention_summary(statistics, b) for b in range(len(prompts))]
 
 
 def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int], Callable[[], None]] | None = None
@@ -116,45 +130,76 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: Callable[[str, int]
     """
     if not hasattr(model.config, CONFIG_KEY):
         raise PolicyError("the model carries no TSA policy; pass an export folder or MODEL with --policy.")
+    return evaluate_policies(model, tokenizer, config, {"tsa": getattr(model.config, CONFIG_KEY)}, progress)["tsa"]
+
+
+def evaluate_policies(model, tokenizer, config: EvalConfig, policies: dict[str, dict],
+                      progress: Callable[[str, int], Callable[[], None]] | None = None) -> dict[str, dict]:
+    """``evaluate`` for several policies (name -> policy dict, as stored in ``config.json``) on one model: the dense
+    generations are computed once and every policy is compared with them. Returns a report per policy."""
     context = getattr(model.config, "max_position_embeddings", None)
     for length in config.lengths:
         if context is not None and length + max(64, config.continuation) > context:
             raise DataError(f"--lengths: {length} tokens plus the answer exceed the model's context ({context}).")
     start = progress or (lambda description, total: None)
-    device = next(model.parameters()).device
-    emulate = bool(policy_from_config(model.config).block_sparse_layers) and not block_sparse_kernel_available(device)
-    with block_sparse_emulation(model, emulate):  # what the GPU kernel computes, slowly, where it cannot run
-        results = _suite(model, tokenizer, config, start)
-        perplexity = _perplexity(model, tokenizer, config, start) if config.perplexity_samples else []
+    samples = _suite_samples(tokenizer, config)
+    dense = _generations(model, tokenizer, config, samples, dense_implementation(model),
+                         start("Suite: dense generations", len(samples)))
+    reports = {}
+    for name, policy in policies.items():
+        setattr(model.config, CONFIG_KEY, policy)
+        model.set_attn_implementation(ATTENTION_KEY)
+        emulate = bool(policy_from_config(model.config).block_sparse_layers) and \
+            not block_sparse_kernel_available(next(model.parameters()).device)
+        with block_sparse_emulation(model, emulate):  # what the GPU kernel computes, slowly, where it cannot run
+            sparse = _generations(model, tokenizer, config, samples, ATTENTION_KEY,
+                                  start(f"Suite: TSA generations ({name})", len(samples)))
+            perplexity = _perplexity(model, tokenizer, config, start) if config.perplexity_samples else []
+        reports[name] = _report(config, _score(config, samples, dense, sparse), perplexity)
+        reports[name]["config"]["block_sparse_emulated"] = emulate
     model.set_attn_implementation(ATTENTION_KEY)
-    report = _report(config, results, perplexity)
-    report["config"]["block_sparse_emulated"] = emulate
-    return report
+    return reports
 
 
-def _suite(model, tokenizer, config: EvalConfig, start) -> list[TaskResult]:
-    """Every task x length x sample, generated densely and with TSA, scored."""
+def _suite_samples(tokenizer, config: EvalConfig) -> dict[tuple[str, int], list]:
+    """(task, length) -> the suite's samples with their prompt token ids."""
     builder = SuiteBuilder(tokenizer, seed=config.seed)
-    dense_impl = dense_implementation(model)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results = []
-    step = start("Suite: dense and TSA generations", len(config.tasks) * len(config.lengths) * config.samples)
+    samples = {}
     for length in config.lengths:
         for task in config.tasks:
-            result = TaskResult(task=task, length=length, samples=config.samples, dense=0.0, tsa=0.0, kept=0.0)
-            for index in range(config.samples):
-                sample = builder.sample(task, length, index)
-                ids = tokenizer(sample.prompt(tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
-                ids = ids.to(device)
-                dense = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, dense_impl, pad),
-                                         skip_special_tokens=True)
-                sparse = tokenizer.decode(_generate(model, ids, sample.max_new_tokens, ATTENTION_KEY, pad),
-                                          skip_special_tokens=True)
-                _record(result, index, ids.shape[1], sample, dense, sparse, attention_summary(tsa_statistics(model)))
-                if step is not None:
+            cell = [builder.sample(task, length, index) for index in range(config.samples)]
+            samples[task, length] = [(sample, tokenizer(sample.prompt(tokenizer), add_special_tokens=False).input_ids)
+                                     for sample in cell]
+    return samples
+
+
+def _generations(model, tokenizer, config: EvalConfig, samples: dict, implementation: str, step) -> dict:
+    """(task, length) -> per sample (decoded output, prefill summary), generated in batches of the cell's samples."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = {}
+    for cell, items in samples.items():
+        outputs[cell] = []
+        for first in range(0, len(items), config.batch_size):
+            batch = items[first : first + config.batch_size]
+            tokens, summaries = _generate(model, [ids for _, ids in batch], max(s.max_new_tokens for s, _ in batch),
+                                          implementation, pad)
+            for (sample, _), new, summary in zip(batch, tokens, summaries):
+                text = tokenizer.decode(new[: sample.max_new_tokens], skip_special_tokens=True)
+                outputs[cell].append((text, summary))
+            if step is not None:
+                for _ in batch:
                     step()
-            results.append(result)
+    return outputs
+
+
+def _score(config: EvalConfig, samples: dict, dense: dict, sparse: dict) -> list[TaskResult]:
+    results = []
+    for (task, length), items in samples.items():
+        result = TaskResult(task=task, length=length, samples=config.samples, dense=0.0, tsa=0.0, kept=0.0)
+        for index, ((sample, ids), (dense_text, _), (tsa_text, summary)) in enumerate(
+                zip(items, dense[task, length], sparse[task, length])):
+            _record(result, index, len(ids), sample, dense_text, tsa_text, summary)
+        results.append(result)
     return results
 
 

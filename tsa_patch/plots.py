@@ -16,7 +16,7 @@ def _pyplot():
 
 
 def plot_speedup(layers: list[dict], prefill: list[dict], card: str, path: str) -> bool:
-    """PNG of TSA speedup over the fastest dense backend against length (layer, ideal, whole prefill).
+    """PNG of TSA speedup over dense cuDNN against length (layer, ideal, whole prefill).
 
     Returns False when matplotlib is not installed (the JSON holds every number anyway).
     """
@@ -34,7 +34,7 @@ def plot_speedup(layers: list[dict], prefill: list[dict], card: str, path: str) 
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("speedup vs fastest dense SDPA (×)")
+    ax.set_ylabel("speedup vs dense SDPA with cuDNN (×)")
     ax.set_title(f"Token Sparse Attention, {layers[0]['model']} shapes, {card}")
     ax.legend()
     fig.tight_layout()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tsa_patch.data import load_documents
-from tsa_patch.kernels.policy import TsaPolicy
+from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.policy_file import read_policy, write_policy
 
 # Small window and floors so a 400-token prompt takes the sparse path on CPU in seconds.
@@ -100,7 +100,7 @@ def tokenizer_ids(tmp_path_factory, smollm2):
 def test_trust_remote_code_builds_the_patched_class(user_report):
     assert user_report["class"] == "TsaLlamaForCausalLM"
     assert user_report["module"].startswith("transformers_modules.")
-    assert user_report["impl"] == "tsa_v1" and user_report["eos"] == "<|im_end|>"
+    assert user_report["impl"] == ATTENTION_KEY and user_report["eos"] == "<|im_end|>"
 
 
 def test_sparse_path_runs_in_exactly_the_chosen_layers(user_report, exported):
@@ -122,7 +122,7 @@ def test_sdpa_override_gives_the_dense_model(user_report):
 
 
 def test_tau_zero_export_equals_dense_logits(user_report):
-    assert user_report["tau0_impl"] == "tsa_v1" and user_report["tau0_equals_native"]
+    assert user_report["tau0_impl"] == ATTENTION_KEY and user_report["tau0_equals_native"]
 
 
 def test_without_trust_remote_code_load_fails_loudly_and_tokenizer_loads(exported, fresh_python):
@@ -130,7 +130,7 @@ def test_without_trust_remote_code_load_fails_loudly_and_tokenizer_loads(exporte
     result = fresh_python(NO_TRUST_SCRIPT, str(root / "tsa"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizer ok" in result.stdout
-    assert 'refused: Specified `attn_implementation="tsa_v1"` is not supported' in result.stdout
+    assert f'refused: Specified `attn_implementation="{ATTENTION_KEY}"` is not supported' in result.stdout
 
 
 BLOCK_SPARSE_SCRIPT = """

@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 
+from tsa_patch.kernels.policy import ATTENTION_KEY
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 USER_SCRIPT = """
@@ -50,7 +52,7 @@ def test_load_by_hub_id_with_pinned_revision(hub_cache, fresh_python, monkeypatc
     result = fresh_python(USER_SCRIPT, "org/name", COMMIT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["class"] == "TsaLlamaForCausalLM" and report["impl"] == "tsa_v1"
+    assert report["class"] == "TsaLlamaForCausalLM" and report["impl"] == ATTENTION_KEY
     assert report["module"].startswith("transformers_modules.org.name.")  # the hub code path, per repo and commit
     assert report["tokens"] > 100 and report["finite"]
     assert report["sparse"] == policy.sparse_layers

@@ -15,7 +15,7 @@ trusted = AutoModelForCausalLM.from_pretrained(first, trust_remote_code=True, dt
 with torch.no_grad():
     trusted(ids)
     report["trusted_sparse"] = [s["layer"] for s in trusted.tsa_statistics() if s["path"] == "sparse"]
-    # tsa_v1 is now registered in this process: a second copy loads without trust_remote_code, as the native class
+    # the TSA key is now registered in this process: a second copy loads without trust_remote_code, as the native class
     native = AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32)
     report["native_class"] = type(native).__name__
     try:
@@ -33,7 +33,7 @@ print(json.dumps(report))
 
 def test_a_second_copy_without_trust_remote_code_fails_loudly(small_export, export_copy, fresh_python):
     """In a process that already loaded an export, a copy loaded without trust_remote_code got the native class
-    running tsa_v1 silently (no statistics); now its first forward raises one clear error."""
+    running TSA silently (no statistics); now its first forward raises one clear error."""
     folder, policy = small_export
     result = fresh_python(SECOND_COPY_SCRIPT, str(folder), str(export_copy))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,7 +23,7 @@ try:
     AutoModelForCausalLM.from_pretrained(folder)
     report["refused"] = False
 except ValueError as err:
-    report["refused"] = "tsa_v1" in str(err)
+    report["refused"] = "tsa_v" in str(err)  # the versioned TSA key
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
 ids = torch.randint(0, 49152, (1, 300), generator=torch.Generator().manual_seed(0))
@@ -43,6 +43,7 @@ print(json.dumps(report))
 
 def test_export_loads_generates_and_resaves_on_transformers_5_17(small_export, fresh_python, tmp_path):
     from tsa_patch.export import remote_code_files
+    from tsa_patch.kernels.policy import ATTENTION_KEY
 
     folder, policy = small_export
     result = fresh_python(SCRIPT, str(folder), str(tmp_path / "resaved"), python=PYTHON)
@@ -51,5 +52,5 @@ def test_export_loads_generates_and_resaves_on_transformers_5_17(small_export, f
     assert report["transformers"] == "5.17.0"
     assert report["refused"] and report["finite"] and report["generated"] == 3
     assert report["sparse"] == policy.sparse_layers and report["dense_impl"] == "sdpa"
-    assert report["resaved"] == {"py": len(remote_code_files()), "guard": "tsa_v1",
+    assert report["resaved"] == {"py": len(remote_code_files()), "guard": ATTENTION_KEY,
                                  "architectures": ["TsaLlamaForCausalLM"]}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tsa_patch.kernels.attention import _STATS_ATTR, emulate_block_sparse_, tsa_attention_forward
+from tsa_patch.kernels.attention import STATS_ATTR, emulate_block_sparse_, tsa_attention_forward
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention
 from numerics import ATTENTION_RELATIVE, layout_atol
@@ -58,7 +58,7 @@ def test_left_padded_batch_gives_each_sequence_its_alone_result(q_len):
     q, k, v = torch.randn(3, 4, q_len, d), torch.randn(3, 2, kv_len, d), torch.randn(3, 2, kv_len, d)
     out, weights = tsa_attention_forward(module, q, k, v, _padded_mask(lengths, kv_len, q_len), scaling=d**-0.5)
     assert weights is None and out.shape == (3, q_len, 4, d) and out.is_contiguous()
-    stats = getattr(module, _STATS_ATTR)
+    stats = getattr(module, STATS_ATTR)
     for b, n in enumerate(lengths):
         alone_q = q[b : b + 1, :, max(0, q_len - n) :]
         alone_kv = (k[b : b + 1, :, kv_len - n :], v[b : b + 1, :, kv_len - n :])
@@ -70,7 +70,7 @@ def test_left_padded_batch_gives_each_sequence_its_alone_result(q_len):
         if n < POLICY.activation_length:
             assert stats["kept"][b] is None  # too short alone: dense, also inside the batch
         else:
-            assert stats["kept"][b] == getattr(module, _STATS_ATTR)["kept"][0]
+            assert stats["kept"][b] == getattr(module, STATS_ATTR)["kept"][0]
 
 
 def test_right_padding_matches_alone():
@@ -93,7 +93,7 @@ def test_unpadded_batch_runs_the_reference_per_sequence():
     for b in range(2):
         ref, kept = tsa_attention(q[b], k[b], v[b], scaling=0.25, **OPTIONS)
         assert torch.equal(out[b], ref)
-        assert getattr(module, _STATS_ATTR)["kept"][b] == [kept.shape[1]] * 4
+        assert getattr(module, STATS_ATTR)["kept"][b] == [kept.shape[1]] * 4
 
 
 @pytest.mark.parametrize("case", ["decode", "dense_layer", "short_prompt", "training"])
@@ -177,10 +177,10 @@ def test_block_sparse_layer_runs_dense_on_cpu_unless_emulated(tsa):
     plain, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     if not tsa:  # CPU without emulation: exactly the dense SDPA path
         dense, _ = sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
-        assert torch.equal(plain, dense) and getattr(module, _STATS_ATTR)["path"] == "dense"
+        assert torch.equal(plain, dense) and getattr(module, STATS_ATTR)["path"] == "dense"
     emulate_block_sparse_(module)
     out, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
-    stats = getattr(module, _STATS_ATTR)
+    stats = getattr(module, STATS_ATTR)
     assert stats["path"] == ("sparse" if tsa else "block_sparse")
     assert 0 < stats["block_density"][0] < 1
     from tsa_patch.kernels.block_sparse import block_sparse_prefill
@@ -220,6 +220,6 @@ def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa):
     emulate_block_sparse_(module)
     cpu, _ = tsa_attention_forward(module, q, k, v, None, scaling=d**-0.5)
     gpu, _ = tsa_attention_forward(module, q.cuda(), k.cuda(), v.cuda(), None, scaling=d**-0.5)
-    assert getattr(module, _STATS_ATTR)["block_density"][0] < 1
+    assert getattr(module, STATS_ATTR)["block_density"][0] < 1
     # fp32 on both: the same block pattern, accumulated in another order (GPU tiles vs CPU SDPA per head)
     assert ((gpu.cpu() - cpu).norm() / cpu.norm()).item() < ATTENTION_RELATIVE[torch.float32]

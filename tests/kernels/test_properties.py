@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsa_patch.kernels.attention import _STATS_ATTR, tsa_attention_forward
+from tsa_patch.kernels.attention import STATS_ATTR, tsa_attention_forward
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention
 from numerics import ATTENTION_RELATIVE, layout_atol
@@ -67,7 +67,7 @@ def test_left_padded_batch_equals_each_sequence_alone(lengths, tau, window, seed
     valid = torch.stack([torch.arange(width) >= width - n for n in lengths])
     mask = torch.ones(width, width, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
     out, _ = tsa_attention_forward(module, q, k, v, mask, scaling=d**-0.5)
-    stats = getattr(module, _STATS_ATTR, None)
+    stats = getattr(module, STATS_ATTR, None)
     if stats is not None and stats["path"] == "sparse":
         assert len(stats["kept"]) == len(lengths)  # one entry per sequence: each chose its own tokens
     for b, n in enumerate(lengths):

@@ -14,8 +14,10 @@ from numerics import ATTENTION_RELATIVE, eps
 from tsa_patch.kernels.reference import (
     compress_ref,
     decompress_ref,
+    kept_count_ref,
     query_rows,
     score_keys_ref,
+    select_tokens_padded_ref,
     select_tokens_ref,
     smooth_scores_ref,
 )
@@ -44,33 +46,43 @@ def test_score_keys_matches_softmax_mean(shape, brute):
     assert (scores.sum(-1) <= 1 + FP32).all()  # each voting query's probabilities sum to at most 1
 
 
-def _expected_keep(scores, tau, pool_kernel, min_tokens):
-    """Independent DTC: smoothed, per-head normalised distributions, their mean, and the kept count K."""
+def _expected_keep(scores, tau, pool_kernel, min_tokens, coverage):
+    """Independent DTC in float64, written from the rules' definitions: the pooled scores, per-head distributions,
+    and the kept count K (the authors' loop of reference/paper.md section 3.3 for "paper")."""
     kernel = torch.ones(1, 1, pool_kernel, dtype=torch.float64) / pool_kernel
     pooled = F.conv1d(scores.double()[:, None], kernel, padding=pool_kernel // 2)[:, 0]
     dist = pooled / pooled.sum(-1, keepdim=True)
-    tail = torch.sort(dist.mean(0)).values.cumsum(0)
     candidates = scores.shape[1]
-    return dist, min(candidates, max(min_tokens, candidates - int((tail < tau).sum())))
+    if coverage == "paper":
+        mean = pooled.mean(0)
+        tail = torch.sort(mean / mean.sum()).values.cumsum(0)
+        dropped = int((tail < tau).sum())
+        dropped = dropped + 1 if dropped else 0  # the authors drop one more token (mass >= tau), none when n = 0
+    else:
+        tail = torch.sort(dist.mean(0)).values.cumsum(0)
+        dropped = int((tail < tau).sum())
+    return pooled, dist, min(candidates, max(min_tokens, candidates - dropped))
 
 
+@pytest.mark.parametrize("coverage", ["paper", "normalized"])
 @pytest.mark.parametrize("tau", [0.0, 0.005, 0.05, 0.3])
 @pytest.mark.parametrize("min_tokens", [0, 40])
-def test_select_tokens_invariants(tau, min_tokens):
+def test_select_tokens_invariants(tau, min_tokens, coverage):
     heads, candidates, window, pool = 5, 301, 24, 7
-    scores = torch.rand(heads, candidates) ** 8  # peaky, like attention
-    distribution = smooth_scores_ref(scores, pool)
-    kept = select_tokens_ref(distribution, candidates + window, tau, min_tokens)
-    dist, keep = _expected_keep(scores, tau, pool, min_tokens)
-    assert torch.allclose(distribution.double(), dist, rtol=FP32, atol=0)
+    scores = torch.rand(heads, candidates) ** 8 * torch.rand(heads, 1)  # peaky, like attention; heads of any mass
+    pooled = smooth_scores_ref(scores, pool)
+    kept = select_tokens_ref(pooled, candidates + window, tau, min_tokens, coverage)
+    expected_pooled, dist, keep = _expected_keep(scores, tau, pool, min_tokens, coverage)
+    assert torch.allclose(pooled.double(), expected_pooled, rtol=FP32, atol=0)
 
     assert kept.dtype == torch.int64 and kept.shape == (heads, keep + window)
     assert (kept[:, 1:] > kept[:, :-1]).all(), "indices must be strictly ascending"
     assert (kept[:, keep:] == torch.arange(candidates, candidates + window)).all(), "the tail is always kept"
     assert keep >= min(min_tokens, candidates)
-    kept_mass = dist.gather(1, kept[:, :keep]).sum(-1).mean().item()
-    # dist is float64 (the fp32 ranking only decides which tokens): a sum of ~C float64 terms, a few eps64 short
-    assert kept_mass >= 1 - tau - 64 * eps(torch.float64), "head-averaged kept mass must be at least 1 - tau"
+    if coverage == "normalized":
+        kept_mass = dist.gather(1, kept[:, :keep]).sum(-1).mean().item()
+        # dist is float64 (the fp32 ranking only decides which tokens): a sum of ~C float64 terms, a few eps64 short
+        assert kept_mass >= 1 - tau - 64 * eps(torch.float64), "head-averaged kept mass must be at least 1 - tau"
     # each head keeps its own top-K: the same mass as the float64 top-K (near-ties may swap equal-mass tokens)
     best = dist.topk(keep, -1).values.sum(-1)
     # fp32 and float64 rankings may swap two tokens whose masses differ by fp32 rounding of the distribution
@@ -79,11 +91,38 @@ def test_select_tokens_invariants(tau, min_tokens):
         assert keep == candidates
 
 
+def test_paper_rule_weighs_heads_by_their_mass_and_drops_one_more():
+    """The authors average raw scores (a head with little mass on the candidates counts little) and drop n + 1."""
+    pooled = torch.tensor([[0.10, 0.20, 0.30, 0.40], [0.0001, 0.0001, 0.0001, 0.0097]])
+    # paper: mean (0.05005, 0.10005, 0.15005, 0.20485) / 0.505 -> cumulative 0.0991, 0.297...: n = 1 below 0.1
+    paper = kept_count_ref(pooled, 0.1, 0, "paper")
+    # normalized: the second head's (0.01, 0.01, 0.01, 0.97) counts as much: mean (0.055, 0.105, 0.155, 0.685)
+    normalized = kept_count_ref(pooled, 0.1, 0, "normalized")
+    assert int(paper) == 4 - 2 and int(normalized) == 4 - 1
+    assert int(kept_count_ref(pooled, 0.01, 0, "paper")) == 4  # n = 0: nothing dropped, not one token
+
+
 def test_select_tokens_forced_keep_is_clamped():
-    distribution = smooth_scores_ref(torch.rand(3, 100), 7)
-    assert select_tokens_ref(distribution, 110, 0.5, 10, keep=40).shape == (3, 50)
-    assert select_tokens_ref(distribution, 110, 0.5, 60, keep=40).shape == (3, 70)  # min_tokens wins
-    assert select_tokens_ref(distribution, 110, 0.5, 0, keep=500).shape == (3, 110)  # at most every candidate
+    pooled = smooth_scores_ref(torch.rand(3, 100), 7)
+    assert select_tokens_ref(pooled, 110, 0.5, 10, keep=40).shape == (3, 50)
+    assert select_tokens_ref(pooled, 110, 0.5, 60, keep=40).shape == (3, 70)  # min_tokens wins
+    assert select_tokens_ref(pooled, 110, 0.5, 0, keep=500).shape == (3, 110)  # at most every candidate
+
+
+@pytest.mark.parametrize("coverage", ["paper", "normalized"])
+@pytest.mark.parametrize("tau", [0.0, 0.05, 0.3])
+def test_padded_selection_equals_the_synced_one(tau, coverage):
+    """The sync-free selection keeps the same tokens, ascending, with the count on the device."""
+    heads, candidates, window = 4, 257, 16
+    pooled = smooth_scores_ref(torch.rand(heads, candidates) ** 6, 7)  # continuous: no ties
+    kept = select_tokens_ref(pooled, candidates + window, tau, 20, coverage)
+    buffer, count = select_tokens_padded_ref(pooled, candidates + window, tau, 20, coverage)
+    assert buffer.shape == (heads, candidates + window) and count.shape == (heads,)
+    assert count.tolist() == [kept.shape[1]] * heads
+    assert torch.equal(buffer[:, : kept.shape[1]], kept)
+    forced, forced_count = select_tokens_padded_ref(pooled, candidates + window, tau, 20, coverage, keep=100)
+    assert forced_count.tolist() == [100 + window] * heads
+    assert torch.equal(forced[:, :116], select_tokens_ref(pooled, candidates + window, tau, 20, coverage, keep=100))
 
 
 @pytest.mark.parametrize("selecting_heads", ["query", "kv"])

@@ -17,7 +17,7 @@ import torch
 from tsa_patch.calibrate import CalibrationConfig, calibrate
 from tsa_patch.errors import UnsupportedModelError
 from tsa_patch.export import export
-from tsa_patch.kernels.policy import TsaPolicy
+from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.models import load_model, resolve_model, supported_architectures, windowed_layers
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -89,7 +89,7 @@ def test_family_calibrate_export_load(family, tmp_path, smollm2, fresh_python):
     result = fresh_python(USER_SCRIPT, str(tmp_path / "tsa"), str(tmp_path / "tau0"), str(folder), native_impl)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["class"] == supported_architectures()[source.model_type] and report["impl"] == "tsa_v1"
+    assert report["class"] == supported_architectures()[source.model_type] and report["impl"] == ATTENTION_KEY
     assert report["sparse"] == policy.sparse_layers and report["finite"] and report["generated"] == 3
     assert report["differs"] == bool(policy.sparse_layers)
     # tau = 0 everywhere: the same function as the native dense model, computed on gathered copies (another

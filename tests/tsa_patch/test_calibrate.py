@@ -220,3 +220,38 @@ def test_measuring_builds_no_autograd_graph(smollm2_fp32):
         handle.remove()
     assert any(p.requires_grad for p in model.parameters())
     assert len(outputs) == 1 and not outputs[0].requires_grad
+
+
+def test_every_policy_knob_has_one_source():
+    """CalibrationConfig and the CLI offer every knob of the policy, with the policy's own defaults."""
+    import inspect as python_inspect
+
+    from tsa_patch.cli.calibrate import calibrate_command
+    from tsa_patch.kernels.policy import POLICY_KNOBS, knob_defaults
+
+    config = CalibrationConfig()
+    defaults = knob_defaults()
+    options = python_inspect.signature(calibrate_command).parameters
+    for knob in POLICY_KNOBS:
+        assert knob in options, f"calibrate has no option for {knob}"
+        if knob != "activation_length":  # decided by calibration unless given (measured, paper's, conservative)
+            assert getattr(config, knob) == defaults[knob]
+    assert config.policy_options()["activation_length"] == config.min_tokens + config.window + 1
+
+
+def test_the_paper_rule_is_measured_with_the_authors_knobs(budget_run, smollm2_fp32):
+    """The paper-rule comparison uses the authors' coverage rule and activation length, whatever is calibrated."""
+    model, tokenizer = smollm2_fp32
+    paper = budget_run.report["paper_rule"]
+    policy = TsaPolicy.uniform(30, 0.005, paper["layers"], window=SMALL.window, min_tokens=SMALL.min_tokens,
+                               coverage="paper", activation_length=SMALL.min_tokens + SMALL.window + 1)
+    samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
+                            SMALL.seq_len + SMALL.continuation, SMALL.seed)
+    apply_policy_(model, policy)
+    try:
+        natural = continuation_metrics(model, samples[: SMALL.samples], SMALL.seq_len, ATTENTION_KEY)
+    finally:
+        model.set_attn_implementation("sdpa")
+        delattr(model.config, "tsa_policy")
+    # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0)
+    assert natural.kl == pytest.approx(paper["calibration"]["natural"]["kl"], rel=1e-4, abs=1e-6)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tsa_patch.errors import PolicyError
-from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
+from tsa_patch.kernels.policy import POLICY_FORMAT_VERSION, LayerPolicy, TsaPolicy
 from tsa_patch.policy_file import read_policy, write_policy
 
 EXAMPLES = {
@@ -75,3 +75,13 @@ def test_read_policy_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(PolicyError, match="a policy is a JSON object"):
         read_policy(tmp_path / "list.json")
+
+
+def test_a_version_1_policy_is_read_with_the_rule_its_runtime_used():
+    """Version 1 had no coverage field; its runtime averaged per-head normalised distributions."""
+    old = {**TsaPolicy.uniform(4, 0.01).to_dict(), "format_version": 1}
+    del old["coverage"]
+    policy = TsaPolicy.from_dict(old)
+    assert policy.format_version == POLICY_FORMAT_VERSION and policy.coverage == "normalized"
+    assert TsaPolicy.from_dict(policy.to_dict()) == policy
+    assert TsaPolicy.uniform(4, 0.01).coverage == "paper"  # new policies: the authors' rule

@@ -81,18 +81,50 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _plain_prefill(model, prompt: torch.Tensor):
+    return model(prompt, use_cache=True, logits_to_keep=1)
+
+
 @torch.no_grad()
-def _prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tensor, prefill_impl: str,
-                           dense_impl: str) -> torch.Tensor:
-    """Log-probabilities (Lc, V) predicting each continuation token: prefill with one implementation, continue densely."""
+def prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tensor, prefill_impl: str,
+                          dense_impl: str, prefill: Callable | None = None) -> torch.Tensor:
+    """Log-probabilities (Lc, V) predicting each continuation token: prefill ``prompt`` (1, Lp) with one
+    implementation, then run ``continuation`` (1, Lc) densely over its cache. ``prefill(model, prompt)`` replaces
+    the plain prefill forward (it must return the model's output with logits and cache)."""
     model.set_attn_implementation(prefill_impl)
-    prefill = model(prompt, use_cache=True, logits_to_keep=1)
+    out = (prefill or _plain_prefill)(model, prompt)
     model.set_attn_implementation(dense_impl)
     name = cache_argument(model)
-    cache = getattr(prefill, name)
-    rest = model(continuation[:, :-1], **{name: cache}) if continuation.shape[1] > 1 else None
-    logits = prefill.logits[0, -1:] if rest is None else torch.cat([prefill.logits[0, -1:], rest.logits[0]])
+    rest = model(continuation[:, :-1], **{name: getattr(out, name)}) if continuation.shape[1] > 1 else None
+    logits = out.logits[0, -1:] if rest is None else torch.cat([out.logits[0, -1:], rest.logits[0]])
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+class Comparison:
+    """Running sums of TSA-vs-dense continuation metrics over samples (``ContinuationMetrics`` at the end)."""
+
+    def __init__(self):
+        self.kl = self.agree = self.dense_nll = self.tsa_nll = self.last_kl = self.cost = 0.0
+        self.tokens = self.samples = 0
+
+    def add(self, dense: torch.Tensor, sparse: torch.Tensor, continuation: torch.Tensor, attention_cost: float):
+        """One sample: dense and TSA log-probabilities (Lc, V) of the continuation tokens (Lc,)."""
+        per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
+        target = continuation[:, None]
+        self.kl += per_position_kl.sum().item()
+        self.last_kl += per_position_kl[0].item()
+        self.agree += (dense.argmax(-1) == sparse.argmax(-1)).sum().item()
+        self.dense_nll -= dense.gather(-1, target).sum().item()
+        self.tsa_nll -= sparse.gather(-1, target).sum().item()
+        self.cost += attention_cost
+        self.tokens += continuation.shape[0]
+        self.samples += 1
+
+    def result(self) -> ContinuationMetrics:
+        return ContinuationMetrics(kl=self.kl / self.tokens, top1_agreement=self.agree / self.tokens,
+                                   dense_nll=self.dense_nll / self.tokens, tsa_nll=self.tsa_nll / self.tokens,
+                                   last_prompt_kl=self.last_kl / self.samples,
+                                   attention_cost=self.cost / self.samples)
 
 
 @torch.no_grad()
@@ -107,8 +139,8 @@ def dense_reference(model, samples: list[list[int]], prompt_len: int, dense_impl
     reference = []
     for ids in samples:
         tokens = torch.tensor([ids], device=device)
-        reference.append(_prefill_then_continue(model, tokens[:, :prompt_len], tokens[:, prompt_len:], dense_impl,
-                                                dense_impl))
+        reference.append(prefill_then_continue(model, tokens[:, :prompt_len], tokens[:, prompt_len:], dense_impl,
+                                               dense_impl))
         if on_sample is not None:
             on_sample()
     return reference
@@ -124,28 +156,19 @@ def compare_with_dense(model, samples: list[list[int]], prompt_len: int, referen
     """
     dense_impl = dense_impl or dense_implementation(model)
     device = next(model.parameters()).device
-    kl, agree, dense_nll, tsa_nll, last_kl, cost, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    comparison = Comparison()
     try:
         for ids, dense in zip(samples, reference):
             tokens = torch.tensor([ids], device=device)
-            continuation = tokens[:, prompt_len:]
-            sparse = _prefill_then_continue(model, tokens[:, :prompt_len], continuation, sparse_impl, dense_impl)
-            cost += attention_summary(tsa_statistics(model))["attention_cost"]  # of the prefill just run
-            per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
-            target = continuation[0, :, None]
-            kl += per_position_kl.sum().item()
-            last_kl += per_position_kl[0].item()
-            agree += (dense.argmax(-1) == sparse.argmax(-1)).sum().item()
-            dense_nll -= dense.gather(-1, target).sum().item()
-            tsa_nll -= sparse.gather(-1, target).sum().item()
-            count += continuation.shape[1]
+            sparse = prefill_then_continue(model, tokens[:, :prompt_len], tokens[:, prompt_len:], sparse_impl,
+                                           dense_impl)
+            comparison.add(dense, sparse, tokens[0, prompt_len:],
+                           attention_summary(tsa_statistics(model))["attention_cost"])  # of the prefill just run
             if on_sample is not None:
                 on_sample()
     finally:
         model.set_attn_implementation(sparse_impl)
-    return ContinuationMetrics(kl=kl / count, top1_agreement=agree / count, dense_nll=dense_nll / count,
-                               tsa_nll=tsa_nll / count, last_prompt_kl=last_kl / len(samples),
-                               attention_cost=cost / len(samples))
+    return comparison.result()
 
 
 def continuation_metrics(model, samples: list[list[int]], prompt_len: int, sparse_impl: str,
@@ -156,7 +179,7 @@ def continuation_metrics(model, samples: list[list[int]], prompt_len: int, spars
         model: a model whose config carries a TSA policy, with ``sparse_impl`` registered.
         samples: token id lists longer than ``prompt_len``.
         prompt_len: tokens prefilled; the rest of each sample is the continuation.
-        sparse_impl: attention implementation of the TSA prefill (``tsa_v1``).
+        sparse_impl: attention implementation of the TSA prefill (``ATTENTION_KEY``).
         dense_impl: the dense implementation (reference prefill and every continuation).
     """
     reference = dense_reference(model, samples, prompt_len, dense_impl)

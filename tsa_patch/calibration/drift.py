@@ -30,13 +30,13 @@ class DriftRecorder:
 
 
 @contextlib.contextmanager
-def recording_drift(model: torch.nn.Module) -> Iterator[DriftRecorder]:
-    """Record representation drift during every forward run inside the block.
+def recording_drift(model: torch.nn.Module, recorder: DriftRecorder | None = None) -> Iterator[DriftRecorder]:
+    """Record representation drift during every forward run inside the block (adding to ``recorder`` if given).
 
     Only one scalar per layer is kept: the hooks reduce as they go, so memory stays at one layer's activations.
     """
     layers = decoder_layers(model)
-    recorder = DriftRecorder(len(layers))
+    recorder = recorder or DriftRecorder(len(layers))
 
     def hook(index):
         def record(module, args, kwargs, output):

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from tsa_patch.calibration.drift import decoder_layers
-from tsa_patch.kernels.attention import dense_forward, register_attention
+from tsa_patch.kernels.attention import DENSE, STATS_ATTR, dense_forward, layer_statistics, register_attention
 from tsa_patch.kernels.policy import TsaPolicy
-from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, token_distribution
+from tsa_patch.kernels.reference import kept_count_ref
+from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, token_scores
 
 # Candidate coverage thresholds (0 = dense is always an option too).
 TAU_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -44,9 +45,16 @@ class LayerMeasurement:
         return self.error[i] / self.samples
 
 
+def new_measurements(num_layers: int, taus: tuple[float, ...] = TAU_GRID) -> list[LayerMeasurement]:
+    """Empty per-layer sums, to be filled by forwards inside ``measuring``."""
+    return [LayerMeasurement(taus=tuple(taus), kept=[0.0] * len(taus), error=[0.0] * len(taus))
+            for _ in range(num_layers)]
+
+
 @contextlib.contextmanager
-def _measuring(model, measurements: list[LayerMeasurement], policy: TsaPolicy) -> Iterator[None]:
-    """Route every attention layer through the measuring function, capturing layer inputs for normalisation."""
+def measuring(model, measurements: list[LayerMeasurement], policy: TsaPolicy) -> Iterator[None]:
+    """Within the block, every forward of ``model`` attends densely and measures every layer at every tau on the
+    side, adding to ``measurements`` (layer inputs are captured for the normalisation)."""
     inputs: dict[int, torch.Tensor] = {}
     backend = "triton" if next(model.parameters()).is_cuda and HAS_TRITON else "torch"
 
@@ -56,6 +64,7 @@ def _measuring(model, measurements: list[LayerMeasurement], policy: TsaPolicy) -
         out = dense_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
                             dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal,
                             **kwargs)  # (1, L, Hq, D)
+        setattr(module, STATS_ATTR, layer_statistics(module, DENSE, query.shape[2], key.shape[2]))  # it ran dense
         if window is None or key.shape[2] <= window:  # TSA never runs where a sliding window cuts the context
             _measure_layer(module, query[0], key[0], value[0], out[0], residual_norm2, scaling, softcap, policy,
                            backend, measurements[module.layer_idx])
@@ -85,24 +94,22 @@ def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, so
                    backend: str, into: LayerMeasurement) -> None:
     """Kept fraction and weighted residual perturbation of this layer for every tau (one sequence)."""
     seq_len = key.shape[1]
-    distribution = token_distribution(query, key, window=policy.window, pool_kernel=policy.pool_kernel,
-                                      selection=policy.selection, scaling=scaling, softcap=softcap,
-                                      backend=backend)  # (Hs, C)
+    pooled = token_scores(query, key, window=policy.window, pool_kernel=policy.pool_kernel,
+                          selection=policy.selection, scaling=scaling, softcap=softcap, backend=backend)  # (Hs, C)
     o_proj = module.o_proj.weight.float()  # (hidden, Hq*D)
     into.samples += 1
-    previous_kept, previous_error = None, 0.0
+    previous_count, previous_error = None, 0.0
     for i, tau in enumerate(into.taus):
-        out, kept = sparse_attention(query, key, value, distribution, tau=tau, min_tokens=policy.min_tokens,
-                                     scaling=scaling, softcap=softcap, dense_backend=policy.dense_backend,
-                                     backend=backend)
-        if previous_kept is not None and torch.equal(kept, previous_kept):
-            error = previous_error  # same tokens kept as the previous tau: same output
-        else:
+        count = int(kept_count_ref(pooled, tau, policy.min_tokens, policy.coverage))
+        if count != previous_count:  # the same count keeps the same top tokens: the same output, not run again
+            out, _ = sparse_attention(query, key, value, pooled, tau=tau, min_tokens=policy.min_tokens,
+                                      scaling=scaling, coverage=policy.coverage, softcap=softcap,
+                                      dense_backend=policy.dense_backend, backend=backend)
             delta = (out.float() - dense.float()).reshape(seq_len, -1) @ o_proj.T  # (L, hidden)
-            error = (delta.pow(2).sum(-1) / residual_norm2.clamp_min(1e-12)).mean().item()
-        into.kept[i] += kept.shape[1] / seq_len
-        into.error[i] += error
-        previous_kept, previous_error = kept, error
+            previous_error = (delta.pow(2).sum(-1) / residual_norm2.clamp_min(1e-12)).mean().item()
+            previous_count = count
+        into.kept[i] += (count + seq_len - pooled.shape[1]) / seq_len
+        into.error[i] += previous_error
 
 
 @torch.no_grad()  # the dense forward must not keep every layer's activations for a backward pass
@@ -112,10 +119,9 @@ def measure_layers(model, samples: list[list[int]], policy: TsaPolicy, taus: tup
 
     Memory: one layer's Q/K/V and one TSA output at a time, beyond the dense forward.
     """
-    measurements = [LayerMeasurement(taus=tuple(taus), kept=[0.0] * len(taus), error=[0.0] * len(taus))
-                    for _ in range(model.config.num_hidden_layers)]
+    measurements = new_measurements(model.config.num_hidden_layers, taus)
     device = next(model.parameters()).device
-    with _measuring(model, measurements, policy):
+    with measuring(model, measurements, policy):
         for ids in samples:
             model.model(torch.tensor([ids], device=device))
             if on_sample is not None:

@@ -67,6 +67,7 @@ class CalibrationReport:
     measurements: list[LayerMeasurement]
     drift: list[float]
     block_sparse: dict | None = field(default=None)
+    speed: dict | None = field(default=None)  # the sparse layers timed against dense (``speed.measure_speed``)
 
     def layer_table(self) -> list[dict]:
         """Per layer: the chosen tau, its mean kept fraction and its measured error."""
@@ -89,4 +90,6 @@ class CalibrationReport:
         }
         if self.block_sparse is not None:
             report["block_sparse"] = self.block_sparse
+        if self.speed is not None:
+            report["speed"] = self.speed
         return report

@@ -95,22 +95,30 @@ def bench_command(
     if plot is not None and not plot_speedup(layer_rows, prefill_rows, env["card"], str(plot)):
         out.hint("matplotlib is not installed: no plot written (pip install matplotlib).")
 
-    table = Table(title=f"One attention layer, {model} shapes, {env['card']}", caption=f"written to {path}")
-    for column in ("L", "selection", "kept", "dense best (ms)", "TSA (ms)", "speedup", "ideal", "of ideal",
-                   "overhead % dense"):
+    _print_tables(out, model, env["card"], path, layer_rows, prefill_rows)
+    out.emit(result)
+
+
+def _print_tables(out: Output, model: str, card: str, path: Path, layer_rows: list[dict], prefill_rows: list[dict]):
+    table = Table(title=f"One attention layer, {model} shapes, {card}; ms, speedups vs dense cuDNN",
+                  caption=f"written to {path}")
+    for column in ("L", "selection", "kept", "dense cuDNN", "TSA synced", "TSA sync-free", "sync-free graph",
+                   "runtime path", "speedup", "ideal", "overhead % dense"):
         table.add_column(column, justify="right")
     for r in layer_rows:
+        graph = r["sync_free"]["cuda_graph"]
         table.add_row(str(r["seq_len"]), r["selection"], f"{r['kept_tokens'] / r['seq_len']:.2f}",
-                      f"{r['dense'][r['fastest_dense']]['median_ms']:.2f} ({r['fastest_dense']})",
-                      f"{r['tsa']['median_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-                      f"{r['fraction_of_ideal']:.2f}", f"{r['overhead_pct_of_dense']:.1f}")
+                      f"{r['dense']['sdpa-cudnn']['median_ms']:.3f}", f"{r['synced']['total']['median_ms']:.3f}",
+                      f"{r['sync_free']['total']['median_ms']:.3f}",
+                      f"{graph['median_ms']:.3f}" if "median_ms" in graph else "failed", r["runtime_path"],
+                      f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['overhead_pct_of_dense']:.1f}")
     out.table(table)
     if prefill_rows:
-        table = Table(title="Whole-model prefill (half the layers sparse)")
-        for column in ("L", "kept", "dense default (ms)", "dense cuDNN (ms)", "TSA (ms)", "speedup vs fastest"):
+        table = Table(title="Whole-model prefill (half the layers sparse), ms")
+        for column in ("L", "kept", "dense default", "dense cuDNN", "TSA", "vs cuDNN", "vs default"):
             table.add_column(column, justify="right")
         for r in prefill_rows:
             table.add_row(str(r["seq_len"]), f"{r['kept_fraction']:.2f}", f"{r['dense-default']['median_ms']:.1f}",
-                          f"{r['dense-cudnn']['median_ms']:.1f}", f"{r['tsa']['median_ms']:.1f}", f"{r['speedup']:.2f}x")
+                          f"{r['dense-cudnn']['median_ms']:.1f}", f"{r['tsa']['median_ms']:.1f}",
+                          f"{r['speedup']:.2f}x", f"{r['speedup_vs_default']:.2f}x")
         out.table(table)
-    out.emit(result)

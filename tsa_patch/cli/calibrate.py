@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tsa_patch.calibrate import DEFAULT_MAX_KL, CalibrationConfig, calibrate
+from tsa_patch.calibrate import CONSERVATIVE_ACTIVATION_LENGTH, DEFAULT_MAX_KL, CalibrationConfig, calibrate
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.plots import plot_calibration
 from tsa_patch.policy_file import write_policy
@@ -51,8 +51,9 @@ def calibrate_command(
     window: Annotated[int, typer.Option(help="Trailing queries that score tokens; always kept.")] = _DEFAULTS.window,
     pool_kernel: Annotated[int, typer.Option("--pool-kernel", help="Width of the average pool that smooths token scores (odd).")] = _DEFAULTS.pool_kernel,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
-    activation_length: Annotated[int, typer.Option("--activation-length", help="Shorter prompts run dense.")] = _DEFAULTS.activation_length,
+    activation_length: Annotated[int | None, typer.Option("--activation-length", help=f"Shorter prompts run dense. Default: measured on a CUDA GPU (never slower than dense), the paper's min-tokens + window + 1 for --method drift, a conservative {CONSERVATIVE_ACTIVATION_LENGTH} without a GPU.")] = None,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
+    coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: also give as many layers as the budget allows the block-sparse kernel (FlexPrefill-style).")] = False,
     block_size: Annotated[int, typer.Option("--block-size", help="Block-sparse: tokens per block (power of two, >= 16).")] = _DEFAULTS.block_size,
@@ -72,8 +73,8 @@ def calibrate_command(
         min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
         continuation=continuation, tau=tau, delta=delta, block_sparse=block_sparse, window=window,
         pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length, selection=selection,
-        dense_backend=dense_backend, block_size=block_size, block_gamma=block_gamma, block_min_budget=block_min_budget,
-        block_js_threshold=block_js_threshold)
+        coverage=coverage, dense_backend=dense_backend, block_size=block_size, block_gamma=block_gamma,
+        block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)

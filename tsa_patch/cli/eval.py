@@ -40,6 +40,7 @@ def eval_command(
     samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 2,
     seed: Annotated[int, typer.Option(help="Suite seed.")] = 0,
     perplexity_samples: Annotated[int, typer.Option("--perplexity-samples", help="Held-out texts per length for perplexity (0 skips).")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together, left-padded (each sequence keeps the tokens it keeps alone).")] = 1,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the full report (JSON, with every output).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of accuracy against length.")] = None,
     device: DeviceOpt = "auto",
@@ -51,7 +52,7 @@ def eval_command(
 
     out = Output(json_output)
     config = EvalConfig(tasks=_csv(tasks, str, "tasks"), lengths=_csv(lengths, int, "lengths"), samples=samples,
-                        seed=seed, perplexity_samples=perplexity_samples)
+                        seed=seed, perplexity_samples=perplexity_samples, batch_size=batch_size)
     for path, option in ((output, "--output"), (plot, "--plot")):
         if path is not None:
             check_writable(path, option)

@@ -1,0 +1,214 @@
+"""Ground truth on a real 32K-context model: Qwen2.5-Coder-0.5B-Instruct (GGUF) on one GPU, in phases that each fit
+one device call (benchmarks/real_model_gpu.sh runs them):
+
+    python benchmarks/real_model_gpu.py calibrate --gguf FILE --work DIR --out DIR   # policies and exports
+    python benchmarks/real_model_gpu.py speed --gguf FILE --work DIR --out DIR       # prefill timings, densities
+    python benchmarks/real_model_gpu.py eval --gguf FILE --work DIR --out DIR        # accuracy
+
+``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, and TSA with the
+block-sparse kernel), each policy exported. ``speed``: every export timed as a user loads it (trust_remote_code) at
+1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
+default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
+offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
+the paper's rule, FlexPrefill alone), with paired 95 % intervals. Every JSON records the card, versions, date, command and the
+staged file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tsa_patch.bench import environment, time_cuda
+from tsa_patch.calibrate import CalibrationConfig, calibrate
+from tsa_patch.data import load_documents, token_samples
+from tsa_patch.evaluate import EvalConfig, evaluate_policies
+from tsa_patch.export import export
+from tsa_patch.kernels.dense import sdpa_backend
+from tsa_patch.kernels.policy import ATTENTION_KEY, LayerPolicy, TsaPolicy
+from tsa_patch.models import load_model, resolve_model
+from tsa_patch.suite import TASKS
+
+SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-token context
+CALIBRATIONS = {  # name -> CalibrationConfig changes
+    "tsa-paper-coverage": {},
+    "tsa-normalized-coverage": {"coverage": "normalized"},
+    "tsa-block-sparse": {"block_sparse": True},
+}
+
+
+def _record(args, **fields) -> dict:
+    return {**environment(), "command": " ".join(["python"] + sys.argv), "staged_sha256": args.sha256, **fields}
+
+
+def _write(folder: Path, name: str, data: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def phase_calibrate(args) -> None:
+    source = resolve_model(args.gguf)
+    model, tokenizer = load_model(source, device=args.device)
+    summary = {}
+    for name, changes in CALIBRATIONS.items():
+        config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, holdout=args.holdout, **changes)
+        begin = time.perf_counter()
+        result = calibrate(model, tokenizer, config, source_model=source.spec)
+        seconds = time.perf_counter() - begin
+        (args.work / f"policy-{name}.json").write_text(json.dumps(result.policy.to_dict(), indent=1))
+        export(source, result.policy, args.work / "exports" / name, command=f"real_model_gpu.py {name}")
+        chosen = result.report["chosen"]
+        summary[name] = {"seconds": round(seconds, 1), "sparse_layers": result.policy.sparse_layers,
+                         "block_sparse_layers": result.policy.block_sparse_layers,
+                         "activation_length": result.policy.activation_length,
+                         "attention_removed": chosen["attention_removed"], "kl": chosen["calibration"]["kl"],
+                         "held_out_kl": chosen["held_out"]["kl"], "paper_rule": result.report["paper_rule"],
+                         "block_sparse": result.report.get("block_sparse"), "speed": result.report.get("speed")}
+        print(name, json.dumps({k: v for k, v in summary[name].items() if k not in ("paper_rule", "speed")}),
+              flush=True)
+        _write(args.out, f"calibration-{name}.json", _record(args, report=result.report, seconds=seconds))
+    _write(args.out, "calibrations.json", _record(args, calibrations=summary))
+
+
+def phase_speed(args) -> None:
+    speed = {name: _time_export(args.work / "exports" / name, args) for name in CALIBRATIONS}
+    _write(args.out, "export-speed.json", _record(args, export_speed=speed))
+    model, tokenizer = load_model(resolve_model(args.gguf), device=args.device)
+    _write(args.out, "block-density.json", _record(args, density=_natural_block_density(model, tokenizer, args)))
+
+
+def _free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ladder(seq_len: int) -> list[int]:
+    return [n for n in (1024, 2048, 4096, 8192, 16384) if n < seq_len] + [seq_len]
+
+
+def _time_export(folder: Path, args) -> list[dict]:
+    """Prefill of Paul Graham essays, the export as users load it: TSA, its dense mode with cuDNN first (the same
+    dense kernel), and its dense mode as SDPA picks (the original model as users run it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsa_patch.kernels.attention import attention_summary, tsa_statistics
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    [ids] = token_samples(tokenizer, load_documents("paul-graham"), 1, args.seq_len, seed=0)
+    rows = []
+    for length in _ladder(args.seq_len):
+        prompt = torch.tensor([ids[:length]], device=args.device)
+
+        def prefill():
+            with torch.no_grad():
+                return model(prompt, use_cache=False, logits_to_keep=1).logits
+
+        model.set_attn_implementation(ATTENTION_KEY)
+        row = {"length": length, "tsa": time_cuda(prefill, budget_s=1.0).median_ms,
+               "attention": attention_summary(tsa_statistics(model))}
+        model.set_attn_implementation("sdpa")
+        row["dense_default"] = time_cuda(prefill, budget_s=1.0).median_ms
+        with sdpa_backend("cudnn", torch.device(args.device)):
+            row["dense_cudnn"] = time_cuda(prefill, budget_s=1.0).median_ms
+        row["vs_cudnn"] = row["dense_cudnn"] / row["tsa"]
+        row["vs_default"] = row["dense_default"] / row["tsa"]
+        print(folder.name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                                       if k != "attention"}), flush=True)
+        rows.append(row)
+    del model
+    _free(args.device)
+    return rows
+
+
+def _comparison_policies(work: Path, num_layers: int) -> dict[str, dict]:
+    """The calibrated policies, the paper's rule (its drift-chosen layers at tau 0.005, the authors' coverage and
+    activation) and FlexPrefill alone (gamma 0.95 in every layer, no TSA)."""
+    policies = {name: json.loads((work / f"policy-{name}.json").read_text()) for name in CALIBRATIONS}
+    base = TsaPolicy.from_dict(policies["tsa-paper-coverage"])
+    paper_layers = base.calibration["paper_rule"]["layers"]
+    paper = TsaPolicy.uniform(num_layers, 0.005, paper_layers, coverage="paper",
+                              activation_length=base.min_tokens + base.window + 1)
+    flex = TsaPolicy(layers=tuple(LayerPolicy(kernel="block_sparse") for _ in range(num_layers)),
+                     activation_length=base.window + 1, block_gamma=0.95)
+    return {**policies, "paper-rule": paper.to_dict(), "flexprefill-alone": flex.to_dict()}
+
+
+def phase_eval(args) -> None:
+    from tsa_patch.models import apply_policy_
+
+    source = resolve_model(args.gguf)
+    model, tokenizer = load_model(source, device=args.device)
+    policies = _comparison_policies(args.work, model.config.num_hidden_layers)
+    apply_policy_(model, TsaPolicy.from_dict(policies["tsa-paper-coverage"]))
+    lengths = (args.seq_len // 4, args.seq_len // 2, args.seq_len)  # 8K, 16K, 32K
+    config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=lengths, samples=args.eval_samples,
+                        batch_size=args.batch_size, perplexity_samples=2)
+    begin = time.perf_counter()
+    reports = evaluate_policies(model, tokenizer, config, policies)
+    seconds = time.perf_counter() - begin
+    summary = {name: {"summary": r["summary"], "paired": r["overall"]["paired"], "perplexity": r["perplexity"]}
+               for name, r in reports.items()}
+    for name, s in summary.items():
+        print(name, json.dumps(s["paired"]), json.dumps([(r["length"], round(r["dense"], 3), round(r["tsa"], 3),
+                                                          round(r["attention_cost"], 3)) for r in s["summary"]]),
+              flush=True)
+    _write(args.out, "eval.json", _record(args, seconds=seconds, policies=policies, summary=summary, reports=reports))
+
+
+def _natural_block_density(model, tokenizer, args) -> dict:
+    """Per layer and head, the share of causal key blocks FlexPrefill's rule keeps (gamma 0.95, block 128, minimum
+    1024 tokens) on a 32K prompt of Paul Graham essays, measured, not forced."""
+    from tsa_patch.kernels.attention import dense_forward, register_attention
+    from tsa_patch.kernels.block_sparse import block_pattern
+
+    densities = {}
+
+    def measure(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        pattern = block_pattern(query[0], key[0], gamma=0.95, block=128, min_budget=1024, js_threshold=0.1,
+                                scaling=scaling)
+        blocks = pattern.count.shape[1]
+        per_head = pattern.count.sum(-1).float() / (blocks * (blocks + 1) / 2)
+        densities[module.layer_idx] = [round(x, 4) for x in per_head.tolist()]
+        kwargs.pop("softcap", None)
+        return dense_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs), None
+
+    register_attention("tsa_density_probe", measure)
+    model.set_attn_implementation("tsa_density_probe")
+    [ids] = token_samples(tokenizer, load_documents("paul-graham"), 1, args.seq_len, seed=0)
+    with torch.no_grad():
+        model.model(torch.tensor([ids], device=args.device))
+    model.set_attn_implementation("sdpa")
+    flat = [d for layer in densities.values() for d in layer]
+    return {"per_layer": {str(k): v for k, v in sorted(densities.items())}, "mean": sum(flat) / len(flat),
+            "min": min(flat), "max": max(flat)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("calibrate", "speed", "eval"))
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--work", type=Path, required=True, help="kept between phases (exports, policies)")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--holdout", type=int, default=1)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="smaller for a dry run on a CPU")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="fewer for a dry run on a CPU")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
+    args = parser.parse_args()
+    args.sha256 = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
+    args.work.mkdir(parents=True, exist_ok=True)
+    {"calibrate": phase_calibrate, "speed": phase_speed, "eval": phase_eval}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The real-model ground truth on a staged GPU machine (see benchmarks/README.md, "Real model"): one phase per
+# device call, each well inside the 10-minute limit; ~/work keeps the exports and policies between calls.
+#
+#   bash benchmarks/real_model_gpu.sh calibrate     # three calibrations at 32K, exports
+#   bash benchmarks/real_model_gpu.sh speed         # prefill of each export at 1K-32K against dense, block densities
+#   bash benchmarks/real_model_gpu.sh eval          # the suite at 8K/16K/32K for every policy
+#
+# Needs the nine chunks in ~/stage (tools/stage_real_model.sh) and .stage/wheels carried with the call.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TSA_PATCH_CACHE=$HOME/tsa-cache
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" "$HOME/work"
+gguf=$(bash benchmarks/assemble_real_model.sh) || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+start=$SECONDS
+python3 benchmarks/real_model_gpu.py "$1" --gguf "$gguf" --work "$HOME/work" --out "$OUT" "${@:2}" 2>&1 \
+  | grep -v "Loading weights" | tee "$OUT/$1.log" | tail -n 60
+echo "$1: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s"

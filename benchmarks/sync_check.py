@@ -1,0 +1,52 @@
+"""Where a sparse layer synchronises with the host, if anywhere: one TSA layer (Llama-3.1-8B shapes, bf16) through the
+attention function at each length, under ``torch.cuda.set_sync_debug_mode("warn")``, printing every synchronising
+call with the line of tsa-patch that made it.
+
+    python benchmarks/sync_check.py [--lengths 2048,8192,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+import warnings
+
+import torch
+
+from tsa_patch.kernels import attention
+from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, policy: TsaPolicy):
+        super().__init__()
+        self.config = type("Config", (), {})()
+        setattr(self.config, CONFIG_KEY, policy.to_dict())
+        self.layer_idx, self.num_key_value_groups, self.is_causal = 0, 4, True
+        self.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="2048,8192,32768")
+    args = parser.parse_args()
+    module = _Attention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=1024))
+    for length in (int(n) for n in args.lengths.split(",")):
+        q, k, v = (torch.randn(1, h, length, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
+        attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile, autotune
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        path = "sync-free" if length < attention.SYNC_FREE_BELOW else "synced (by design)"
+        print(f"L={length} ({path}): {len(caught)} synchronising call(s)")
+        for warning in caught:
+            print("  ", str(warning.message).splitlines()[0], f"at {warning.filename}:{warning.lineno}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The sync-free TSA path (kernels/tsa.py ``tsa_attention_sync_free``): the same tokens and output as the synced
+path, and, on a GPU, not one host synchronisation in a whole sparse layer.
+
+Bounds: the two paths compute the same attention on the same kept tokens, in another order; relative error
+against float64 at most ``numerics.ATTENTION_RELATIVE`` (fp32: 128 eps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from numerics import ATTENTION_RELATIVE
+
+from tsa_patch.kernels import attention
+from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch.kernels.tsa import tsa_attention, tsa_attention_sync_free
+
+OPTIONS = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16)
+
+
+@pytest.mark.parametrize("coverage", ["paper", "normalized"])
+@pytest.mark.parametrize("selection", ["query_head", "kv_group"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sync_free_path_keeps_the_same_tokens_and_computes_the_same_output(backend, selection, coverage, brute):
+    torch.manual_seed(7)
+    hq, hkv, length, d = 6, 2, 131, 32
+    q, k, v = torch.randn(hq, length, d), torch.randn(hkv, length, d), torch.randn(hkv, length, d)
+    options = dict(OPTIONS, selection=selection, coverage=coverage, scaling=d**-0.5)
+    synced, kept = tsa_attention(q, k, v, backend="torch", **options)
+    out, buffer, count = tsa_attention_sync_free(q, k, v, backend=backend, **options)
+    assert kept.shape[1] < length, "tau = 0.1 must drop tokens here"
+    assert count.tolist() == [kept.shape[1]] * kept.shape[0]
+    assert torch.equal(buffer[:, : kept.shape[1]], kept)
+    truth = brute.restricted_attention(q, k, v, kept, d**-0.5).transpose(0, 1)  # float64
+    assert brute.relative_error(out, truth) < ATTENTION_RELATIVE[torch.float32]
+    assert brute.relative_error(synced, truth) < ATTENTION_RELATIVE[torch.float32]
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, policy: TsaPolicy):
+        super().__init__()
+        self.config = type("Config", (), {})()
+        setattr(self.config, CONFIG_KEY, policy.to_dict())
+        self.layer_idx = 0
+        self.num_key_value_groups = 4
+        self.is_causal = True
+        self.eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [2048, 8191])
+def test_a_sparse_layer_on_cuda_makes_no_host_sync(length):
+    """A whole sparse layer through the attention function, below SYNC_FREE_BELOW, under sync debugging."""
+    assert length < attention.SYNC_FREE_BELOW
+    policy = TsaPolicy.uniform(1, 0.05, window=128, min_tokens=256, activation_length=1024)
+    module = _Attention(policy)
+    q, k, v = (torch.randn(1, heads, length, 128, device="cuda", dtype=torch.bfloat16) for heads in (32, 8, 8))
+    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile and autotune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = attention.tsa_statistics(torch.nn.ModuleList([module]))  # reading the counts syncs: after the check
+    assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < length
+    assert torch.isfinite(out).all()
