@@ -17,8 +17,10 @@ staged file's SHA-256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from tsa_patch.kernels.policy import ATTENTION_KEY, LayerPolicy, TsaPolicy
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.suite import TASKS
 
+ROUNDS = 5  # timing rounds per prompt length in ``speed``, variants interleaved
 SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-token context
 CALIBRATIONS = {  # name -> CalibrationConfig changes
     "tsa-paper-coverage": {},
@@ -56,12 +59,14 @@ def phase_calibrate(args) -> None:
     source = resolve_model(args.gguf)
     model, tokenizer = load_model(source, device=args.device)
     summary = {}
-    for name, changes in CALIBRATIONS.items():
+    for name, changes in _chosen(args).items():
         config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, holdout=args.holdout, **changes)
         begin = time.perf_counter()
         result = calibrate(model, tokenizer, config, source_model=source.spec)
         seconds = time.perf_counter() - begin
-        (args.work / f"policy-{name}.json").write_text(json.dumps(result.policy.to_dict(), indent=1))
+        for folder in (args.work, args.out):  # the device keeps nothing: the policies come back with the results
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"policy-{name}.json").write_text(json.dumps(result.policy.to_dict(), indent=1))
         export(source, result.policy, args.work / "exports" / name, command=f"real_model_gpu.py {name}")
         chosen = result.report["chosen"]
         summary[name] = {"seconds": round(seconds, 1), "sparse_layers": result.policy.sparse_layers,
@@ -77,10 +82,18 @@ def phase_calibrate(args) -> None:
 
 
 def phase_speed(args) -> None:
-    speed = {name: _time_export(args.work / "exports" / name, args) for name in CALIBRATIONS}
+    speed = {name: _time_export(args.work / "exports" / name, args) for name in _chosen(args)}
     _write(args.out, "export-speed.json", _record(args, export_speed=speed))
+    if args.only:
+        return  # a partial run: the densities come with a full one
     model, tokenizer = load_model(resolve_model(args.gguf), device=args.device)
     _write(args.out, "block-density.json", _record(args, density=_natural_block_density(model, tokenizer, args)))
+
+
+def _chosen(args) -> dict:
+    """The calibrations this run covers (``--only``), all by default."""
+    names = args.only.split(",") if args.only else list(CALIBRATIONS)
+    return {name: CALIBRATIONS[name] for name in names}
 
 
 def _free(device: str) -> None:
@@ -111,17 +124,22 @@ def _time_export(folder: Path, args) -> list[dict]:
             with torch.no_grad():
                 return model(prompt, use_cache=False, logits_to_keep=1).logits
 
+        variants = {"tsa": (ATTENTION_KEY, None), "dense_default": ("sdpa", None), "dense_cudnn": ("sdpa", "cudnn")}
+        times = {name: [] for name in variants}
+        for _round in range(ROUNDS):  # interleaved: drifts of the host (these prefills are launch-bound) hit all
+            for name, (implementation, backend) in variants.items():
+                model.set_attn_implementation(implementation)
+                with sdpa_backend(backend, torch.device(args.device)) if backend else contextlib.nullcontext():
+                    times[name].append(time_cuda(prefill, budget_s=0.3).median_ms)
+        row = {"length": length, **{name: statistics.median(values) for name, values in times.items()},
+               "rounds": times}
         model.set_attn_implementation(ATTENTION_KEY)
-        row = {"length": length, "tsa": time_cuda(prefill, budget_s=1.0).median_ms,
-               "attention": attention_summary(tsa_statistics(model))}
-        model.set_attn_implementation("sdpa")
-        row["dense_default"] = time_cuda(prefill, budget_s=1.0).median_ms
-        with sdpa_backend("cudnn", torch.device(args.device)):
-            row["dense_cudnn"] = time_cuda(prefill, budget_s=1.0).median_ms
+        prefill()
+        row["attention"] = attention_summary(tsa_statistics(model))
         row["vs_cudnn"] = row["dense_cudnn"] / row["tsa"]
         row["vs_default"] = row["dense_default"] / row["tsa"]
         print(folder.name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                                       if k != "attention"}), flush=True)
+                                       if k not in ("attention", "rounds")}), flush=True)
         rows.append(row)
     del model
     _free(args.device)
@@ -194,6 +212,7 @@ def _natural_block_density(model, tokenizer, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=("calibrate", "speed", "eval"))
+    parser.add_argument("--only", default="", help="comma-separated calibrations of " + ", ".join(CALIBRATIONS))
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--work", type=Path, required=True, help="kept between phases (exports, policies)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")

@@ -1,6 +1,6 @@
 """Where a sparse layer synchronises with the host, if anywhere: one TSA layer (Llama-3.1-8B shapes, bf16) through the
-attention function at each length, under ``torch.cuda.set_sync_debug_mode("warn")``, printing every synchronising
-call with the line of tsa-patch that made it.
+attention function at each length, on the default (synced) path and with ``tsa_sync_free=True``, under
+``torch.cuda.set_sync_debug_mode("warn")``, printing every synchronising call with the line that made it.
 
     python benchmarks/sync_check.py [--lengths 2048,8192,32768]
 """
@@ -8,7 +8,6 @@ call with the line of tsa-patch that made it.
 from __future__ import annotations
 
 import argparse
-import traceback
 import warnings
 
 import torch
@@ -31,18 +30,18 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048,8192,32768")
     args = parser.parse_args()
     module = _Attention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=1024))
-    for length in (int(n) for n in args.lengths.split(",")):
+    for length, sync_free in ((int(n), free) for n in args.lengths.split(",") for free in (False, True)):
         q, k, v = (torch.randn(1, h, length, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
-        attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile, autotune
+        attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=sync_free)  # tune
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+                attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=sync_free)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        path = "sync-free" if length < attention.SYNC_FREE_BELOW else "synced (by design)"
+        path = "sync-free" if sync_free else "synced (by design: one read of the kept count)"
         print(f"L={length} ({path}): {len(caught)} synchronising call(s)")
         for warning in caught:
             print("  ", str(warning.message).splitlines()[0], f"at {warning.filename}:{warning.lineno}")

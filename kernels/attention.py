@@ -35,23 +35,25 @@ _EMULATE_ATTR = "_tsa_emulate_block_sparse"
 _POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
 # The paths a layer can take on one forward (``layer_path``).
 DENSE, SPARSE, BLOCK_SPARSE = "dense", "sparse", "block_sparse"
-# Full prefills shorter than this run TSA without a host synchronisation (``tsa.tsa_attention_sync_free``, Triton
-# on CUDA); longer ones read the kept count back once and attend on compact copies with cuDNN, which is faster
-# there and where one sync costs nothing. Measured on an H200 (benchmarks/README.md, "Sync-free path").
-SYNC_FREE_BELOW = 16384
 
 
-def policy_from_config(config) -> TsaPolicy:
+def policy_from_config(config, recheck: bool = True) -> TsaPolicy:
     """The validated ``TsaPolicy`` stored in ``config.tsa_policy`` (parsed once, then cached).
+
+    ``recheck=False`` skips comparing the dict with the cached copy (an in-place edit is then seen at the next
+    call that rechecks): the runtime rechecks in the first layer of each forward only, which keeps the per-layer
+    cost of a dense layer low.
 
     Raises:
         ValueError: when the config carries no policy or an invalid one.
     """
-    raw = getattr(config, CONFIG_KEY, None)
+    raw = vars(config).get(CONFIG_KEY) if hasattr(config, "__dict__") else None  # skips a config's __getattribute__
+    if raw is None:
+        raw = getattr(config, CONFIG_KEY, None)
     if raw is None:
         raise ValueError(f"config has no '{CONFIG_KEY}' entry; load a tsa-patch export or call apply_policy_ first.")
     cached = _POLICY_CACHE.get(id(raw))
-    if cached is None or cached[0] != raw:
+    if cached is None or (recheck and cached[0] != raw):
         cached = (copy.deepcopy(raw), TsaPolicy.from_dict(raw))
         _POLICY_CACHE[id(raw)] = cached
     return cached[1]
@@ -68,6 +70,7 @@ class _Call:
     block_backend: str | None  # how block-sparse layers run here ("triton", "torch" or None: dense)
     keep_fraction: float | None  # benchmarks only
     block_density: float | None  # benchmarks only
+    sync_free: bool | None  # None: only while a CUDA graph is being captured (``_sync_free``)
 
 
 def layer_path(policy: TsaPolicy, layer: LayerPolicy, q_len: int, kv_len: int, block_backend: str | None) -> str:
@@ -84,6 +87,13 @@ def layer_path(policy: TsaPolicy, layer: LayerPolicy, q_len: int, kv_len: int, b
     if layer.block_sparse and block_backend is not None and q_len == kv_len:
         return BLOCK_SPARSE
     return DENSE
+
+
+def dense_everywhere(policy: TsaPolicy, q_len: int, kv_len: int) -> bool:
+    """Whether ``layer_path`` is ``DENSE`` in every layer for ``q_len`` queries over ``kv_len`` keys: then a TSA
+    model's forward runs transformers' own SDPA path, with none of this module's Python in its layers."""
+    return (q_len < policy.window or kv_len < policy.activation_length
+            or not (policy.sparse_layers or policy.block_sparse_layers))
 
 
 def tsa_attention_forward(
@@ -110,34 +120,40 @@ def tsa_attention_forward(
             tokens instead of applying tau.
         tsa_block_density (keyword): benchmarks only; every block-sparse layer keeps this fraction of each query
             block's causal key blocks instead of applying ``block_gamma``.
+        tsa_sync_free (keyword): True runs TSA's full prefills on CUDA without a host synchronisation
+            (``tsa.tsa_attention_sync_free``), False with one (``tsa.tsa_attention``); None (the default) takes
+            the sync-free path only while a CUDA graph is being captured, where a sync is an error: the synced
+            path is the faster one in eager mode at every length measured (benchmarks/README.md, "Sync-free path").
 
     Returns:
         (B, Lq, Hq, D) contiguous output and ``None`` (attention weights are never materialised).
     """
-    if not getattr(module, _RUNTIME_ATTR, False) and _exported_config(module.config):
+    if not module.__dict__.get(_RUNTIME_ATTR, False) and _exported_config(module.config):
         raise ValueError(f"this model was loaded from a tsa-patch export without trust_remote_code=True, as its native "
                          f"class, which runs '{ATTENTION_KEY}' only because another export loaded in this process "
                          "registered it; load it with trust_remote_code=True, or with attn_implementation=\"sdpa\" for "
                          "the dense model.")
-    policy = policy_from_config(module.config)
+    policy = policy_from_config(module.config, recheck=module.layer_idx == 0)
+    layer = policy.layers[module.layer_idx]
     key, value = _filled_prefix(query, key, value, attention_mask)
     q_len, kv_len = query.shape[2], key.shape[2]
-    call = _Call(policy=policy, layer=policy.layers[module.layer_idx],
-                 scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, softcap=kwargs.get("softcap"),
-                 # soft-capped layers never run the block-sparse kernel: it cannot cap logits
-                 block_backend=None if kwargs.get("softcap") is not None else
-                 _block_sparse_backend(query.device, getattr(module, _EMULATE_ATTR, False)),
-                 keep_fraction=kwargs.get("tsa_keep_fraction"), block_density=kwargs.get("tsa_block_density"))
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.pop("softcap", None)
+    block_backend = None  # soft-capped layers never run the block-sparse kernel: it cannot cap logits
+    if layer.block_sparse and softcap is None:
+        block_backend = _block_sparse_backend(query.device, module.__dict__.get(_EMULATE_ATTR, False))
     # A sliding-window layer only sees its window: TSA's causal selection does not apply once Lk exceeds it.
     windowed = kwargs.get("sliding_window") is not None and kv_len > kwargs["sliding_window"]
-    path = DENSE if module.training or windowed else layer_path(policy, call.layer, q_len, kv_len, call.block_backend)
-    if path == DENSE:
+    path = DENSE if module.training or windowed else layer_path(policy, layer, q_len, kv_len, block_backend)
+    if path == DENSE:  # the common case (decode, short prompts, dense layers): as little Python as possible
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
-            setattr(module, STATS_ATTR, layer_statistics(module, DENSE, q_len, kv_len, None, None))
-        kwargs.pop("softcap", None)  # in ``call`` already
-        return dense_forward(module, query, key, value, attention_mask, scaling=call.scaling, softcap=call.softcap,
+            module.__dict__[STATS_ATTR] = layer_statistics(module, DENSE, q_len, kv_len, None, None)  # no hooks
+        return dense_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
                              dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal, **kwargs), None
 
+    call = _Call(policy=policy, layer=layer, scaling=scaling, softcap=softcap, block_backend=block_backend,
+                 keep_fraction=kwargs.get("tsa_keep_fraction"), block_density=kwargs.get("tsa_block_density"),
+                 sync_free=kwargs.get("tsa_sync_free"))
     outputs, kept, densities = [], [], []
     with sdpa_backend(policy.dense_backend, query.device), _launch_device(query):
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
@@ -173,11 +189,17 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
                    min_tokens=policy.min_tokens, selection=policy.selection, scaling=call.scaling,
                    coverage=policy.coverage, softcap=call.softcap, keep_fraction=call.keep_fraction, backend=backend)
     full_prefill = query.shape[1] == key.shape[1]
-    if attend is None and backend == "triton" and full_prefill and key.shape[1] < SYNC_FREE_BELOW:
+    if attend is None and backend == "triton" and full_prefill and _sync_free(call):
         out, _, count = tsa_attention_sync_free(query, key, value, **options)
         return out, count, None  # the counts stay on the device; tsa_statistics reads them when asked
     out, kept = tsa_attention(query, key, value, dense_backend=policy.dense_backend, attend=attend, **options)
     return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None
+
+
+def _sync_free(call: _Call) -> bool:
+    """Whether a TSA full prefill on CUDA keeps its kept count on the device: as the caller asked, else only while
+    a CUDA graph is being captured (a host sync would break the capture)."""
+    return torch.cuda.is_current_stream_capturing() if call.sync_free is None else call.sync_free
 
 
 def mark_tsa_runtime_(model: torch.nn.Module) -> torch.nn.Module:
@@ -332,6 +354,13 @@ def layer_statistics(module, path: str, q_len: int, kv_len: int, kept: list | No
     """The statistics entry of one layer's forward (what ``tsa_statistics`` lists)."""
     return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept,
             "block_density": block_density}
+
+
+def record_dense_forward(modules: list[torch.nn.Module], q_len: int, kv_len: int) -> None:
+    """The statistics of a forward that ran transformers' SDPA path in every layer (``dense_everywhere``)."""
+    if q_len > 1:  # as tsa_attention_forward: statistics describe the last prefill
+        for module in modules:
+            module.__dict__[STATS_ATTR] = layer_statistics(module, DENSE, q_len, kv_len)
 
 
 def tsa_statistics(model: torch.nn.Module) -> list[dict]:

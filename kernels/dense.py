@@ -8,6 +8,7 @@ its flash backend 429 ms, memory-efficient 799 ms; hence "auto" puts cuDNN first
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +38,33 @@ _SDP_FLAGS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "mem_effic
               "math": "MATH", "overrideable": "OVERRIDEABLE"}
 
 
+# The backend order a TSA model's forward set for all its layers (``model_sdpa_backend``): inside it, each layer's
+# ``sdpa_backend`` for that order costs one lookup.
+_MODEL_ORDER: contextvars.ContextVar[str | None] = contextvars.ContextVar("tsa_model_sdpa_order", default=None)
+
+
 def sdpa_backend(backend: str, device: torch.device):
     """Context that makes SDPA try the policy's backends in order (PyTorch's own choice off CUDA).
 
     Entering ``sdpa_kernel`` costs tens of microseconds of Python, and the runtime asks for it in every layer, so
     when SDPA is already set that way (the TSA model's forward sets it once for all its layers) this is a no-op.
     """
-    if device.type != "cuda" or _sdpa_already(backend):
+    if device.type != "cuda" or _MODEL_ORDER.get() == backend or _sdpa_already(backend):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]], set_priority=True)
+
+
+@contextlib.contextmanager
+def model_sdpa_backend(backend: str, device: torch.device):
+    """``sdpa_backend`` around a whole model's forward, after which its layers skip the check."""
+    with sdpa_backend(backend, device):
+        token = _MODEL_ORDER.set(backend if device.type == "cuda" else None)
+        try:
+            yield
+        finally:
+            _MODEL_ORDER.reset(token)
 
 
 def _sdpa_already(backend: str) -> bool:

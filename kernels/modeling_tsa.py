@@ -8,6 +8,7 @@ The weights and every other behaviour are the native model's. No I/O, no network
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from transformers import (
@@ -20,9 +21,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .attention import (emulate_block_sparse_, mark_tsa_runtime_, policy_from_config, register_tsa_attention,
-                        tsa_statistics)
-from .dense import sdpa_backend
+from .attention import (dense_everywhere, emulate_block_sparse_, mark_tsa_runtime_, policy_from_config,
+                        record_dense_forward, register_tsa_attention, tsa_statistics)
+from .dense import model_sdpa_backend
 from .policy import ATTENTION_KEY
 
 register_tsa_attention()
@@ -30,16 +31,55 @@ register_tsa_attention()
 
 def _with_sdpa_order(forward):
     """The native forward; running TSA, with SDPA's backend order set once for all layers rather than in each (that
-    costs tens of microseconds a layer). ``functools.wraps`` keeps the native signature, which generate() reads."""
+    costs tens of microseconds a layer), and, for an input that no layer can reduce (shorter than the policy's
+    activation length, shorter than its window, decode steps), transformers' own SDPA path in every layer, so that
+    such inputs cost what the native model costs. ``functools.wraps`` keeps the native signature, which generate()
+    reads."""
 
     @functools.wraps(forward)
     def tsa_forward(self, *args, **kwargs):
         if self.config._attn_implementation != ATTENTION_KEY:  # e.g. attn_implementation="sdpa": the native model
             return forward(self, *args, **kwargs)
-        with sdpa_backend(policy_from_config(self.config).dense_backend, self.device):
-            return forward(self, *args, **kwargs)
+        policy = policy_from_config(self.config)
+        lengths = _input_lengths(args, kwargs)
+        native = (lengths is not None and dense_everywhere(policy, *lengths) and not self.training
+                  and getattr(self.config, "attn_logit_softcapping", None) is None)  # SDPA cannot cap logits
+        with model_sdpa_backend(policy.dense_backend, self.device):
+            if not native:
+                return forward(self, *args, **kwargs)
+            with _attention_implementation(self.config, "sdpa"):
+                out = forward(self, *args, **kwargs)
+        record_dense_forward(self.__dict__["_tsa_attention_modules"], *lengths)
+        return out
 
     return tsa_forward
+
+
+def _input_lengths(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """(new tokens, new + cached tokens) of a forward called with ``input_ids`` or ``inputs_embeds`` and no cache or
+    a dynamic one; None otherwise (the layers then decide for themselves)."""
+    if len(args) > 1:
+        return None
+    tokens = args[0] if args else kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    cache = kwargs.get("past_key_values")
+    if tokens is None or tokens.dim() < 2 or (cache is not None and type(cache).__name__ != "DynamicCache"):
+        return None
+    q_len = tokens.shape[1]
+    return q_len, q_len + (cache.get_seq_length() if cache is not None else 0)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    """``config`` reports ``name`` as its attention implementation within the block (its layers read it on every
+    forward), then what it reported before."""
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
 
 
 class _TsaMixin:
@@ -50,6 +90,9 @@ class _TsaMixin:
             config._attn_implementation_internal = ATTENTION_KEY
         super().__init__(config, *args, **kwargs)
         mark_tsa_runtime_(self)
+        # the attention modules, for the statistics of forwards that ran transformers' SDPA path (not submodules)
+        self.__dict__["_tsa_attention_modules"] = [m for m in self.modules()
+                                                   if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -157,7 +157,7 @@ of the dense attention FLOPs (TSA alone: {100 * calibration['chosen']['calibrati
 
 def _metrics_row(label: str, removed: float | None, metrics: dict) -> str:
     removed_cell = "" if removed is None else f"{100 * removed:.1f} %"
-    parts = " / ".join(f"{metrics[part]['kl']:.4f}" for part in ("natural", "recall") if part in metrics)
+    parts = " / ".join(f"{metrics[part]['kl']:.4f}" for part in ("natural", "recall") if metrics.get(part))
     return (f"| {label} | {removed_cell} | {metrics['kl']:.4f} | {parts} | "
             f"{100 * metrics['top1_agreement']:.1f} % |")
 

@@ -8,7 +8,7 @@ import pytest
 
 from tsa_patch.export import remote_code_files
 
-ALLOWED_IMPORTS = {"__future__", "collections", "contextlib", "copy", "dataclasses", "functools", "math", "os",
+ALLOWED_IMPORTS = {"__future__", "collections", "contextlib", "contextvars", "copy", "dataclasses", "functools", "math", "os",
                    "torch", "transformers", "triton", "flash_attn"}
 OPTIONAL_IMPORTS = {"triton", "flash_attn"}  # must sit inside try/except ImportError
 FORBIDDEN_CALLS = {"open", "exec", "eval", "compile", "__import__", "input", "breakpoint"}

@@ -47,21 +47,51 @@ class _Attention(torch.nn.Module):
         self.eval()
 
 
+def _sparse_layer_inputs(length: int):
+    policy = TsaPolicy.uniform(1, 0.05, window=128, min_tokens=256, activation_length=1024)
+    return _Attention(policy), [torch.randn(1, heads, length, 128, device="cuda", dtype=torch.bfloat16)
+                                for heads in (32, 8, 8)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("length", [2048, 8191])
 def test_a_sparse_layer_on_cuda_makes_no_host_sync(length):
-    """A whole sparse layer through the attention function, below SYNC_FREE_BELOW, under sync debugging."""
-    assert length < attention.SYNC_FREE_BELOW
-    policy = TsaPolicy.uniform(1, 0.05, window=128, min_tokens=256, activation_length=1024)
-    module = _Attention(policy)
-    q, k, v = (torch.randn(1, heads, length, 128, device="cuda", dtype=torch.bfloat16) for heads in (32, 8, 8))
-    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile and autotune first
+    """A whole sparse layer through the attention function, sync-free path, under sync debugging."""
+    module, (q, k, v) = _sparse_layer_inputs(length)
+    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=True)  # compile, tune
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     stats = attention.tsa_statistics(torch.nn.ModuleList([module]))  # reading the counts syncs: after the check
     assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < length
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_a_sparse_layer_replays_from_a_cuda_graph():
+    """Captured in a CUDA graph, a sparse layer takes the sync-free path by itself; a replay on new inputs equals
+    the sync-free path run eagerly on them (the same kernels, bit for bit) and the default synced path up to
+    rounding: each is a bf16 rounding of the same attention on the same kept tokens, so 2 x the bf16 bound."""
+    module, static = _sparse_layer_inputs(4096)
+    forward = lambda: attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5)[0]  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5, tsa_sync_free=True)  # tune
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward()
+    fresh = [torch.randn_like(x) for x in static]
+    for buffer, x in zip(static, fresh):
+        buffer.copy_(x)
+    graph.replay()
+    eager_sync_free, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5, tsa_sync_free=True)
+    synced, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
+    assert torch.isfinite(captured).all()
+    assert torch.equal(captured, eager_sync_free)
+    error = float((captured.float() - synced.float()).norm() / synced.float().norm())
+    assert error < 2 * ATTENTION_RELATIVE[torch.bfloat16]

@@ -167,3 +167,49 @@ def test_resaving_keeps_code_policy_architecture_and_guard(small_export, fresh_p
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_tsa.TsaLlamaForCausalLM"}
     assert config["attn_implementation"] == ATTENTION_KEY  # loading without trust_remote_code still fails loudly
     assert TsaPolicy.from_dict(config[CONFIG_KEY]) == policy
+
+
+NATIVE_PATH_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
+key = model.config._attn_implementation
+calls = []
+tsa_forward = ALL_ATTENTION_FUNCTIONS[key]
+def counting(*args, **kwargs):
+    calls.append(args[0].layer_idx)
+    return tsa_forward(*args, **kwargs)
+ALL_ATTENTION_FUNCTIONS[key] = counting
+ids = torch.randint(0, 49152, (1, 300), generator=torch.Generator().manual_seed(0))
+report = {}
+with torch.no_grad():
+    short = model(ids[:, :80]).logits
+    report["short_calls"], report["short_paths"] = len(calls), sorted({s["path"] for s in model.tsa_statistics()})
+    report["short_lengths"] = sorted({(s["query_len"], s["kv_len"]) for s in model.tsa_statistics()})
+    report["layers"] = len(model.tsa_statistics())
+    del calls[:]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    report["prompt_calls"] = len(calls)  # the prefill runs the TSA function in every layer, the decode steps not
+    report["sparse"] = [s["layer"] for s in model.tsa_statistics() if s["path"] == "sparse"]
+    model.set_attn_implementation("sdpa")
+    dense = model(ids[:, :80]).logits
+report["short_equals_sdpa"] = bool(torch.equal(short, dense))
+report["key_after"] = key
+print(json.dumps(report))
+"""
+
+
+def test_inputs_no_layer_can_reduce_run_transformers_own_sdpa_path(small_export, fresh_python):
+    """Below the activation length (and in decode steps) an export costs what the native model costs: its forward
+    runs transformers' SDPA path in every layer, never the TSA attention function; the output is the sdpa model's,
+    bit for bit, and the statistics still say that every layer ran dense."""
+    folder, policy = small_export
+    assert 80 < policy.activation_length <= 300
+    result = fresh_python(NATIVE_PATH_SCRIPT, str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["short_calls"] == 0 and report["short_equals_sdpa"]
+    assert report["short_paths"] == ["dense"] and report["short_lengths"] == [[80, 80]]
+    assert report["layers"] == policy.num_layers
+    assert report["prompt_calls"] == policy.num_layers and report["sparse"] == policy.sparse_layers
