@@ -31,10 +31,11 @@ register_tsa_attention()
 
 def _with_sdpa_order(forward):
     """The native forward; running TSA, with SDPA's backend order set once for all layers rather than in each (that
-    costs tens of microseconds a layer), and, for an input that no layer can reduce (shorter than the policy's
-    activation length, shorter than its window, decode steps), transformers' own SDPA path in every layer, so that
-    such inputs cost what the native model costs. ``functools.wraps`` keeps the native signature, which generate()
-    reads."""
+    costs tens of microseconds a layer). An input that no layer can reduce (shorter than the policy's activation
+    length, shorter than its window, decode steps) runs exactly as the native model runs it: transformers' own SDPA
+    path in every layer, with SDPA's own backend choice unless the policy names a ``dense_backend`` (with "auto",
+    cuDNN first would cost more CPU time per call than the native choice, which shows on launch-bound short
+    prompts). ``functools.wraps`` keeps the native signature, which generate() reads."""
 
     @functools.wraps(forward)
     def tsa_forward(self, *args, **kwargs):
@@ -44,11 +45,13 @@ def _with_sdpa_order(forward):
         lengths = _input_lengths(args, kwargs)
         native = (lengths is not None and dense_everywhere(policy, *lengths) and not self.training
                   and getattr(self.config, "attn_logit_softcapping", None) is None)  # SDPA cannot cap logits
-        with model_sdpa_backend(policy.dense_backend, self.device):
-            if not native:
+        if not native:
+            with model_sdpa_backend(policy.dense_backend, self.device):
                 return forward(self, *args, **kwargs)
-            with _attention_implementation(self.config, "sdpa"):
-                out = forward(self, *args, **kwargs)
+        order = contextlib.nullcontext() if policy.dense_backend == "auto" else \
+            model_sdpa_backend(policy.dense_backend, self.device)
+        with order, _attention_implementation(self.config, "sdpa"):
+            out = forward(self, *args, **kwargs)
         record_dense_forward(self.__dict__["_tsa_attention_modules"], *lengths)
         return out
 
