@@ -16,12 +16,15 @@ from tsa_patch.kernels import attention
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self, policy: TsaPolicy):
+class StubAttention(torch.nn.Module):
+    """What the attention function reads from a model's attention module: config (with the policy), layer index,
+    GQA group size; also used by sync_free_probe.py."""
+
+    def __init__(self, policy: TsaPolicy, groups: int = 4):
         super().__init__()
         self.config = type("Config", (), {})()
         setattr(self.config, CONFIG_KEY, policy.to_dict())
-        self.layer_idx, self.num_key_value_groups, self.is_causal = 0, 4, True
+        self.layer_idx, self.num_key_value_groups, self.is_causal = 0, groups, True
         self.eval()
 
 
@@ -29,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192,32768")
     args = parser.parse_args()
-    module = _Attention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=1024))
+    module = StubAttention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=1024))
     for length, sync_free in ((int(n), free) for n in args.lengths.split(",") for free in (False, True)):
         q, k, v = (torch.randn(1, h, length, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
         attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=sync_free)  # tune

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sync_check import StubAttention  # benchmarks/ is on the path of a script run from it
 from tsa_patch.bench import environment, paper_kept_fraction, time_cuda
 from tsa_patch.kernels import attention
-from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch.kernels.policy import TsaPolicy
 from tsa_patch.kernels.reference import select_tokens_padded_ref, select_tokens_ref
 from tsa_patch.kernels.tsa import token_scores, tsa_attention, tsa_attention_sync_free
 
@@ -165,15 +166,6 @@ def probe_length(length: int) -> dict:
     return row
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self, policy: TsaPolicy):
-        super().__init__()
-        self.config = type("Config", (), {})()
-        setattr(self.config, CONFIG_KEY, policy.to_dict())
-        self.layer_idx, self.num_key_value_groups, self.is_causal = 0, 7, True
-        self.eval()
-
-
 def dense_path_overhead() -> dict:
     """CPU time per call of a layer that runs dense (prompt below the activation length): the runtime's forward
     against transformers' SDPA forward, Qwen2.5-0.5B shapes at 1K (14/2 heads, d 64)."""
@@ -181,7 +173,7 @@ def dense_path_overhead() -> dict:
 
     from tsa_patch.kernels.dense import model_sdpa_backend
 
-    module = _Attention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=32000))
+    module = StubAttention(TsaPolicy.uniform(1, 0.005, window=128, min_tokens=1024, activation_length=32000), groups=7)
     attention.mark_tsa_runtime_(module)
     q = torch.randn(1, 14, 1024, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))

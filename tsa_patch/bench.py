@@ -69,11 +69,12 @@ class Timing:
     runs: int
 
 
-def time_cuda(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 3, max_runs: int = 50) -> Timing:
+def time_cuda(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 3, max_runs: int = 50,
+              device: torch.device | None = None) -> Timing:
     """Time ``fn`` with CUDA events: one untimed warm-up call (compilation, autotuning, allocator), then timed
-    runs until ``budget_s`` is spent (between ``min_runs`` and ``max_runs``). Without CUDA, the wall clock (for dry
-    runs of the benchmarks on a CPU; such times mean nothing)."""
-    cuda = torch.cuda.is_available()
+    runs until ``budget_s`` is spent (between ``min_runs`` and ``max_runs``). Without CUDA, or for work on a
+    ``device`` that is not a GPU, the wall clock (on a CPU such times say nothing about a GPU)."""
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     fn()
     if cuda:
         torch.cuda.synchronize()

@@ -14,12 +14,11 @@ anything, this overstates TSA's cost at short lengths, which keeps the choice on
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from tsa_patch.bench import time_cuda
 from tsa_patch.kernels.attention import dense_forward, register_attention, tsa_attention_forward
 from tsa_patch.kernels.policy import TsaPolicy
 
@@ -91,18 +90,5 @@ def _time_layer(module, query, key, value, scaling, policy: TsaPolicy, lengths: 
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    fn()  # warm-up: compilation, autotuning, allocator
-    times = []
-    for _ in range(_RUNS):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - begin))
-    return statistics.median(times)
+    """Median of ``_RUNS`` timed calls after one warm-up (CUDA events on a GPU, the wall clock elsewhere)."""
+    return time_cuda(fn, budget_s=0.0, min_runs=_RUNS, max_runs=_RUNS, device=device).median_ms
