@@ -27,12 +27,32 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, 
         front="\n".join(front), name=base_model or source.spec, sparse_count=len(policy.sparse_layers),
         sparse=policy.sparse_layers, num_layers=policy.num_layers, format_version=policy.format_version,
         window=policy.window, pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
-        activation_length=policy.activation_length, selection=policy.selection, dense_backend=policy.dense_backend,
+        activation_length=policy.activation_length, activation_basis=activation_basis(policy),
+        selection=policy.selection, dense_backend=policy.dense_backend,
         block_line=_block_kernel_sentence(policy), rows=rows, siblings=siblings, attention_key=ATTENTION_KEY,
         config_key=CONFIG_KEY, calibration_lines=_calibration_section(policy.calibration or {}),
         evaluation_lines=_evaluation_section(evaluation), command=provenance.get("command") or "(library call)",
         tool_version=provenance["tool_version"], transformers=provenance["versions"]["transformers"],
         torch=provenance["versions"]["torch"], created=provenance["created"], spec=source.spec)
+
+
+def activation_basis(policy: TsaPolicy) -> str:
+    """Where the policy's activation length comes from, in words (the model card and ``inspect`` show it)."""
+    calibration = policy.calibration or {}
+    speed = calibration.get("speed")
+    if calibration.get("method") == "representation-drift":
+        return "the paper's: prompts longer than min tokens + window"
+    if not speed:
+        return "set at calibration (--activation-length)" if calibration else "set by hand"
+    if speed.get("device") == "cpu":
+        return "conservative default: calibrated without a CUDA GPU to time the sparse layers on"
+    measured, lengths = speed.get("measured_activation_length"), speed.get("lengths") or []
+    timed = ", ".join(f"{n:,}" for n in lengths)
+    if measured is None:
+        return (f"measured on {speed['device']}: the sparse layers were slower than dense at every length timed "
+                f"({timed}), so TSA does not engage")
+    return (f"measured on {speed['device']}: the sparse layers together were never slower than dense from "
+            f"{measured:,} tokens on (timed at {timed})")
 
 
 def _block_kernel_sentence(policy: TsaPolicy) -> str:
@@ -79,7 +99,7 @@ Pass `attn_implementation="sdpa"` to get the original dense model for comparison
 
 Stored in `config.json` under `{config_key}` (format version {format_version}).
 Window {window}, pooling kernel {pool_kernel}, min tokens {min_tokens},
-prompts shorter than {activation_length} tokens run dense, selection `{selection}`,
+prompts shorter than {activation_length} tokens run dense ({activation_basis}), selection `{selection}`,
 dense kernel `{dense_backend}`. Sparse layers: {sparse}.{block_line}
 
 | layer | attention | tau | kernel |

@@ -10,3 +10,26 @@ def test_metrics_row_skips_a_part_that_was_not_measured():
     metrics = {"kl": 0.0123, "top1_agreement": 0.95, "natural": {"kl": 0.0123}, "recall": None}
     row = _metrics_row("this policy", 0.142, metrics)
     assert row == "| this policy | 14.2 % | 0.0123 | 0.0123 | 95.0 % |"
+
+
+def _policy(**calibration):
+    from tsa_patch.kernels.policy import TsaPolicy
+
+    return TsaPolicy.from_dict({**TsaPolicy.uniform(4, 0.01, [3]).to_dict(), "calibration": calibration})
+
+
+def test_activation_basis_says_where_the_activation_length_comes_from():
+    from tsa_patch.card import activation_basis
+
+    measured = {"device": "NVIDIA H200", "lengths": [1024, 2048, 32000], "measured_activation_length": 32000}
+    assert activation_basis(_policy(method="accuracy-budget", speed=measured)) == (
+        "measured on NVIDIA H200: the sparse layers together were never slower than dense from 32,000 tokens on "
+        "(timed at 1,024, 2,048, 32,000)")
+    slower = {**measured, "measured_activation_length": None}
+    assert "slower than dense at every length timed" in activation_basis(_policy(method="accuracy-budget",
+                                                                                 speed=slower))
+    cpu = {"device": "cpu", "activation_length": 8192}
+    assert activation_basis(_policy(method="accuracy-budget", speed=cpu)).startswith("conservative default")
+    assert activation_basis(_policy(method="accuracy-budget")) == "set at calibration (--activation-length)"
+    assert activation_basis(_policy(method="representation-drift")).startswith("the paper's")
+    assert activation_basis(_policy()) == "set by hand"
