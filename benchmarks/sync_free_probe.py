@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sync_check import StubAttention  # benchmarks/ is on the path of a script run from it
-from tsa_patch.bench import environment, paper_kept_fraction, time_cuda
+from tsa_patch.bench import environment, paper_kept_fraction, time_cuda, time_cuda_graph
 from tsa_patch.kernels import attention
 from tsa_patch.kernels.policy import TsaPolicy
 from tsa_patch.kernels.reference import select_tokens_padded_ref, select_tokens_ref
@@ -75,16 +75,11 @@ def sync_free_layer(kernel: str, q, k, v, options):
 
 
 def graph_time(fn) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay).median_ms
+    """Median ms of ``fn`` replayed from a CUDA graph (``tsa-patch bench``'s capture); raises if capture fails."""
+    timing = time_cuda_graph(fn)
+    if "median_ms" not in timing:
+        raise RuntimeError(timing["error"])
+    return timing["median_ms"]
 
 
 def no_sync(fn) -> str:

@@ -90,10 +90,10 @@ def layer_path(policy: TsaPolicy, layer: LayerPolicy, q_len: int, kv_len: int, b
 
 
 def dense_everywhere(policy: TsaPolicy, q_len: int, kv_len: int) -> bool:
-    """Whether ``layer_path`` is ``DENSE`` in every layer for ``q_len`` queries over ``kv_len`` keys: then a TSA
-    model's forward runs transformers' own SDPA path, with none of this module's Python in its layers."""
-    return (q_len < policy.window or kv_len < policy.activation_length
-            or not (policy.sparse_layers or policy.block_sparse_layers))
+    """Whether ``layer_path`` is ``DENSE`` in every layer for ``q_len`` queries over ``kv_len`` keys, even where the
+    block-sparse kernel can run: then a TSA model's forward runs transformers' own SDPA path, with none of this
+    module's Python in its layers."""
+    return all(layer_path(policy, layer, q_len, kv_len, "triton") == DENSE for layer in policy.layers)
 
 
 def tsa_attention_forward(
@@ -147,7 +147,7 @@ def tsa_attention_forward(
     path = DENSE if module.training or windowed else layer_path(policy, layer, q_len, kv_len, block_backend)
     if path == DENSE:  # the common case (decode, short prompts, dense layers): as little Python as possible
         if q_len > 1:  # statistics describe the last prefill, not the decode steps that follow it
-            module.__dict__[STATS_ATTR] = layer_statistics(module, DENSE, q_len, kv_len, None, None)  # no hooks
+            module.__dict__[STATS_ATTR] = layer_statistics(module, DENSE, q_len, kv_len)  # plain dict: no Module hooks
         return dense_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
                              dense_backend=policy.dense_backend, dropout=dropout, is_causal=is_causal, **kwargs), None
 
@@ -164,7 +164,7 @@ def tsa_attention_forward(
             outputs.append(out)
             kept.append(counts)
             densities.append(density)
-    setattr(module, STATS_ATTR, layer_statistics(module, path, q_len, kv_len, kept, densities))
+    module.__dict__[STATS_ATTR] = layer_statistics(module, path, q_len, kv_len, kept, densities)
     out = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
 

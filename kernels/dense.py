@@ -74,7 +74,7 @@ def _sdpa_already(backend: str) -> bool:
     names = _SDPA_ORDER[backend]
     try:
         order = torch._C._get_sdp_priority_order()
-        if [int(backend) for backend in order[: len(names)]] != [int(getattr(SDPBackend, n)) for n in names]:
+        if [int(entry) for entry in order[: len(names)]] != [int(getattr(SDPBackend, n)) for n in names]:
             return False
         return all(getattr(torch._C, f"_get_{flag}_sdp_enabled")() == (name in names) for flag, name in _SDP_FLAGS.items())
     except AttributeError:  # a torch without these getters: always set the context

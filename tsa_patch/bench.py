@@ -113,7 +113,7 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
                 dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> dict:
     """One attention layer (batch 1, causal prefill): every dense SDPA backend, and TSA on both of its paths (the
     synced one on compact copies with cuDNN, the sync-free one), stage by stage, plus the sync-free path replayed
-    from a CUDA graph (what ``torch.compile(mode="reduce-overhead")`` gives at a fixed length).
+    from a CUDA graph (what capturing a fixed-length prefill gives).
 
     ``kept_fraction`` is the fraction of the ``seq_len - window`` candidates each head keeps (the window is always
     kept too). Returns times in ms, peak memory in MiB, and speedups against dense cuDNN.
@@ -133,15 +133,15 @@ def bench_layer(model: str, seq_len: int, kept_fraction: float, selection: str =
         synced = _time_synced(q, k, v, options)
         sync_free = _time_sync_free(q, k, v, options)
     kept_total = synced.pop("kept_tokens") / seq_len
-    chosen = synced  # what the runtime runs in eager mode (the sync-free path only under CUDA-graph capture)
-    row.update(synced=synced, sync_free=sync_free, runtime_path="synced", tsa=chosen["total"],
+    # the runtime's path in eager mode is the synced one (the sync-free path runs under CUDA-graph capture)
+    row.update(synced=synced, sync_free=sync_free, runtime_path="synced", tsa=synced["total"],
                kept_tokens=round(kept_total * seq_len), ideal_speedup=1.0 / kept_total**2,
-               speedup=dense_ms / chosen["total"]["median_ms"],
-               overhead_ms=chosen["overhead_ms"], overhead_pct_of_dense=100.0 * chosen["overhead_ms"] / dense_ms,
+               speedup=dense_ms / synced["total"]["median_ms"],
+               overhead_ms=synced["overhead_ms"], overhead_pct_of_dense=100.0 * synced["overhead_ms"] / dense_ms,
                best_path=min(("synced", "sync_free"), key=lambda n: row_total(n, synced, sync_free)),
                dense_tflops=_causal_flops(heads, seq_len, head_dim) / dense_ms / 1e9)
     row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
-    row["extra_peak_mib_vs_dense"] = chosen["total"]["peak_mib"] - row["dense"]["sdpa-cudnn"]["peak_mib"]
+    row["extra_peak_mib_vs_dense"] = synced["total"]["peak_mib"] - row["dense"]["sdpa-cudnn"]["peak_mib"]
     return row
 
 
@@ -221,11 +221,11 @@ def _time_sync_free(q, k, v, options: dict) -> dict:
         return tsa_attention_sync_free(q, k, v, **options)
     result["total"] = {**asdict(time_cuda(whole)), "peak_mib": _peak_mib(whole)}
     result["overhead_ms"] = result["total"]["median_ms"] - result["stages"]["attend_gathered"]["median_ms"]
-    result["cuda_graph"] = _time_graph(whole)
+    result["cuda_graph"] = time_cuda_graph(whole)
     return result
 
 
-def _time_graph(fn: Callable[[], object]) -> dict:
+def time_cuda_graph(fn: Callable[[], object]) -> dict:
     """``fn`` captured once in a CUDA graph, then its replays timed (launch overhead gone); or why it failed."""
     if not torch.cuda.is_available():
         return {"error": "no CUDA"}

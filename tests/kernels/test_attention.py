@@ -223,3 +223,21 @@ def test_block_sparse_layer_on_cuda_matches_the_emulated_cpu_path(tsa):
     assert getattr(module, STATS_ATTR)["block_density"][0] < 1
     # fp32 on both: the same block pattern, accumulated in another order (GPU tiles vs CPU SDPA per head)
     assert ((gpu.cpu() - cpu).norm() / cpu.norm()).item() < ATTENTION_RELATIVE[torch.float32]
+
+
+def test_dense_everywhere_is_layer_path_dense_in_every_layer():
+    """The model-level shortcut (an export's native SDPA path) agrees with the per-layer decision: TSA layers
+    engage from the window and the activation length, block-sparse layers on full prefills only."""
+    from tsa_patch.kernels.attention import dense_everywhere
+    from dataclasses import asdict
+
+    from tsa_patch.kernels.policy import LayerPolicy
+
+    tsa = TsaPolicy.uniform(3, 0.05, [1], window=16, min_tokens=16, activation_length=64)
+    assert dense_everywhere(tsa, 63, 63) and dense_everywhere(tsa, 8, 200)  # too short; a chunk below the window
+    assert not dense_everywhere(tsa, 64, 64) and not dense_everywhere(tsa, 16, 200)
+    blocks = TsaPolicy.from_dict({**tsa.to_dict(), "layers": [
+        asdict(LayerPolicy(enabled=False, tau=0.0, kernel="block_sparse")), *[asdict(LayerPolicy())] * 2]})
+    assert not dense_everywhere(blocks, 200, 200)  # a full prefill runs the block-sparse kernel
+    assert dense_everywhere(blocks, 32, 200)  # a chunk over a longer cache attends densely there
+    assert dense_everywhere(TsaPolicy.uniform(3, 0.0, [], window=16, activation_length=64), 500, 500)  # no sparse layer
