@@ -4,14 +4,18 @@ one device call (benchmarks/real_model_gpu.sh runs them):
     python benchmarks/real_model_gpu.py calibrate --gguf FILE --work DIR --out DIR   # policies and exports
     python benchmarks/real_model_gpu.py speed --gguf FILE --work DIR --out DIR       # prefill timings, densities
     python benchmarks/real_model_gpu.py eval --gguf FILE --work DIR --out DIR        # accuracy
+    python benchmarks/real_model_gpu.py layers --gguf FILE --work DIR --out DIR      # each layer alone
 
 ``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, and TSA with the
 block-sparse kernel), each policy exported. ``speed``: every export timed as a user loads it (trust_remote_code) at
 1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
 default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
 offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
-the paper's rule, FlexPrefill alone), with paired 95 % intervals. Every JSON records the card, versions, date, command and the
-staged file's SHA-256.
+the paper's rule, FlexPrefill alone), with paired 95 % intervals; ``--engaged`` also evaluates every calibrated
+policy with each layer engaged from the window on (the suite's prompts are shorter than the measured activation
+lengths, so otherwise they run dense). ``layers``: each layer alone made sparse, end to end at 32K (TSA at the
+paper's tau and at 0.02, and the block-sparse kernel alone), against the calibration's per-layer error estimate: what
+the budget's error is spent on. Every JSON records the card, versions, date, command and the staged file's SHA-256.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -146,11 +151,20 @@ def _time_export(folder: Path, args) -> list[dict]:
     return rows
 
 
-def _comparison_policies(work: Path, num_layers: int) -> dict[str, dict]:
-    """The calibrated policies, the paper's rule (its drift-chosen layers at tau 0.005, the authors' coverage and
-    activation) and FlexPrefill alone (gamma 0.95 in every layer, no TSA)."""
-    policies = {name: json.loads((work / f"policy-{name}.json").read_text()) for name in CALIBRATIONS}
-    base = TsaPolicy.from_dict(policies["tsa-paper-coverage"])
+def _comparison_policies(args, num_layers: int) -> dict[str, dict]:
+    """The calibrated policies (``--only``), the paper's rule (its drift-chosen layers at tau 0.005, the authors'
+    coverage and activation) and FlexPrefill alone (gamma 0.95 in every layer, no TSA); with ``--engaged`` each
+    calibrated policy also as NAME@engaged, every layer engaged from the window on."""
+    policies = {name: json.loads((args.work / f"policy-{name}.json").read_text()) for name in _chosen(args)}
+    if args.engaged:
+        for name in list(policies):
+            engaged = TsaPolicy.from_dict(policies[name])
+            layers = tuple(replace(layer, activation_length=None) for layer in engaged.layers)
+            policies[f"{name}@engaged"] = replace(engaged, layers=layers,
+                                                  activation_length=engaged.window + 1).to_dict()
+    if args.skip_baselines:
+        return policies
+    base = TsaPolicy.from_dict(json.loads((args.work / "policy-tsa-paper-coverage.json").read_text()))
     paper_layers = base.calibration["paper_rule"]["layers"]
     paper = TsaPolicy.uniform(num_layers, 0.005, paper_layers, coverage="paper",
                               activation_length=base.min_tokens + base.window + 1)
@@ -164,8 +178,8 @@ def phase_eval(args) -> None:
 
     source = resolve_model(args.gguf)
     model, tokenizer = load_model(source, device=args.device)
-    policies = _comparison_policies(args.work, model.config.num_hidden_layers)
-    apply_policy_(model, TsaPolicy.from_dict(policies["tsa-paper-coverage"]))
+    policies = _comparison_policies(args, model.config.num_hidden_layers)
+    apply_policy_(model, TsaPolicy.from_dict(next(iter(policies.values()))))
     lengths = (args.seq_len // 4, args.seq_len // 2, args.seq_len)  # 8K, 16K, 32K
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=lengths, samples=args.eval_samples,
                         batch_size=args.batch_size, perplexity_samples=2)
@@ -179,6 +193,52 @@ def phase_eval(args) -> None:
                                                           round(r["attention_cost"], 3)) for r in s["summary"]]),
               flush=True)
     _write(args.out, "eval.json", _record(args, seconds=seconds, policies=policies, summary=summary, reports=reports))
+
+
+LAYER_TAUS = (0.005, 0.02)  # the paper's tau, and a stronger one
+
+
+def phase_layers(args) -> None:
+    """Each layer alone made sparse, end to end on the calibration samples at ``--seq-len`` (the authors' coverage):
+    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural and the recall KL, and the
+    calibration's per-layer estimate for the same TSA choice (kept fraction, residual error)."""
+    from tsa_patch.calibration.endtoend import EndToEnd
+    from tsa_patch.calibration.measure import TAU_GRID, measuring, new_measurements
+
+    model, tokenizer = load_model(resolve_model(args.gguf), device=args.device)
+    num_layers = model.config.num_hidden_layers
+    config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, holdout=0)
+    samples = token_samples(tokenizer, load_documents(config.data), args.samples, args.seq_len + config.continuation,
+                            config.seed)
+
+    def make_policy(taus, block_layers, **knobs) -> TsaPolicy:
+        layers = tuple(LayerPolicy(enabled=t > 0, tau=t, kernel="block_sparse" if i in block_layers else "dense")
+                       for i, t in enumerate(taus))
+        return TsaPolicy(layers=layers, **config.policy_options(**knobs))
+
+    measurements = new_measurements(num_layers)
+    template = make_policy((0.0,) * num_layers, set())
+    begin = time.perf_counter()
+    judge = EndToEnd(model, {"calibration": samples, "held_out": []}, args.seq_len, config.seed, make_policy,
+                     lambda description, total: None, measure=lambda: measuring(model, measurements, template))
+    rows = []
+    for layer in range(num_layers):
+        alone = [0.0] * num_layers
+        variants = [(f"tsa tau {tau}", [tau if i == layer else 0.0 for i in range(num_layers)], set())
+                    for tau in LAYER_TAUS] + [("block-sparse", alone, {layer})]
+        for name, taus, blocks in variants:
+            metrics = judge.metrics(taus, "calibration", blocks)
+            row = {"layer": layer, "variant": name, "kl_natural": metrics["natural"]["kl"],
+                   "kl_recall": metrics["recall"]["kl"], "top1_agreement": metrics["top1_agreement"],
+                   "attention_cost": metrics["attention_cost"]}
+            if not blocks:
+                index = TAU_GRID.index(taus[layer])
+                row.update(estimated_kept=round(measurements[layer].mean_kept(index), 4),
+                           estimated_error=round(measurements[layer].mean_error(index), 6))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    _write(args.out, "layers-alone.json", _record(args, seconds=time.perf_counter() - begin, taus=LAYER_TAUS,
+                                                  seq_len=args.seq_len, samples=args.samples, rows=rows))
 
 
 def _natural_block_density(model, tokenizer, args) -> dict:
@@ -211,7 +271,7 @@ def _natural_block_density(model, tokenizer, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("calibrate", "speed", "eval"))
+    parser.add_argument("phase", choices=("calibrate", "speed", "eval", "layers"))
     parser.add_argument("--only", default="", help="comma-separated calibrations of " + ", ".join(CALIBRATIONS))
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--work", type=Path, required=True, help="kept between phases (exports, policies)")
@@ -223,10 +283,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="smaller for a dry run on a CPU")
     parser.add_argument("--tasks", default=",".join(TASKS), help="fewer for a dry run on a CPU")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
+    parser.add_argument("--engaged", action="store_true", help="eval: also every calibrated policy engaged from the "
+                        "window on (NAME@engaged)")
+    parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "
+                        "FlexPrefill alone (measured before on the same prompts)")
     args = parser.parse_args()
     args.sha256 = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
     args.work.mkdir(parents=True, exist_ok=True)
-    {"calibrate": phase_calibrate, "speed": phase_speed, "eval": phase_eval}[args.phase](args)
+    {"calibrate": phase_calibrate, "speed": phase_speed, "eval": phase_eval, "layers": phase_layers}[args.phase](args)
 
 
 if __name__ == "__main__":

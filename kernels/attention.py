@@ -77,10 +77,11 @@ def layer_path(policy: TsaPolicy, layer: LayerPolicy, q_len: int, kv_len: int, b
     """``DENSE``, ``SPARSE`` (TSA, on the block-sparse kernel when the layer has it) or ``BLOCK_SPARSE`` (the
     block-sparse kernel alone) for ``q_len`` queries over ``kv_len`` keys.
 
-    Short inputs attend densely: fewer queries than the scoring window, or fewer keys than the activation length.
+    Short inputs attend densely: fewer queries than the scoring window, or fewer keys than the layer's activation
+    length (``TsaPolicy.activation_of``).
     The block-sparse kernel runs on full prefills only (``q_len == kv_len``) and where ``block_backend`` is set.
     """
-    if q_len < policy.window or kv_len < policy.activation_length:
+    if q_len < policy.window or kv_len < policy.activation_of(layer):
         return DENSE
     if layer.active:
         return SPARSE

@@ -7,11 +7,11 @@ It imports nothing beyond the standard library.
 A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone JSON file written by
 ``tsa-patch calibrate``::
 
-    {"format_version": 2, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
+    {"format_version": 3, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
      "selection": "query_head", "coverage": "paper", "dense_backend": "auto",
      "block_size": 128, "block_gamma": 0.95, "block_min_budget": 1024, "block_js_threshold": 0.1,
      "layers": [{"enabled": false, "tau": 0.0, "kernel": "dense"},
-                {"enabled": true, "tau": 0.005, "kernel": "block_sparse"}, ...],
+                {"enabled": true, "tau": 0.005, "kernel": "block_sparse", "activation_length": 16384}, ...],
      "tool_version": "0.1.0", "source_model": "...", "calibration": {...}}
 """
 
@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-# Version 2 added ``coverage`` (version 1 policies are read with the rule their runtime used, "normalized").
-POLICY_FORMAT_VERSION = 2
+# Version 2 added ``coverage`` (version 1 policies are read with the rule their runtime used, "normalized");
+# version 3 a layer's own ``activation_length`` (version 2 policies are read unchanged: they have none).
+POLICY_FORMAT_VERSION = 3
 # Attention and mask functions are registered under this key. The registry is process-global, so the key
 # carries the format version: two checkpoints with incompatible runtimes never overwrite each other.
 ATTENTION_KEY = f"tsa_v{POLICY_FORMAT_VERSION}"
@@ -59,11 +60,14 @@ class LayerPolicy:
         tau: token-coverage threshold in [0, 1): each prefill drops the least-important tail of tokens whose
             head-averaged attention mass is below ``tau``. ``0`` drops nothing (the layer behaves densely).
         kernel: one of ``KERNELS``: the attention kernel of long prefills, with or without TSA.
+        activation_length: inputs with fewer keys than this run the layer dense; None: the policy's
+            ``activation_length``. Calibration on a GPU sets it from the layer's own measured crossover.
     """
 
     enabled: bool = False
     tau: float = 0.0
     kernel: str = "dense"
+    activation_length: int | None = None
 
     @property
     def active(self) -> bool:
@@ -130,6 +134,10 @@ class TsaPolicy:
             _check(_is_number(layer.tau) and 0.0 <= layer.tau < 1.0, f"layers[{i}].tau", layer.tau,
                    "tau must be in [0, 1); typical values are 0.005 to 0.02, and 0 keeps the layer dense")
             _check(layer.kernel in KERNELS, f"layers[{i}].kernel", layer.kernel, f"use one of {list(KERNELS)}")
+            _check(layer.activation_length is None or (_is_int(layer.activation_length)
+                                                       and layer.activation_length > self.window),
+                   f"layers[{i}].activation_length", layer.activation_length,
+                   f"use null or an integer larger than window ({self.window})")
         _check(_is_int(self.window) and self.window >= 1, "window", self.window, "use a positive integer such as 128")
         _check(_is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1, "pool_kernel",
                self.pool_kernel, "use a positive odd integer such as 7")
@@ -168,10 +176,16 @@ class TsaPolicy:
         """Indices of the layers whose long prefills run the block-sparse kernel."""
         return [i for i, layer in enumerate(self.layers) if layer.block_sparse]
 
+    def activation_of(self, layer: LayerPolicy) -> int:
+        """The fewest keys from which ``layer`` may reduce attention: its own activation length, else the policy's."""
+        return self.activation_length if layer.activation_length is None else layer.activation_length
+
     def to_dict(self) -> dict:
-        """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal policy."""
+        """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal policy. A layer's activation length is written
+        only where it has its own."""
         data = asdict(self)
-        data["layers"] = [asdict(layer) for layer in self.layers]
+        data["layers"] = [{k: v for k, v in asdict(layer).items() if k != "activation_length" or v is not None}
+                          for layer in self.layers]
         return data
 
     @classmethod
@@ -189,13 +203,16 @@ class TsaPolicy:
         _check("format_version" in data, "format_version", "missing", f"add \"format_version\": {POLICY_FORMAT_VERSION}")
         if data["format_version"] == 1:  # version 1 had no coverage field; its runtime used the "normalized" rule
             _check("coverage" not in data, "coverage", data.get("coverage"), "format_version 1 has no coverage field")
-            data = {**data, "format_version": POLICY_FORMAT_VERSION, "coverage": "normalized"}
+            data = {**data, "format_version": 2, "coverage": "normalized"}
+        if data["format_version"] == 2:  # version 2 had no per-layer activation length: nothing to translate
+            data = {**data, "format_version": POLICY_FORMAT_VERSION}
         _check("layers" in data, "layers", "missing", "give one {\"enabled\", \"tau\"} entry per decoder layer")
         _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")
         layers = []
         for i, entry in enumerate(data["layers"]):
-            _check(isinstance(entry, dict) and set(entry) <= {"enabled", "tau", "kernel"}, f"layers[{i}]", entry,
-                   "each layer is {\"enabled\": bool, \"tau\": float, \"kernel\": \"dense\" or \"block_sparse\"}")
+            _check(isinstance(entry, dict) and set(entry) <= {"enabled", "tau", "kernel", "activation_length"},
+                   f"layers[{i}]", entry, "each layer is {\"enabled\": bool, \"tau\": float, \"kernel\": \"dense\" or "
+                   "\"block_sparse\", optionally \"activation_length\": int}")
             layers.append(LayerPolicy(**entry))
         return cls(**{**data, "layers": layers})
 

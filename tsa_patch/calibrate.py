@@ -207,9 +207,13 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise PolicyError(str(err)) from None
 
 
-def _policy(taus, config: CalibrationConfig, source_model, provenance: dict, block_layers=(), **knobs) -> TsaPolicy:
-    layers = tuple(LayerPolicy(enabled=tau > 0, tau=tau, kernel="block_sparse" if i in block_layers else "dense")
-                   for i, tau in enumerate(taus))
+def _policy(taus, config: CalibrationConfig, source_model, provenance: dict, block_layers=(),
+            layer_activation: dict[int, int] | None = None, **knobs) -> TsaPolicy:
+    """The policy of per-layer ``taus``, the block-sparse kernel in ``block_layers``, and a layer's own activation
+    length where ``layer_activation`` gives one."""
+    own = layer_activation or {}
+    layers = tuple(LayerPolicy(enabled=tau > 0, tau=tau, kernel="block_sparse" if i in block_layers else "dense",
+                               activation_length=own.get(i)) for i, tau in enumerate(taus))
     return TsaPolicy(layers=layers, tool_version=__version__, source_model=source_model, calibration=provenance,
                      **config.policy_options(**knobs))
 
@@ -259,22 +263,24 @@ def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, st
         report.block_sparse = _block_sparse(model, config, report, drift, judge, start)
         block_layers = report.block_sparse["layers"]
     taus = report.chosen.candidate.taus
-    activation = config.activation_length
+    activation, own = config.activation_length, {}
     if activation is None:
         report.speed = _speed(model, config, _policy(taus, config, source_model, {}, block_layers), calibration[0],
                               start)
         activation = report.speed["activation_length"]
+        own = {int(i): n for i, n in report.speed.get("layer_activation", {}).items()}
     report = report.to_dict()
-    policy = _policy(taus, config, source_model, report, block_layers, activation_length=activation)
+    policy = _policy(taus, config, source_model, report, block_layers, own, activation_length=activation)
     return CalibrationResult(policy=policy, drift=drift, report=report)
 
 
 def _speed(model, config: CalibrationConfig, policy: TsaPolicy, sample: list[int], start) -> dict:
-    """On CUDA, time the sparse layers against dense at a ladder of lengths and take the activation length from it;
-    elsewhere the conservative default (a CPU's timings say nothing about a GPU's)."""
+    """On CUDA, time the sparse layers against dense at a ladder of lengths and take each layer's activation length
+    from its own timings (the policy's is the shortest of them); elsewhere the conservative default (a CPU's timings
+    say nothing about a GPU's)."""
     import torch
 
-    from tsa_patch.calibration.speed import activation_from, ladder, measure_speed
+    from tsa_patch.calibration.speed import activation_from, ladder, layer_activations, measure_speed
 
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -285,12 +291,14 @@ def _speed(model, config: CalibrationConfig, policy: TsaPolicy, sample: list[int
     speed = {"lengths": lengths, "dense_ms": [], "tsa_ms": [], "layers": {}}
     if policy.sparse_layers or policy.block_sparse_layers:
         speed = measure_speed(model, sample, policy, lengths)
-    measured = activation_from(speed) if speed["tsa_ms"] else None
+    measured = activation_from(speed) if speed["tsa_ms"] else None  # the layers together, for the record
+    own = layer_activations(speed, config.seq_len)
     if step is not None:
         step()
     return {**speed, "device": torch.cuda.get_device_name(device), "measured_activation_length": measured,
-            "activation_length": measured if measured is not None else config.seq_len + 1,
-            "rule": "shortest ladder length from which the sparse layers are never slower than dense"}
+            "layer_activation": {str(i): n for i, n in sorted(own.items())},
+            "activation_length": min(own.values(), default=config.seq_len + 1),
+            "rule": "per layer: the shortest ladder length from which the layer is never slower than dense"}
 
 
 def _search(model, config: CalibrationConfig, measurements, front, drift, judge, start):

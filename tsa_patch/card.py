@@ -20,7 +20,8 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, 
     if license_:
         front.append(f"license: {license_}")
     front += ["tags:", "- tsa-patch", "- token-sparse-attention", "- sparse-attention", "- long-context", "---"]
-    rows = "\n".join(f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} | {layer.kernel} |"
+    rows = "\n".join(f"| {i} | {'sparse' if layer.active else 'dense'} | {layer.tau:g} | {layer.kernel} | "
+                     f"{policy.activation_of(layer) if layer.active or layer.block_sparse else ''} |"
                      for i, layer in enumerate(policy.layers))
     siblings = ", ".join(f"`{name}`" for name in sorted(provenance["remote_code_sha256"]) if name != "modeling_tsa.py")
     return _CARD.format(
@@ -46,8 +47,19 @@ def activation_basis(policy: TsaPolicy) -> str:
         return "set at calibration (--activation-length)" if calibration else "set by hand"
     if speed.get("device") == "cpu":
         return "conservative default: calibrated without a CUDA GPU to time the sparse layers on"
-    measured, lengths = speed.get("measured_activation_length"), speed.get("lengths") or []
+    lengths = speed.get("lengths") or []
     timed = ", ".join(f"{n:,}" for n in lengths)
+    if "layer_activation" in speed:
+        beyond = lengths[-1] + 1 if lengths else None
+        groups: dict[int, list[str]] = {}
+        for index, length in speed["layer_activation"].items():
+            groups.setdefault(length, []).append(index)
+        parts = [f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} "
+                 + ("slower than dense at every length timed, engaging only beyond it" if length == beyond
+                    else f"from {length:,} tokens") for length, layers in sorted(groups.items())]
+        return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length from "
+                f"which it was never slower than dense (timed at {timed}): {'; '.join(parts) or 'no sparse layer'}")
+    measured = speed.get("measured_activation_length")  # a policy written before per-layer activation lengths
     if measured is None:
         return (f"measured on {speed['device']}: the sparse layers were slower than dense at every length timed "
                 f"({timed}), so TSA does not engage")
@@ -102,8 +114,8 @@ Window {window}, pooling kernel {pool_kernel}, min tokens {min_tokens},
 prompts shorter than {activation_length} tokens run dense ({activation_basis}), selection `{selection}`,
 dense kernel `{dense_backend}`. Sparse layers: {sparse}.{block_line}
 
-| layer | attention | tau | kernel |
-| --- | --- | --- | --- |
+| layer | attention | tau | kernel | from tokens |
+| --- | --- | --- | --- | --- |
 {rows}
 
 ## Calibration

@@ -241,3 +241,6 @@ def test_dense_everywhere_is_layer_path_dense_in_every_layer():
     assert not dense_everywhere(blocks, 200, 200)  # a full prefill runs the block-sparse kernel
     assert dense_everywhere(blocks, 32, 200)  # a chunk over a longer cache attends densely there
     assert dense_everywhere(TsaPolicy.uniform(3, 0.0, [], window=16, activation_length=64), 500, 500)  # no sparse layer
+    late = TsaPolicy(layers=(LayerPolicy(enabled=True, tau=0.05, activation_length=256),) * 2, window=16,
+                     activation_length=64)
+    assert dense_everywhere(late, 200, 200) and not dense_everywhere(late, 256, 256)  # the layers' own length

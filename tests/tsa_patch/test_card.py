@@ -28,6 +28,14 @@ def test_activation_basis_says_where_the_activation_length_comes_from():
     slower = {**measured, "measured_activation_length": None}
     assert "slower than dense at every length timed" in activation_basis(_policy(method="accuracy-budget",
                                                                                  speed=slower))
+    per_layer = {**measured, "layer_activation": {"3": 32001}}
+    assert activation_basis(_policy(method="accuracy-budget", speed=per_layer)).endswith(
+        "(timed at 1,024, 2,048, 32,000): layer 3 slower than dense at every length timed, engaging only beyond it")
+    per_layer["layer_activation"] = {"1": 2048, "2": 32000, "3": 2048}
+    assert activation_basis(_policy(method="accuracy-budget", speed=per_layer)) == (
+        "measured on NVIDIA H200, per layer: each sparse layer engages from the shortest length from which it was "
+        "never slower than dense (timed at 1,024, 2,048, 32,000): layers 1, 3 from 2,048 tokens; layer 2 from "
+        "32,000 tokens")
     cpu = {"device": "cpu", "activation_length": 8192}
     assert activation_basis(_policy(method="accuracy-budget", speed=cpu)).startswith("conservative default")
     assert activation_basis(_policy(method="accuracy-budget")) == "set at calibration (--activation-length)"

@@ -85,3 +85,23 @@ def test_a_version_1_policy_is_read_with_the_rule_its_runtime_used():
     assert policy.format_version == POLICY_FORMAT_VERSION and policy.coverage == "normalized"
     assert TsaPolicy.from_dict(policy.to_dict()) == policy
     assert TsaPolicy.uniform(4, 0.01).coverage == "paper"  # new policies: the authors' rule
+
+
+def test_a_version_2_policy_is_read_unchanged():
+    """Version 2 had no per-layer activation length: every layer takes the policy's."""
+    old = {**TsaPolicy.uniform(4, 0.01, [1, 2], activation_length=4096).to_dict(), "format_version": 2}
+    policy = TsaPolicy.from_dict(old)
+    assert policy.format_version == POLICY_FORMAT_VERSION
+    assert [policy.activation_of(layer) for layer in policy.layers] == [4096] * 4
+
+
+def test_a_layer_may_have_its_own_activation_length():
+    layers = (LayerPolicy(), LayerPolicy(enabled=True, tau=0.01, activation_length=32000),
+              LayerPolicy(enabled=True, tau=0.02))
+    policy = TsaPolicy(layers=layers, activation_length=16384)
+    assert [policy.activation_of(layer) for layer in policy.layers] == [16384, 32000, 16384]
+    data = policy.to_dict()
+    assert "activation_length" not in data["layers"][0] and data["layers"][1]["activation_length"] == 32000
+    assert TsaPolicy.from_dict(data) == policy
+    with pytest.raises(ValueError, match=r"layers\[1\].activation_length = 100; use null or an integer larger"):
+        TsaPolicy(layers=(LayerPolicy(), LayerPolicy(enabled=True, tau=0.01, activation_length=100)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsa_patch.calibration.speed import activation_from, ladder, measure_speed
+from tsa_patch.calibration.speed import activation_from, ladder, layer_activations, measure_speed
 from tsa_patch.data import load_documents
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 
@@ -25,6 +25,16 @@ def test_ladder_doubles_from_the_shortest_up_to_the_sequence_length():
 def test_activation_is_the_shortest_length_from_which_tsa_is_never_slower(tsa_ms, expected):
     speed = {"lengths": [1, 2, 4, 8], "dense_ms": [1.0, 2.0, 4.0, 8.0], "tsa_ms": tsa_ms}
     assert activation_from(speed) == expected
+
+
+def test_every_layer_engages_from_its_own_crossover():
+    """A layer that pays from 4 engages from 4, one that pays at every length from 1, and one still slower at the
+    longest length only beyond the calibrated length (8 + 1): none of them is ever slower than dense."""
+    speed = {"lengths": [1, 2, 4, 8], "layers": {
+        "3": {"dense_ms": [1.0, 2.0, 4.0, 8.0], "tsa_ms": [2.0, 3.0, 3.0, 7.0]},
+        "5": {"dense_ms": [1.0, 2.0, 4.0, 8.0], "tsa_ms": [0.5, 1.0, 2.0, 4.0]},
+        "7": {"dense_ms": [1.0, 2.0, 4.0, 8.0], "tsa_ms": [2.0, 3.0, 5.0, 9.0]}}}
+    assert layer_activations(speed, 8) == {3: 4, 5: 1, 7: 9}
 
 
 def test_every_sparse_layer_is_timed_at_every_length(smollm2_fp32):

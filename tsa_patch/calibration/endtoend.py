@@ -126,8 +126,8 @@ class EndToEnd:
     def _signature(self, policy: TsaPolicy) -> tuple:
         """What each layer computes in a prefill of ``prompt_len`` tokens under ``policy``: two policies with equal
         leading entries compute the same leading layers."""
-        engaged = self.prompt_len >= policy.activation_length
-        return tuple((layer.tau, layer.kernel, policy.coverage) if engaged and (layer.active or layer.block_sparse)
+        return tuple((layer.tau, layer.kernel, policy.coverage)
+                     if self.prompt_len >= policy.activation_of(layer) and (layer.active or layer.block_sparse)
                      else "dense" for layer in policy.layers)
 
     def _reference(self, start) -> dict:

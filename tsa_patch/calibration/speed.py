@@ -3,8 +3,8 @@
 One prefill of a calibration sample runs the model densely; inside every layer the chosen policy makes sparse,
 the attention function is timed twice on the layer's real queries, keys and values, cut to each length of the
 ladder (a prefix of a prompt is a prompt): as the runtime runs it with the policy (``tsa_attention_forward``), and
-densely with the same kernel (``dense_forward``). The activation length is the shortest ladder length from which
-the sparse layers together are never slower than dense, so no prompt length runs slower than the model it came
+densely with the same kernel (``dense_forward``). Each layer's activation length is the shortest ladder length from
+which that layer is never slower than dense, so no layer, and no prompt length, runs slower than the model it came
 from (as far as attention, the only thing TSA changes, is concerned).
 
 Times on CUDA come from CUDA events after a warm-up call (compilation, autotuning), median of several calls; on
@@ -63,6 +63,17 @@ def measure_speed(model, ids: list[int], policy: TsaPolicy, lengths: list[int]) 
     tsa = [sum(per_layer[i]["tsa_ms"][j] for i in per_layer) for j in range(len(lengths))]
     return {"lengths": lengths, "dense_ms": [round(t, 4) for t in dense], "tsa_ms": [round(t, 4) for t in tsa],
             "layers": {str(i): per_layer[i] for i in sorted(per_layer)}}
+
+
+def layer_activations(speed: dict, seq_len: int) -> dict[int, int]:
+    """Every timed layer's own activation length (``measure_speed``'s result): the shortest ladder length from
+    which the layer is never slower than dense, or ``seq_len + 1`` where it is slower at the longest length (it
+    engages only beyond the calibrated length, where it was never timed)."""
+    activations = {}
+    for index, times in speed["layers"].items():
+        own = activation_from({"lengths": speed["lengths"], **times})
+        activations[int(index)] = seq_len + 1 if own is None else own
+    return activations
 
 
 def activation_from(speed: dict) -> int | None:
