@@ -11,8 +11,8 @@ block-sparse kernel), each policy exported. ``speed``: every export timed as a u
 1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
 default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
 offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
-the paper's rule, FlexPrefill alone), with paired 95 % intervals; ``--engaged`` also evaluates every calibrated
-policy with each layer engaged from the window on (the suite's prompts are shorter than the measured activation
+the paper's rule, FlexPrefill alone), with paired 95 % intervals; ``--engaged`` evaluates every calibrated policy
+with each layer engaged from the window on instead (the suite's prompts are shorter than the measured activation
 lengths, so otherwise they run dense). ``layers``: each layer alone made sparse, end to end at 32K (TSA at the
 paper's tau and at 0.02, and the block-sparse kernel alone), against the calibration's per-layer error estimate: what
 the budget's error is spent on. Every JSON records the card, versions, date, command and the staged file's SHA-256.
@@ -154,11 +154,11 @@ def _time_export(folder: Path, args) -> list[dict]:
 def _comparison_policies(args, num_layers: int) -> dict[str, dict]:
     """The calibrated policies (``--only``), the paper's rule (its drift-chosen layers at tau 0.005, the authors'
     coverage and activation) and FlexPrefill alone (gamma 0.95 in every layer, no TSA); with ``--engaged`` each
-    calibrated policy also as NAME@engaged, every layer engaged from the window on."""
+    calibrated policy instead as NAME@engaged, every layer engaged from the window on."""
     policies = {name: json.loads((args.work / f"policy-{name}.json").read_text()) for name in _chosen(args)}
-    if args.engaged:
+    if args.engaged:  # instead of as calibrated
         for name in list(policies):
-            engaged = TsaPolicy.from_dict(policies[name])
+            engaged = TsaPolicy.from_dict(policies.pop(name))
             layers = tuple(replace(layer, activation_length=None) for layer in engaged.layers)
             policies[f"{name}@engaged"] = replace(engaged, layers=layers,
                                                   activation_length=engaged.window + 1).to_dict()
@@ -283,8 +283,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="smaller for a dry run on a CPU")
     parser.add_argument("--tasks", default=",".join(TASKS), help="fewer for a dry run on a CPU")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
-    parser.add_argument("--engaged", action="store_true", help="eval: also every calibrated policy engaged from the "
-                        "window on (NAME@engaged)")
+    parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
+                        "on (NAME@engaged), instead of as calibrated")
     parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "
                         "FlexPrefill alone (measured before on the same prompts)")
     args = parser.parse_args()

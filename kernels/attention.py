@@ -31,8 +31,11 @@ STATS_ATTR = "_tsa_last_forward"
 _RUNTIME_ATTR = "_tsa_runtime"
 # Attention-module attribute set by ``emulate_block_sparse_``.
 _EMULATE_ATTR = "_tsa_emulate_block_sparse"
-# Parsed policies, keyed by id() of the config's policy dict; the stored copy detects in-place edits.
-_POLICY_CACHE: dict[int, tuple[dict, TsaPolicy]] = {}
+# Parsed policies, keyed by id() of the config's policy dict: (the dict itself, a copy that detects in-place edits,
+# the policy). Holding the dict keeps its id from being reused by a new dict while the entry exists (a new policy
+# at a recycled id would otherwise be served the old one's policy); the oldest entries are dropped beyond the size.
+_POLICY_CACHE: dict[int, tuple[dict, dict, TsaPolicy]] = {}
+_POLICY_CACHE_SIZE = 16
 # The paths a layer can take on one forward (``layer_path``).
 DENSE, SPARSE, BLOCK_SPARSE = "dense", "sparse", "block_sparse"
 
@@ -53,10 +56,13 @@ def policy_from_config(config, recheck: bool = True) -> TsaPolicy:
     if raw is None:
         raise ValueError(f"config has no '{CONFIG_KEY}' entry; load a tsa-patch export or call apply_policy_ first.")
     cached = _POLICY_CACHE.get(id(raw))
-    if cached is None or (recheck and cached[0] != raw):
-        cached = (copy.deepcopy(raw), TsaPolicy.from_dict(raw))
+    if cached is None or cached[0] is not raw or (recheck and cached[1] != raw):
+        cached = (raw, copy.deepcopy(raw), TsaPolicy.from_dict(raw))
+        _POLICY_CACHE.pop(id(raw), None)
         _POLICY_CACHE[id(raw)] = cached
-    return cached[1]
+        while len(_POLICY_CACHE) > _POLICY_CACHE_SIZE:
+            _POLICY_CACHE.pop(next(iter(_POLICY_CACHE)))
+    return cached[2]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Lifecycle (the model is loaded by the caller; every step is a module of ``tsa_pa
 
 1. validate the knobs and sample calibration and held-out text (``tsa_patch.data``);
 2. ``budget`` method (default): measure every layer at every candidate tau in one dense forward per sample
-   (``measure``), build the predicted Pareto front of per-layer policies (``front``), measure candidates end to
+   (``measure``), check each layer alone end to end and rescale its estimates (``layer_check``), build the
+   predicted Pareto front of per-layer policies (``front``), measure candidates end to
    end as users experience them (TSA prefill, dense continuation, against dense, on natural continuations and on
    long-range recall probes, the worse counting; ``endtoend``), search the front for the sparsest policy within
    the budget (``search``), verify it on held-out samples and back off if it misses; optionally add the
@@ -66,6 +67,8 @@ class CalibrationConfig:
         holdout: held-out sequences that verify the chosen policy.
         continuation: tokens after each prompt, decoded densely over the TSA-prefilled cache and compared.
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
+        check_layers: budget: run each layer alone, sparse at the reference taus, end to end, and rescale its
+            error estimates by what it measured (``calibration.layer_check``); False keeps the residual estimates.
         block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
             kernel (lowest drift first). Without CUDA the block selection is emulated in PyTorch while measuring.
         activation_length: prompts shorter than this run dense. None (the default): the paper's
@@ -89,6 +92,7 @@ class CalibrationConfig:
     continuation: int = 64
     tau: float = PAPER_TAU
     delta: float = PAPER_DELTA
+    check_layers: bool = True
     block_sparse: bool = False
     window: int = _KNOBS["window"]
     pool_kernel: int = _KNOBS["pool_kernel"]
@@ -256,8 +260,10 @@ def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, st
                      lambda taus, blocks, **knobs: _policy(taus, config, source_model, {}, blocks, **knobs), start,
                      measure=measured_prefill)
     drift = drift_recorder.mean()
+    layer_check = _check_layers(measurements, judge, start) if config.check_layers else None
     front = pareto_policies(measurements)
     report = _search(model, config, measurements, front, drift, judge, start)
+    report.layer_check = layer_check
     block_layers = ()
     if config.block_sparse:
         report.block_sparse = _block_sparse(model, config, report, drift, judge, start)
@@ -272,6 +278,21 @@ def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, st
     report = report.to_dict()
     policy = _policy(taus, config, source_model, report, block_layers, own, activation_length=activation)
     return CalibrationResult(policy=policy, drift=drift, report=report)
+
+
+def _check_layers(measurements, judge, start) -> list[dict]:
+    """Every measured layer alone, end to end at the reference taus; its estimates rescaled in place."""
+    from tsa_patch.calibration.layer_check import REFERENCE_TAUS, check_layers_end_to_end
+
+    num_layers = len(measurements)
+
+    def layer_kl(layer: int, tau: float) -> float:
+        return judge.metrics([tau if i == layer else 0.0 for i in range(num_layers)], "calibration")["kl"]
+
+    measured = sum(1 for m in measurements if m.samples)
+    step = start(f"Checking each layer alone end to end (tau {', '.join(map(str, REFERENCE_TAUS))})",
+                 measured * len(REFERENCE_TAUS))
+    return check_layers_end_to_end(measurements, layer_kl, step)
 
 
 def _speed(model, config: CalibrationConfig, policy: TsaPolicy, sample: list[int], start) -> dict:

@@ -9,8 +9,10 @@ import pytest
 from tsa_patch.policy_file import read_policy
 
 
+# The CLI's behaviour, not the method's (tests/tsa_patch/test_calibrate.py): no per-layer end-to-end check, which
+# would cost most of these runs' time on a CPU.
 SMALL = ["--samples", "1", "--holdout", "1", "--seq-len", "256", "--continuation", "8", "--window", "16",
-         "--min-tokens", "32", "--activation-length", "96"]
+         "--min-tokens", "32", "--activation-length", "96", "--no-check-layers"]
 
 
 def test_budget_calibration_writes_policy_report_plot_and_json(cli, tmp_path, smollm2):

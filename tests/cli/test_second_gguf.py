@@ -42,7 +42,8 @@ print(json.dumps({"class": type(model).__name__, "prompt": ids.shape[1],
 def test_qwen2_gguf_calibrate_export_load_generate(cli, tmp_path, fresh_python):
     policy_file, out = tmp_path / "policy.json", tmp_path / "qwen-tsa"
     result = cli.invoke("calibrate", GGUF, "--samples", "2", "--holdout", "1", "--seq-len", "2048",
-                        "--min-tokens", "256", "--activation-length", "1024", "-o", policy_file, "--json")
+                        "--min-tokens", "256", "--activation-length", "1024", "--no-check-layers", "-o", policy_file,
+                        "--json")  # the second architecture end to end; the method itself: test_calibrate.py
     assert result.exit_code == 0, result.stderr
     document = cli.json(result.stdout)
     assert document["policy"]["calibration"]["chosen"]["meets_budget_held_out"]

@@ -244,3 +244,24 @@ def test_dense_everywhere_is_layer_path_dense_in_every_layer():
     late = TsaPolicy(layers=(LayerPolicy(enabled=True, tau=0.05, activation_length=256),) * 2, window=16,
                      activation_length=64)
     assert dense_everywhere(late, 200, 200) and not dense_everywhere(late, 256, 256)  # the layers' own length
+
+
+def test_a_new_policy_at_a_recycled_id_is_never_served_the_old_policy():
+    """A later layer reads the policy without rechecking it (``recheck=False``), and in calibration the first layer
+    may be replayed from a trace and never recheck. Were a freed policy dict's id reused by the next policy's dict,
+    the cache would serve the old policy (a calibration once measured a dense policy for a sparse one that way).
+    The entry for an id that now belongs to another dict is stale by identity, whatever its contents."""
+    from types import SimpleNamespace
+
+    from tsa_patch.kernels import attention
+
+    dense, sparse = TsaPolicy.uniform(3, 0.0).to_dict(), TsaPolicy.uniform(3, 0.05, [1]).to_dict()
+    config = SimpleNamespace(tsa_policy=sparse)
+    # what a recycled id looks like: an entry under this dict's id that was made for another dict
+    attention._POLICY_CACHE[id(sparse)] = (dense, dict(dense), TsaPolicy.from_dict(dense))
+    assert attention.policy_from_config(config, recheck=False).sparse_layers == [1]
+    for i in range(3 * attention._POLICY_CACHE_SIZE):  # new dicts every time, as apply_policy_ makes them
+        config.tsa_policy = TsaPolicy.uniform(3, 0.01 * (1 + i % 3), [i % 3]).to_dict()
+        policy = attention.policy_from_config(config, recheck=False)
+        assert policy.sparse_layers == [i % 3] and policy.layers[i % 3].tau == 0.01 * (1 + i % 3)
+    assert len(attention._POLICY_CACHE) <= attention._POLICY_CACHE_SIZE

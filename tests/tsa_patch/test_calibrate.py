@@ -17,12 +17,14 @@ from tsa_patch.data import load_documents, token_samples
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
 from tsa_patch.kernels.attention import block_sparse_emulation
-from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
+from tsa_patch.kernels.policy import ATTENTION_KEY, LayerPolicy, TsaPolicy
 from tsa_patch.models import apply_policy_
 
-# Small window and floors so that a few hundred tokens engage TSA on CPU in seconds.
+# Small window and floors so that a few hundred tokens engage TSA on CPU in seconds. The per-layer end-to-end check
+# (two more evaluations per layer, most of a calibration's time on a CPU) is on only where it is the subject.
 SMALL = CalibrationConfig(samples=2, holdout=1, seq_len=320, continuation=16, seed=3, window=16, min_tokens=32,
-                          activation_length=96, max_kl=0.05)
+                          activation_length=96, max_kl=0.05, check_layers=False)
+CHECKED = dataclasses.replace(SMALL, check_layers=True)
 
 
 def test_drift_rule_picks_layers_at_or_below_the_quantile():
@@ -85,6 +87,48 @@ def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp
     assert natural.kl == pytest.approx(reported["natural"]["kl"], rel=1e-4, abs=1e-6)
     assert recall.kl == pytest.approx(reported["recall"]["kl"], rel=1e-4, abs=1e-6)
     assert reported["kl"] == max(reported["natural"]["kl"], reported["recall"]["kl"])
+
+
+@pytest.fixture(scope="module")
+def checked_run(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    return calibrate(model, tokenizer, CHECKED, source_model="SmolLM2-135M-Instruct")
+
+
+def test_the_checked_calibration_meets_its_budget_on_rescaled_estimates(checked_run, budget_run):
+    report = checked_run.report
+    assert report["chosen"]["calibration"]["kl"] <= 0.05 and report["chosen"]["held_out"]["kl"] <= 0.05
+    assert "layer_check" not in budget_run.report
+    checks = report["layer_check"]
+    assert {r["layer"] for r in checks} == set(range(30)) and {r["tau"] for r in checks} == {0.005, 0.02}
+    # the front is built on the rescaled estimates: a chosen layer's error at a reference tau is its measured KL
+    for layer, chosen in enumerate(report["layers"]):
+        measured = {r["tau"]: r["kl"] for r in checks if r["layer"] == layer}
+        if chosen["tau"] in measured:
+            assert chosen["error"] == pytest.approx(measured[chosen["tau"]], rel=1e-3, abs=2e-6)
+
+
+def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp32):
+    """The first checked layer at its first reference tau, recomputed as an independent policy: the same KL."""
+    model, tokenizer = smollm2_fp32
+    record = next(r for r in checked_run.report["layer_check"] if r["ratio"] is not None)
+    samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
+                            SMALL.seq_len + SMALL.continuation, SMALL.seed)[: SMALL.samples]
+    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(samples)]
+    taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(model.config.num_hidden_layers)]
+    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus),
+                       **SMALL.policy_options(activation_length=SMALL.activation_length))
+    apply_policy_(model, policy)
+    try:
+        natural = continuation_metrics(model, samples, SMALL.seq_len, ATTENTION_KEY)
+        recall = continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY)
+    finally:
+        model.set_attn_implementation("sdpa")
+        delattr(model.config, "tsa_policy")
+    # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
+    # rounded to 6 decimals)
+    assert record["kl"] == pytest.approx(max(natural.kl, recall.kl), rel=1e-4, abs=2e-6)
+    assert record["kl"] > 0
 
 
 def test_recall_probe_cues_a_span_from_far_back():

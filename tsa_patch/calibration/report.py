@@ -68,6 +68,7 @@ class CalibrationReport:
     drift: list[float]
     block_sparse: dict | None = field(default=None)
     speed: dict | None = field(default=None)  # the sparse layers timed against dense (``speed.measure_speed``)
+    layer_check: list[dict] | None = field(default=None)  # each layer alone, end to end (``layer_check``)
 
     def layer_table(self) -> list[dict]:
         """Per layer: the chosen tau, its mean kept fraction and its measured error."""
@@ -92,4 +93,6 @@ class CalibrationReport:
             report["block_sparse"] = self.block_sparse
         if self.speed is not None:
             report["speed"] = self.speed
+        if self.layer_check is not None:
+            report["layer_check"] = self.layer_check
         return report
