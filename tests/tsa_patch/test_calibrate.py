@@ -69,19 +69,23 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "tsa_policy")
 
 
-def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp32):
-    model, tokenizer = smollm2_fp32
+def _measured_independently(model, tokenizer, policy: TsaPolicy):
+    """The natural and recall continuation metrics of ``policy`` on SMALL's calibration samples, recomputed outside
+    the calibration (no trace replay)."""
     samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
-                            SMALL.seq_len + SMALL.continuation, SMALL.seed)
-    calibration = samples[: SMALL.samples]
-    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(calibration)]
-    apply_policy_(model, budget_run.policy)
+                            SMALL.seq_len + SMALL.continuation, SMALL.seed)[: SMALL.samples]
+    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(samples)]
+    apply_policy_(model, policy)
     try:
-        natural = continuation_metrics(model, calibration, SMALL.seq_len, ATTENTION_KEY)
-        recall = continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY)
+        return (continuation_metrics(model, samples, SMALL.seq_len, ATTENTION_KEY),
+                continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY))
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, "tsa_policy")
+
+
+def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp32):
+    natural, recall = _measured_independently(*smollm2_fp32, budget_run.policy)
     reported = budget_run.report["chosen"]["calibration"]
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0)
     assert natural.kl == pytest.approx(reported["natural"]["kl"], rel=1e-4, abs=1e-6)
@@ -110,21 +114,10 @@ def test_the_checked_calibration_meets_its_budget_on_rescaled_estimates(checked_
 
 def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp32):
     """The first checked layer at its first reference tau, recomputed as an independent policy: the same KL."""
-    model, tokenizer = smollm2_fp32
     record = next(r for r in checked_run.report["layer_check"] if r["ratio"] is not None)
-    samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
-                            SMALL.seq_len + SMALL.continuation, SMALL.seed)[: SMALL.samples]
-    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(samples)]
-    taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(model.config.num_hidden_layers)]
-    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus),
-                       **SMALL.policy_options(activation_length=SMALL.activation_length))
-    apply_policy_(model, policy)
-    try:
-        natural = continuation_metrics(model, samples, SMALL.seq_len, ATTENTION_KEY)
-        recall = continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY)
-    finally:
-        model.set_attn_implementation("sdpa")
-        delattr(model.config, "tsa_policy")
+    taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(30)]
+    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus), **SMALL.policy_options())
+    natural, recall = _measured_independently(*smollm2_fp32, policy)
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
     # rounded to 6 decimals)
     assert record["kl"] == pytest.approx(max(natural.kl, recall.kl), rel=1e-4, abs=2e-6)
