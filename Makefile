@@ -34,8 +34,10 @@ install-dev: $(DEV_STAMP)
 
 # The demo engages TSA from 2,048 tokens: on this CPU its sparse layers were timed faster than dense from there
 # (calibrate's speed ladder); without the option a CPU calibration takes the conservative GPU default (8,192).
+# It skips the per-layer end-to-end check (--no-check-layers): at 4K tokens on 2 CPU cores that check alone would
+# take about 20 minutes (two evaluations for each of the 30 layers).
 demo: install
-	$(BIN)/tsa-patch calibrate --seq-len 4096 --samples 2 --holdout 1 --activation-length 2048 \
+	$(BIN)/tsa-patch calibrate --seq-len 4096 --samples 2 --holdout 1 --activation-length 2048 --no-check-layers \
 		--output out/demo_policy.json --report out/demo_calibration.json
 	$(BIN)/tsa-patch export $(DEMO_DIR) --policy out/demo_policy.json --overwrite
 	HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python examples/demo_compare.py $(DEMO_DIR)
