@@ -72,8 +72,8 @@ class CalibrationConfig:
         block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
             kernel (lowest drift first). Without CUDA the block selection is emulated in PyTorch while measuring.
         activation_length: prompts shorter than this run dense. None (the default): the paper's
-            ``min_tokens + window + 1`` for the drift method; for the budget method the shortest length from which
-            the sparse layers, timed against dense on this machine, are never slower (on CUDA), or
+            ``min_tokens + window + 1`` for the drift method; for the budget method, per layer, the shortest length
+            from which that sparse layer, timed against dense on this machine, is never slower (on CUDA), or
             ``CONSERVATIVE_ACTIVATION_LENGTH`` without a CUDA GPU (CPU timings say nothing about a GPU's).
         window ... block_js_threshold: the policy's other knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
             ``TsaPolicy``), copied into the policy.

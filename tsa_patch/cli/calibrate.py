@@ -73,10 +73,9 @@ def calibrate_command(
         data=data, samples=samples, seq_len=seq_len, seed=seed, method=method, max_kl=max_kl,
         min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
         continuation=continuation, tau=tau, delta=delta, check_layers=check_layers, block_sparse=block_sparse,
-        window=window,
-        pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length, selection=selection,
-        coverage=coverage, dense_backend=dense_backend, block_size=block_size, block_gamma=block_gamma,
-        block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
+        window=window, pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length,
+        selection=selection, coverage=coverage, dense_backend=dense_backend, block_size=block_size,
+        block_gamma=block_gamma, block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)
