@@ -5,6 +5,7 @@
 #   bash benchmarks/real_model_gpu.sh calibrate     # three calibrations at 32K, exports
 #   bash benchmarks/real_model_gpu.sh speed         # prefill of each export at 1K-32K against dense, block densities
 #   bash benchmarks/real_model_gpu.sh eval          # the suite at 8K/16K/32K for every policy
+#   bash benchmarks/real_model_gpu.sh layers        # each layer alone made sparse, end to end at 32K
 #
 # Needs the nine chunks in ~/stage (tools/stage_real_model.sh) and .stage/wheels carried with the call.
 set -uo pipefail
