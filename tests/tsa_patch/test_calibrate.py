@@ -24,7 +24,7 @@ from tsa_patch.models import apply_policy_
 # (two more evaluations per layer, most of a calibration's time on a CPU) is on only where it is the subject.
 SMALL = CalibrationConfig(samples=2, holdout=1, seq_len=320, continuation=16, seed=3, window=16, min_tokens=32,
                           activation_length=96, max_kl=0.05, check_layers=False)
-CHECKED = dataclasses.replace(SMALL, check_layers=True)
+CHECKED = dataclasses.replace(SMALL, check_layers=True, samples=1)
 
 
 def test_drift_rule_picks_layers_at_or_below_the_quantile():
@@ -69,16 +69,16 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "tsa_policy")
 
 
-def _measured_independently(model, tokenizer, policy: TsaPolicy):
-    """The natural and recall continuation metrics of ``policy`` on SMALL's calibration samples, recomputed outside
-    the calibration (no trace replay)."""
-    samples = token_samples(tokenizer, load_documents(SMALL.data), SMALL.samples + SMALL.holdout,
-                            SMALL.seq_len + SMALL.continuation, SMALL.seed)[: SMALL.samples]
-    probes = [recall_probe(s, SMALL.seq_len, RECALL_CUE, seed=SMALL.seed * 1000 + i) for i, s in enumerate(samples)]
+def _measured_independently(model, tokenizer, policy: TsaPolicy, config: CalibrationConfig = SMALL):
+    """The natural and recall continuation metrics of ``policy`` on ``config``'s calibration samples, recomputed
+    outside the calibration (no trace replay)."""
+    samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
+                            config.seq_len + config.continuation, config.seed)[: config.samples]
+    probes = [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i) for i, s in enumerate(samples)]
     apply_policy_(model, policy)
     try:
-        return (continuation_metrics(model, samples, SMALL.seq_len, ATTENTION_KEY),
-                continuation_metrics(model, probes, SMALL.seq_len, ATTENTION_KEY))
+        return (continuation_metrics(model, samples, config.seq_len, ATTENTION_KEY),
+                continuation_metrics(model, probes, config.seq_len, ATTENTION_KEY))
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, "tsa_policy")
@@ -116,8 +116,8 @@ def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp3
     """The first checked layer at its first reference tau, recomputed as an independent policy: the same KL."""
     record = next(r for r in checked_run.report["layer_check"] if r["ratio"] is not None)
     taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(30)]
-    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus), **SMALL.policy_options())
-    natural, recall = _measured_independently(*smollm2_fp32, policy)
+    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus), **CHECKED.policy_options())
+    natural, recall = _measured_independently(*smollm2_fp32, policy, CHECKED)
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
     # rounded to 6 decimals)
     assert record["kl"] == pytest.approx(max(natural.kl, recall.kl), rel=1e-4, abs=2e-6)
