@@ -2,7 +2,7 @@
 
 The residual estimate of ``measure.py`` comes from one dense forward of natural text. It ranks the taus of one
 layer well, but not the layers against one another: measured on Qwen2.5-Coder-0.5B at 32K, each layer alone at
-tau 0.005 had a residual estimate between 0.007 and 0.035 in every layer, while the KL of its recall probes, end
+tau 0.005 had a residual estimate between 0.007 and 0.035 in layers 1-23, while the KL of its recall probes, end
 to end, ran from 1e-6 (layer 23) to 0.51 (layer 15): dropping tokens in an early or middle layer damages the far
 tokens' representations that retrieval later needs (benchmarks/results/real-qwen-layers-alone-*.json). The
 additive front then spends the budget on layers that break recall, and its KL rises by orders of magnitude over a
