@@ -157,8 +157,10 @@ def _calibration_section(calibration: dict) -> str:
     if calibration.get("method") != "accuracy-budget":
         return f"Method: `{calibration.get('method')}`. {data}"
     chosen, paper, budget = calibration["chosen"], calibration["paper_rule"], calibration["budget"]
+    checked = (" and, alone, end to end at two of them (its estimates rescaled by what it measured)"
+               if calibration.get("layer_check") else "")
     return f"""Per-layer tau chosen against an accuracy budget ({budget['kind']} = {budget['value']:.4g}): every
-layer was measured at every candidate tau, and the sparsest policy within the budget was found with end-to-end
+layer was measured at every candidate tau{checked}, and the sparsest policy within the budget was found with end-to-end
 measurements (a TSA prefill, then {calibration.get('continuation')} tokens decoded densely over its KV cache,
 compared with the dense model), both on the text's own continuation and on a long-range recall probe (the prompt
 ends with a cue copied from far back; the continuation is what followed it there). The budget holds on the worse

@@ -41,3 +41,18 @@ def test_activation_basis_says_where_the_activation_length_comes_from():
     assert activation_basis(_policy(method="accuracy-budget")) == "set at calibration (--activation-length)"
     assert activation_basis(_policy(method="representation-drift")).startswith("the paper's")
     assert activation_basis(_policy()) == "set by hand"
+
+
+def test_the_card_says_each_layer_was_checked_end_to_end():
+    """The calibration section of the card of the measured Qwen2.5-Coder policy (calibrated with the layer check)
+    says so, and a report without the check does not."""
+    import json
+    from pathlib import Path
+
+    from tsa_patch.card import _calibration_section
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    calibration = json.loads((results / "real-qwen-policy-layer-check-H200-20261201.json").read_text())["calibration"]
+    assert "alone, end to end at two of them" in _calibration_section(calibration)
+    unchecked = {k: v for k, v in calibration.items() if k != "layer_check"}
+    assert "alone, end to end" not in _calibration_section(unchecked)
