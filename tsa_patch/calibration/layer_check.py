@@ -45,12 +45,12 @@ def check_layers_end_to_end(measurements: list[LayerMeasurement], layer_kl: Call
             continue
         ratios: dict[float, float] = {}
         for tau in (t for t in REFERENCE_TAUS if t in m.taus):
-            estimate = m.mean_error(m.taus.index(tau))
-            kl = layer_kl(layer, tau) if estimate > _NOTHING_DROPPED else 0.0
+            estimate, kl = m.mean_error(m.taus.index(tau)), 0.0
+            if estimate > _NOTHING_DROPPED:
+                kl = layer_kl(layer, tau)
+                ratios[tau] = kl / estimate
             if step is not None:
                 step()
-            if estimate > _NOTHING_DROPPED:
-                ratios[tau] = kl / estimate
             records.append({"layer": layer, "tau": tau, "estimate": round(estimate, 6), "kl": round(kl, 6),
                             "ratio": round(ratios[tau], 4) if tau in ratios else None})
         if ratios:

@@ -55,7 +55,7 @@ def calibrate_command(
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
-    check_layers: Annotated[bool, typer.Option("--check-layers/--no-check-layers", help="Budget: run each layer alone at tau 0.005 and 0.02 end to end and rescale its error estimate by what it measured.")] = True,
+    check_layers: Annotated[bool, typer.Option("--check-layers/--no-check-layers", help="Budget: run each layer alone at tau 0.005 and 0.02 end to end and rescale its error estimate by what it measured.")] = _DEFAULTS.check_layers,
     block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: also give as many layers as the budget allows the block-sparse kernel (FlexPrefill-style).")] = False,
     block_size: Annotated[int, typer.Option("--block-size", help="Block-sparse: tokens per block (power of two, >= 16).")] = _DEFAULTS.block_size,
     block_gamma: Annotated[float, typer.Option("--block-gamma", help="Block-sparse: attention mass the kept blocks cover, in (0, 1].")] = _DEFAULTS.block_gamma,
