@@ -38,7 +38,7 @@ from tsa_patch.data import load_documents, token_samples
 from tsa_patch.evaluate import EvalConfig, evaluate_policies
 from tsa_patch.export import export
 from tsa_patch.kernels.dense import sdpa_backend
-from tsa_patch.kernels.policy import ATTENTION_KEY, LayerPolicy, TsaPolicy
+from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, TsaPolicy
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.suite import TASKS
 
@@ -112,7 +112,9 @@ def _ladder(seq_len: int) -> list[int]:
 
 def _time_export(folder: Path, args) -> list[dict]:
     """Prefill of Paul Graham essays, the export as users load it: TSA, its dense mode with cuDNN first (the same
-    dense kernel), and its dense mode as SDPA picks (the original model as users run it)."""
+    dense kernel), and its dense mode as SDPA picks (the original model as users run it); with ``--engaged`` also
+    TSA with every layer engaged from the window on (``tsa_engaged``: what the layers give inside the model where
+    the calibrated activation lengths keep them dense)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tsa_patch.kernels.attention import attention_summary, tsa_statistics
@@ -121,6 +123,8 @@ def _time_export(folder: Path, args) -> list[dict]:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     [ids] = token_samples(tokenizer, load_documents("paul-graham"), 1, args.seq_len, seed=0)
+    calibrated = getattr(model.config, CONFIG_KEY)
+    engaged = _engaged(calibrated)
     rows = []
     for length in _ladder(args.seq_len):
         prompt = torch.tensor([ids[:length]], device=args.device)
@@ -130,12 +134,16 @@ def _time_export(folder: Path, args) -> list[dict]:
                 return model(prompt, use_cache=False, logits_to_keep=1).logits
 
         variants = {"tsa": (ATTENTION_KEY, None), "dense_default": ("sdpa", None), "dense_cudnn": ("sdpa", "cudnn")}
+        if args.engaged:
+            variants["tsa_engaged"] = (ATTENTION_KEY, None)
         times = {name: [] for name in variants}
         for _round in range(ROUNDS):  # interleaved: drifts of the host (these prefills are launch-bound) hit all
             for name, (implementation, backend) in variants.items():
                 model.set_attn_implementation(implementation)
+                setattr(model.config, CONFIG_KEY, engaged if name == "tsa_engaged" else calibrated)
                 with sdpa_backend(backend, torch.device(args.device)) if backend else contextlib.nullcontext():
                     times[name].append(time_cuda(prefill, budget_s=0.3).median_ms)
+        setattr(model.config, CONFIG_KEY, calibrated)
         row = {"length": length, **{name: statistics.median(values) for name, values in times.items()},
                "rounds": times}
         model.set_attn_implementation(ATTENTION_KEY)
@@ -143,12 +151,25 @@ def _time_export(folder: Path, args) -> list[dict]:
         row["attention"] = attention_summary(tsa_statistics(model))
         row["vs_cudnn"] = row["dense_cudnn"] / row["tsa"]
         row["vs_default"] = row["dense_default"] / row["tsa"]
+        if args.engaged:
+            row["engaged_vs_cudnn"] = row["dense_cudnn"] / row["tsa_engaged"]
+            setattr(model.config, CONFIG_KEY, engaged)
+            prefill()
+            row["attention_engaged"] = attention_summary(tsa_statistics(model))
+            setattr(model.config, CONFIG_KEY, calibrated)
         print(folder.name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                                       if k not in ("attention", "rounds")}), flush=True)
+                                       if k not in ("attention", "attention_engaged", "rounds")}), flush=True)
         rows.append(row)
     del model
     _free(args.device)
     return rows
+
+
+def _engaged(policy: dict) -> dict:
+    """The policy with every layer engaged from the window on (no activation length of its own)."""
+    engaged = TsaPolicy.from_dict(policy)
+    layers = tuple(replace(layer, activation_length=None) for layer in engaged.layers)
+    return replace(engaged, layers=layers, activation_length=engaged.window + 1).to_dict()
 
 
 def _comparison_policies(args, num_layers: int) -> dict[str, dict]:
@@ -158,10 +179,7 @@ def _comparison_policies(args, num_layers: int) -> dict[str, dict]:
     policies = {name: json.loads((args.work / f"policy-{name}.json").read_text()) for name in _chosen(args)}
     if args.engaged:  # instead of as calibrated
         for name in list(policies):
-            engaged = TsaPolicy.from_dict(policies.pop(name))
-            layers = tuple(replace(layer, activation_length=None) for layer in engaged.layers)
-            policies[f"{name}@engaged"] = replace(engaged, layers=layers,
-                                                  activation_length=engaged.window + 1).to_dict()
+            policies[f"{name}@engaged"] = _engaged(policies.pop(name))
     if args.skip_baselines:
         return policies
     base = TsaPolicy.from_dict(json.loads((args.work / "policy-tsa-paper-coverage.json").read_text()))
@@ -284,7 +302,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="fewer for a dry run on a CPU")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
-                        "on (NAME@engaged), instead of as calibrated")
+                        "on (NAME@engaged), instead of as calibrated; speed: also time each export so engaged")
     parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "
                         "FlexPrefill alone (measured before on the same prompts)")
     args = parser.parse_args()

@@ -177,12 +177,12 @@ def tsa_attention_forward(
 
 
 def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
-                      ) -> tuple[Tensor, list[int] | Tensor | None, float | None]:
+                      ) -> tuple[Tensor, list[int] | Tensor | None, Tensor | None]:
     """One unpadded sequence, query (Hq, Lq, D), key/value (Hkv, Lk, D): its output (Lq, Hq, D), the kept count of
-    each selecting head (None unless TSA ran; a device tensor on the sync-free path) and the block density (None
-    unless the block-sparse kernel ran)."""
+    each selecting head (None unless TSA ran; a device tensor on the sync-free path) and the block density (a 0-dim
+    device tensor; None unless the block-sparse kernel ran)."""
     path = layer_path(call.policy, call.layer, query.shape[1], key.shape[1], call.block_backend)
-    block_density: list[float] = []
+    block_density: list[Tensor] = []
     attend = None
     if call.layer.block_sparse and call.block_backend is not None and query.shape[1] == key.shape[1]:
         attend = _block_sparse_attend(call, block_density)
@@ -342,7 +342,8 @@ def _block_sparse_backend(device: torch.device, emulate: bool) -> str | None:
 
 def _block_sparse_attend(call: _Call, record: list):
     """The policy's block-sparse kernel as an ``attend(q, k, v)`` function; appends each call's block density
-    to ``record``."""
+    to ``record``, as a device tensor (a host sync per layer would drain the launch queue; ``tsa_statistics``
+    reads it when asked)."""
     policy = call.policy
 
     def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -350,7 +351,7 @@ def _block_sparse_attend(call: _Call, record: list):
                                             min_budget=policy.block_min_budget,
                                             js_threshold=policy.block_js_threshold, scaling=call.scaling,
                                             density=call.block_density, backend=call.block_backend)
-        record.append(pattern.density)
+        record.append(pattern.density_on_device())
         return out
 
     return attend
@@ -380,9 +381,11 @@ def tsa_statistics(model: torch.nn.Module) -> list[dict]:
     (one per sequence) of the kept fraction of the causal block map, ``None`` where the kernel did not run.
     """
     found = [getattr(m, STATS_ATTR) for m in model.modules() if hasattr(m, STATS_ATTR)]
-    for stats in found:  # the sync-free path leaves its counts on the device: read them now
+    for stats in found:  # the sync-free paths leave their counts and densities on the device: read them now
         if stats["kept"] is not None:
             stats["kept"] = [c.tolist() if isinstance(c, Tensor) else c for c in stats["kept"]]
+        if stats["block_density"] is not None:
+            stats["block_density"] = [float(d) if isinstance(d, Tensor) else d for d in stats["block_density"]]
     return sorted(found, key=lambda s: s["layer"])
 
 

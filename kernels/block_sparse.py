@@ -56,8 +56,12 @@ class BlockPattern:
     @property
     def density(self) -> float:
         """Kept fraction of the causal block map (1.0 = dense); one host sync."""
+        return float(self.density_on_device())
+
+    def density_on_device(self) -> Tensor:
+        """``density`` as a 0-dim float32 tensor on the pattern's device: no host sync."""
         blocks = self.count.shape[1]
-        return float(self.count.sum()) / (self.count.shape[0] * blocks * (blocks + 1) / 2)
+        return self.count.sum(dtype=torch.float32) / (self.count.shape[0] * blocks * (blocks + 1) / 2)
 
     def mask(self) -> Tensor:
         """(Hq, Nb, Nb) bool block map, True = computed."""

@@ -4,13 +4,13 @@ Lifecycle (the model is loaded by the caller; every step is a module of ``tsa_pa
 
 1. validate the knobs and sample calibration and held-out text (``tsa_patch.data``);
 2. ``budget`` method (default): measure every layer at every candidate tau in one dense forward per sample
-   (``measure``), check each layer alone end to end and rescale its estimates (``layer_check``), build the
-   predicted Pareto front of per-layer policies (``front``), measure candidates end to
+   (``measure``), check each layer alone end to end and rescale its estimates (``layer_check``; with
+   ``block_sparse``, each layer alone on the block-sparse kernel too, which becomes one more option of that layer),
+   build the predicted Pareto front of per-layer policies (``front``), measure candidates end to
    end as users experience them (TSA prefill, dense continuation, against dense, on natural continuations and on
    long-range recall probes, the worse counting; ``endtoend``), search the front for the sparsest policy within
-   the budget (``search``), verify it on held-out samples and back off if it misses; optionally add the
-   block-sparse kernel to as many layers as the budget allows (``block_layers``). The paper's rule is measured on
-   the same samples for comparison (``report``).
+   the budget (``search``), verify it on held-out samples and back off if it misses. The paper's rule is measured
+   on the same samples for comparison (``report``).
 3. ``drift`` method: the paper's rule: layers at or below the ``delta`` quantile of inter-layer representation
    drift go sparse, all with one ``tau`` (``drift``).
 """
@@ -69,12 +69,15 @@ class CalibrationConfig:
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
         check_layers: budget: run each layer alone, sparse at the reference taus, end to end, and rescale its
             error estimates by what it measured (``calibration.layer_check``); False keeps the residual estimates.
-        block_sparse: budget: after choosing the taus, give as many layers as the budget allows the block-sparse
-            kernel (lowest drift first). Without CUDA the block selection is emulated in PyTorch while measuring.
+        block_sparse: budget: the block-sparse kernel alone is one more option of every layer, next to its taus:
+            each layer is run alone on it, end to end, and the front chooses per layer between dense, TSA at a tau
+            and the block-sparse kernel. Without CUDA the block selection is emulated in PyTorch while measuring.
         activation_length: prompts shorter than this run dense. None (the default): the paper's
             ``min_tokens + window + 1`` for the drift method; for the budget method, per layer, the shortest length
-            from which that sparse layer, timed against dense on this machine, is never slower (on CUDA), or
-            ``CONSERVATIVE_ACTIVATION_LENGTH`` without a CUDA GPU (CPU timings say nothing about a GPU's).
+            from which that sparse layer's device time, timed against dense on this machine, is never above
+            dense's, raised past any length where the whole model's prefill was slower (on CUDA,
+            ``calibration.speed``), or ``CONSERVATIVE_ACTIVATION_LENGTH`` without a CUDA GPU (CPU timings say
+            nothing about a GPU's).
         window ... block_js_threshold: the policy's other knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
             ``TsaPolicy``), copied into the policy.
     """
@@ -261,18 +264,17 @@ def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, st
                      measure=measured_prefill)
     drift = drift_recorder.mean()
     layer_check = _check_layers(measurements, judge, start) if config.check_layers else None
+    block_check = _check_block_sparse(model, measurements, judge, start) if config.block_sparse else None
     front = pareto_policies(measurements)
     report = _search(model, config, measurements, front, drift, judge, start)
     report.layer_check = layer_check
-    block_layers = ()
-    if config.block_sparse:
-        report.block_sparse = _block_sparse(model, config, report, drift, judge, start)
-        block_layers = report.block_sparse["layers"]
-    taus = report.chosen.candidate.taus
+    taus, block_layers = report.chosen.candidate.taus, report.chosen.candidate.block_layers
+    if block_check is not None:
+        report.block_sparse = {**block_check, "layers": list(block_layers)}
     activation, own = config.activation_length, {}
     if activation is None:
-        report.speed = _speed(model, config, _policy(taus, config, source_model, {}, block_layers), calibration[0],
-                              start)
+        report.speed = _speed(model, config, lambda own: _policy(taus, config, source_model, {}, block_layers, own),
+                              calibration[0], start)
         activation = report.speed["activation_length"]
         own = {int(i): n for i, n in report.speed.get("layer_activation", {}).items()}
     report = report.to_dict()
@@ -295,31 +297,64 @@ def _check_layers(measurements, judge, start) -> list[dict]:
     return check_layers_end_to_end(measurements, layer_kl, step)
 
 
-def _speed(model, config: CalibrationConfig, policy: TsaPolicy, sample: list[int], start) -> dict:
+def _check_block_sparse(model, measurements, judge, start) -> dict:
+    """Every measured layer alone on the block-sparse kernel, end to end: its option on the front (in place)."""
+    from tsa_patch.calibration.layer_check import check_block_sparse_end_to_end
+    from tsa_patch.kernels.attention import block_sparse_kernel_available
+
+    num_layers = len(measurements)
+    dense = [0.0] * num_layers
+
+    def layer_block(layer: int) -> tuple[float, float]:
+        metrics = judge.metrics(dense, "calibration", {layer})
+        cost = (metrics["natural"]["attention_cost"] + metrics["recall"]["attention_cost"]) / 2
+        # the attention cost is the mean over layers, every other layer computing all of its attention
+        return metrics["kl"], min(1.0, max(0.0, 1.0 - num_layers * (1.0 - cost)))
+
+    step = start("Checking each layer alone on the block-sparse kernel end to end",
+                 sum(1 for m in measurements if m.samples))
+    checks = check_block_sparse_end_to_end(measurements, layer_block, step)
+    return {"checks": checks, "emulated": not block_sparse_kernel_available(next(model.parameters()).device)}
+
+
+def _speed(model, config: CalibrationConfig, make_policy: Callable[[dict | None], TsaPolicy], sample: list[int],
+           start) -> dict:
     """On CUDA, time the sparse layers against dense at a ladder of lengths and take each layer's activation length
-    from its own timings (the policy's is the shortest of them); elsewhere the conservative default (a CPU's timings
-    say nothing about a GPU's)."""
+    from its own device times, then time the whole model's prefill so engaged against dense and raise every layer
+    past any length where it is slower (the policy's activation length is the shortest of the layers'); elsewhere
+    the conservative default (a CPU's timings say nothing about a GPU's). ``make_policy(layer_activation)`` gives
+    the chosen policy with those per-layer activation lengths."""
     import torch
 
-    from tsa_patch.calibration.speed import activation_from, ladder, layer_activations, measure_speed
+    from tsa_patch.calibration.speed import (activation_from, ladder, layer_activations, measure_speed, prefill_floor,
+                                             time_prefills)
 
     device = next(model.parameters()).device
     if device.type != "cuda":
         return {"device": "cpu", "activation_length": CONSERVATIVE_ACTIVATION_LENGTH,
                 "rule": "conservative default: no CUDA GPU to time the sparse layers on"}
     lengths = ladder(config.seq_len)
-    step = start(f"Timing the sparse layers against dense at {len(lengths)} lengths", 1)
+    policy = make_policy(None)
+    step = start(f"Timing the sparse layers and the model against dense at {len(lengths)} lengths", 1)
     speed = {"lengths": lengths, "dense_ms": [], "tsa_ms": [], "layers": {}}
     if policy.sparse_layers or policy.block_sparse_layers:
         speed = measure_speed(model, sample, policy, lengths)
     measured = activation_from(speed) if speed["tsa_ms"] else None  # the layers together, for the record
     own = layer_activations(speed, config.seq_len)
+    prefills, floor = None, None
+    if own:
+        prefills = time_prefills(model, sample, make_policy(own), lengths)
+        floor = prefill_floor(prefills, config.seq_len)
+        if floor is not None:
+            own = {i: max(n, floor) for i, n in own.items()}
     if step is not None:
         step()
     return {**speed, "device": torch.cuda.get_device_name(device), "measured_activation_length": measured,
+            "prefills": prefills, "prefill_floor": floor,
             "layer_activation": {str(i): n for i, n in sorted(own.items())},
             "activation_length": min(own.values(), default=config.seq_len + 1),
-            "rule": "per layer: the shortest ladder length from which the layer is never slower than dense"}
+            "rule": "per layer: the shortest ladder length from which the layer's device time is never above "
+                    "dense; raised past any length where the whole model's prefill so engaged was slower"}
 
 
 def _search(model, config: CalibrationConfig, measurements, front, drift, judge, start):
@@ -344,9 +379,10 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
         if index not in evaluations:
             candidate = front[index]
             evaluations[index] = {"index": index, "taus": list(candidate.taus),
+                                  "block_layers": list(candidate.block_layers),
                                   "predicted_error": round(candidate.predicted_error, 6),
                                   "attention_removed": round(candidate.attention_removed, 4),
-                                  **judge.metrics(candidate.taus, "calibration")}
+                                  **judge.metrics(candidate.taus, "calibration", candidate.block_layers)}
         return evaluations[index]
 
     search_step = start("Searching the accuracy/savings front end to end", MAX_SEARCH_EVALUATIONS)
@@ -355,7 +391,7 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
     if config.match_paper:  # equal accuracy means equal on the held-out text too, not the calibration text's KL
         budget = budget.with_held_out(paper.held_out["kl"])
     chosen, held, held_evaluations = back_off(front, chosen, budget,
-                                              lambda i: judge.metrics(front[i].taus, "held_out"))
+                                              lambda i: judge.metrics(front[i].taus, "held_out", front[i].block_layers))
     calibration_metrics = measure(chosen) if chosen else {"kl": 0.0, "top1_agreement": 1.0, "attention_cost": 1.0}
     return CalibrationReport(
         data=config.data_record(), holdout=config.holdout, continuation=config.continuation, budget=budget,
@@ -363,16 +399,3 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
                       held_out_backoffs=len(held_evaluations) - 1, meets_budget_held_out=budget.met(held, True)),
         paper_rule=paper, evaluations=list(evaluations.values()), held_out_evaluations=held_evaluations,
         measurements=measurements, drift=drift)
-
-
-def _block_sparse(model, config: CalibrationConfig, report, drift, judge, start) -> dict:
-    """Add the block-sparse kernel to as many layers as the budget allows; its report."""
-    from tsa_patch.calibration.block_layers import choose_block_sparse
-    from tsa_patch.kernels.attention import block_sparse_kernel_available
-
-    chosen = report.chosen
-    baseline = {"calibration": chosen.to_dict()["calibration"], "held_out": chosen.held_out}
-    _, block_report = choose_block_sparse(chosen.candidate.taus, drift, _windowed(model, config), judge.metrics,
-                                          report.budget, start, baseline)
-    block_report["emulated"] = not block_sparse_kernel_available(next(model.parameters()).device)
-    return block_report

@@ -57,8 +57,16 @@ def activation_basis(policy: TsaPolicy) -> str:
         parts = [f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} "
                  + ("slower than dense at every length timed, engaging only beyond it" if length == beyond
                     else f"from {length:,} tokens") for length, layers in sorted(groups.items())]
+        if "prefills" not in speed:  # calibrated before the whole-model check: each layer timed alone
+            return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length "
+                    f"from which it was never slower than dense (timed at {timed}): "
+                    f"{'; '.join(parts) or 'no sparse layer'}")
+        floor = speed.get("prefill_floor")
+        check = (f"; the whole model so engaged was slower than dense below {floor:,} tokens, so no layer engages "
+                 "below that" if floor else "; the whole model so engaged was never slower than dense at a timed length")
         return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length from "
-                f"which it was never slower than dense (timed at {timed}): {'; '.join(parts) or 'no sparse layer'}")
+                f"which its device time was never above dense's (timed at {timed}): "
+                f"{'; '.join(parts) or 'no sparse layer'}{check}")
     measured = speed.get("measured_activation_length")  # a policy written before per-layer activation lengths
     if measured is None:
         return (f"measured on {speed['device']}: the sparse layers were slower than dense at every length timed "
@@ -181,12 +189,17 @@ def _block_sparse_lines(calibration: dict) -> str:
     blocks = calibration.get("block_sparse")
     if not blocks:
         return ""
-    return f"""
+    if "checks" not in blocks:  # an older calibration: the kernel was added after the taus, lowest drift first
+        return f"""
 
 Then the block-sparse kernel was added to as many layers as the budget allowed, lowest drift first: layers
-{blocks['layers']}. With it, the calibration prefills computed {100 * blocks['calibration']['attention_cost']:.1f} %
-of the dense attention FLOPs (TSA alone: {100 * calibration['chosen']['calibration'].get('attention_cost', 1.0):.1f} %), at KL
-{blocks['calibration']['kl']:.4f} (held-out {blocks['held_out']['kl']:.4f})."""
+{blocks['layers']}, at KL {blocks['calibration']['kl']:.4f} (held-out {blocks['held_out']['kl']:.4f})."""
+    checked = ", ".join(f"{c['layer']}: {100 * c['density']:.0f} % at KL {c['kl']:.4f}" for c in blocks["checks"])
+    return f"""
+
+The block-sparse kernel alone was one more option of every layer: each layer was run alone on it, end to end
+(layer: attention computed, KL: {checked}){' with the block selection emulated in PyTorch' if blocks['emulated'] else ''}.
+The front chose it for layers {blocks['layers']}."""
 
 
 def _metrics_row(label: str, removed: float | None, metrics: dict) -> str:

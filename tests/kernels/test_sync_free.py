@@ -1,5 +1,5 @@
 """The sync-free TSA path (kernels/tsa.py ``tsa_attention_sync_free``): the same tokens and output as the synced
-path, and, on a GPU, not one host synchronisation in a whole sparse layer.
+path, and, on a GPU, not one host synchronisation in a whole sparse layer, nor in a block-sparse one.
 
 Bounds: the two paths compute the same attention on the same kept tokens, in another order; relative error
 against float64 at most ``numerics.ATTENTION_RELATIVE`` (fp32: 128 eps).
@@ -7,12 +7,14 @@ against float64 at most ``numerics.ATTENTION_RELATIVE`` (fp32: 128 eps).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from numerics import ATTENTION_RELATIVE
 
 from tsa_patch.kernels import attention
-from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
+from tsa_patch.kernels.policy import CONFIG_KEY, LayerPolicy, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention, tsa_attention_sync_free
 
 OPTIONS = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16)
@@ -67,6 +69,25 @@ def test_a_sparse_layer_on_cuda_makes_no_host_sync(length):
         torch.cuda.set_sync_debug_mode("default")
     stats = attention.tsa_statistics(torch.nn.ModuleList([module]))  # reading the counts syncs: after the check
     assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < length
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_a_block_sparse_layer_on_cuda_makes_no_host_sync():
+    """The block-sparse kernel alone: the block selection and the kernel run without a host sync; the density
+    stays on the device until the statistics are read."""
+    module, (q, k, v) = _sparse_layer_inputs(8192)
+    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
+    setattr(module.config, CONFIG_KEY, replace(policy, layers=(LayerPolicy(kernel="block_sparse"),)).to_dict())
+    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile, tune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = attention.tsa_statistics(torch.nn.ModuleList([module]))
+    assert stats[0]["path"] == "block_sparse" and 0 < stats[0]["block_density"][0] <= 1
     assert torch.isfinite(out).all()
 
 

@@ -171,6 +171,20 @@ def test_pareto_front_is_ordered_and_spans_dense_to_sparsest():
     assert front[1].taus == (0.0, 0.01, 0.0) and front[2].taus == (0.0, 0.01, 0.1)
 
 
+def test_the_block_sparse_option_competes_with_the_taus_on_the_front():
+    # layer 0: TSA is costly, the block-sparse kernel cheap; layer 1: TSA cheap, the kernel dominated by tau 0.1
+    tsa_costly, tsa_cheap = _measurement([0.9, 0.5], [0.05, 0.3]), _measurement([0.8, 0.6], [0.001, 0.002])
+    tsa_costly.block_saving, tsa_costly.block_error = 0.8, 0.002
+    tsa_cheap.block_saving, tsa_cheap.block_error = 0.5, 0.2
+    front = pareto_policies([tsa_costly, tsa_cheap])
+    # the best saving per unit of error first: layer 0 block-sparse (0.8 / 0.002), then layer 1 at tau 0.01
+    # (0.36 / 0.001), then layer 1 at tau 0.1 (0.28 more for 0.001 more)
+    assert [(c.taus, c.block_layers) for c in front] == [((0.0, 0.0), ()), ((0.0, 0.0), (0,)),
+                                                        ((0.0, 0.01), (0,)), ((0.0, 0.1), (0,))]
+    assert front[2].attention_removed == pytest.approx((0.8 + 1 - 0.8**2) / 2)
+    assert front[2].predicted_error == pytest.approx(0.002 + 0.001)
+
+
 def test_kl_search_finds_the_sparsest_feasible_policy():
     front = [Candidate(taus=(i,), predicted_error=i / 100, attention_removed=i / 50) for i in range(50)]
     measured = {}
@@ -209,18 +223,20 @@ def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
         calibrate(model, tokenizer, dataclasses.replace(SMALL, **change))
 
 
-def test_block_sparse_calibration_adds_layers_within_the_budget(budget_run, smollm2_fp32):
+def test_block_sparse_calibration_puts_the_kernel_where_the_front_chooses_it(smollm2_fp32):
     model, tokenizer = smollm2_fp32
     config = dataclasses.replace(SMALL, block_sparse=True, block_size=16, block_min_budget=32, block_gamma=0.9)
     result = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
-    blocks = result.report["block_sparse"]
-    assert result.policy.sparse_layers == budget_run.policy.sparse_layers  # the taus are chosen first, unchanged
-    assert result.policy.block_sparse_layers == blocks["layers"] and blocks["layers"]
-    assert blocks["layers"] == sorted(blocks["order"][: len(blocks["layers"])])  # lowest drift first
-    assert blocks["calibration"]["kl"] <= 0.05 and blocks["held_out"]["kl"] <= 0.05
-    # the block-sparse kernel really skipped attention: less computed than with TSA alone
-    assert blocks["calibration"]["attention_cost"] < result.report["chosen"]["calibration"]["attention_cost"] < 1
+    blocks, chosen = result.report["block_sparse"], result.report["chosen"]
+    assert [c["layer"] for c in blocks["checks"]] == list(range(result.policy.num_layers))  # every layer alone
+    assert all(0 < c["density"] < 1 and c["kl"] >= 0 for c in blocks["checks"])  # the kernel skipped blocks
+    assert result.policy.block_sparse_layers == blocks["layers"] == chosen["block_layers"] and blocks["layers"]
+    assert not set(blocks["layers"]) & set(result.policy.sparse_layers)  # a layer is TSA or block-sparse, not both
+    assert chosen["calibration"]["kl"] <= 0.05 and chosen["held_out"]["kl"] <= 0.05
+    assert chosen["calibration"]["attention_cost"] < 1
     assert blocks["emulated"] is True  # CPU: no Triton kernel, so the measurement emulated it
+    rows = result.report["layers"]
+    assert [i for i, row in enumerate(rows) if row["kernel"] == "block_sparse"] == blocks["layers"]
     apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
     samples = token_samples(tokenizer, load_documents(config.data), 3, config.seq_len + config.continuation, 3)
     try:
@@ -230,7 +246,7 @@ def test_block_sparse_calibration_adds_layers_within_the_budget(budget_run, smol
         model.set_attn_implementation("sdpa")
         del model.config.tsa_policy
     # the same fp32 forwards recomputed: equal up to rounding (1e-3 of the KL, or 1e-6 nats near 0)
-    assert again.kl == pytest.approx(blocks["held_out"]["natural"]["kl"], rel=1e-3, abs=1e-6)
+    assert again.kl == pytest.approx(chosen["held_out"]["natural"]["kl"], rel=1e-3, abs=1e-6)
 
 
 def test_samples_are_bounded_and_seeded(smollm2_fp32):

@@ -36,6 +36,14 @@ def test_activation_basis_says_where_the_activation_length_comes_from():
         "measured on NVIDIA H200, per layer: each sparse layer engages from the shortest length from which it was "
         "never slower than dense (timed at 1,024, 2,048, 32,000): layers 1, 3 from 2,048 tokens; layer 2 from "
         "32,000 tokens")
+    checked = {**per_layer, "layer_activation": {"1": 32000}, "prefills": {}, "prefill_floor": None}
+    assert activation_basis(_policy(method="accuracy-budget", speed=checked)) == (
+        "measured on NVIDIA H200, per layer: each sparse layer engages from the shortest length from which its device "
+        "time was never above dense's (timed at 1,024, 2,048, 32,000): layer 1 from 32,000 tokens; the whole model "
+        "so engaged was never slower than dense at a timed length")
+    checked["prefill_floor"] = 32000
+    assert activation_basis(_policy(method="accuracy-budget", speed=checked)).endswith(
+        "slower than dense below 32,000 tokens, so no layer engages below that")
     cpu = {"device": "cpu", "activation_length": 8192}
     assert activation_basis(_policy(method="accuracy-budget", speed=cpu)).startswith("conservative default")
     assert activation_basis(_policy(method="accuracy-budget")) == "set at calibration (--activation-length)"
@@ -56,3 +64,15 @@ def test_the_card_says_each_layer_was_checked_end_to_end():
     assert "alone, end to end at two of them" in _calibration_section(calibration)
     unchecked = {k: v for k, v in calibration.items() if k != "layer_check"}
     assert "alone, end to end" not in _calibration_section(unchecked)
+
+
+def test_the_card_lists_every_layer_checked_on_the_block_sparse_kernel():
+    from tsa_patch.card import _block_sparse_lines
+
+    checks = [{"layer": 0, "kl": 0.0012, "density": 0.21}, {"layer": 1, "kl": 0.03, "density": 0.4}]
+    text = _block_sparse_lines({"block_sparse": {"checks": checks, "layers": [0], "emulated": False}})
+    assert "0: 21 % at KL 0.0012, 1: 40 % at KL 0.0300" in text and "chose it for layers [0]" in text
+    assert "emulated" not in text
+    older = {"order": [3, 1], "layers": [3], "calibration": {"kl": 0.01}, "held_out": {"kl": 0.02}}
+    assert "lowest drift first: layers\n[3], at KL 0.0100" in _block_sparse_lines({"block_sparse": older})
+    assert _block_sparse_lines({}) == ""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tsa_patch.calibration.speed import activation_from, ladder, layer_activations, measure_speed
+from tsa_patch.calibration.speed import (activation_from, ladder, layer_activations, measure_speed, prefill_floor,
+                                         time_prefills)
 from tsa_patch.data import load_documents
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 
@@ -37,6 +38,25 @@ def test_every_layer_engages_from_its_own_crossover():
     assert layer_activations(speed, 8) == {3: 4, 5: 1, 7: 9}
 
 
+def test_device_times_decide_where_they_were_measured():
+    """On CUDA a layer's rule reads its device time (the GPU busy ahead of it), not its time alone."""
+    alone_slower = {"dense_ms": [1.0, 2.0], "tsa_ms": [3.0, 4.0], "dense_busy_ms": [1.0, 2.0],
+                    "tsa_busy_ms": [1.5, 1.0]}
+    assert layer_activations({"lengths": [1, 2], "layers": {"4": alone_slower}}, 2) == {4: 2}
+
+
+@pytest.mark.parametrize(("policy_ms", "expected"), [
+    ([None, 2.5, 3.0, 7.0], 4),      # slower at 2: every layer from 4 at least
+    ([None, 1.9, 3.9, 7.9], None),   # never slower
+    ([None, 2.5, 3.9, 8.5], 9),      # slower at the longest length: beyond the calibrated length
+    ([0.9, 2.5, 3.9, 8.0], 4),       # a tie is not slower; the longest slower length counts
+])
+def test_the_whole_model_check_raises_every_layer_past_a_slower_length(policy_ms, expected):
+    dense_ms = [None if policy_ms[0] is None else 1.0, 2.0, 4.0, 8.0]  # None: no layer engages at that length
+    prefills = {"lengths": [1, 2, 4, 8], "dense_ms": dense_ms, "policy_ms": policy_ms}
+    assert prefill_floor(prefills, 8) == expected
+
+
 def test_every_sparse_layer_is_timed_at_every_length(smollm2_fp32):
     model, tokenizer = smollm2_fp32
     ids = tokenizer("\n\n".join(load_documents("paul-graham")[:3])).input_ids[:256]
@@ -53,3 +73,16 @@ def test_every_sparse_layer_is_timed_at_every_length(smollm2_fp32):
         assert all(t > 0 for t in times["dense_ms"] + times["tsa_ms"])
     for j in range(2):  # the ladder's totals are the layers' sums (rounded to 4 decimals)
         assert speed["tsa_ms"][j] == pytest.approx(sum(t["tsa_ms"][j] for t in speed["layers"].values()), abs=1e-3)
+
+
+def test_the_whole_prefill_is_timed_where_a_layer_engages(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    ids = tokenizer("\n\n".join(load_documents("paul-graham")[:3])).input_ids[:256]
+    policy = TsaPolicy.uniform(30, 0.05, [3], window=16, min_tokens=16, activation_length=128)
+    try:
+        prefills = time_prefills(model, ids, policy, [64, 128], rounds=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+        delattr(model.config, CONFIG_KEY)
+    assert prefills["dense_ms"][0] is None and prefills["policy_ms"][0] is None  # no layer engages at 64
+    assert prefills["dense_ms"][1] > 0 and prefills["policy_ms"][1] > 0

@@ -1,10 +1,11 @@
 """The predicted Pareto front of per-layer policies, from the per-layer measurements (``measure.py``).
 
-For a price lambda, each layer picks the tau that maximises ``saving - lambda * error`` (saving = 1 - kept^2, the
-share of the layer's attention FLOPs removed). Sweeping lambda from infinity to 0 gives a sequence of policies
-from all-dense to the sparsest, each the best trade-off for its predicted error under an additive error model.
-The search (``search.py``) then measures candidates end to end, which captures interactions between layers that
-the model ignores.
+For a price lambda, each layer picks the option that maximises ``saving - lambda * error``: dense, TSA at one of
+the measured taus (saving = 1 - kept^2, the share of the layer's attention FLOPs removed), or, where it was
+measured, the block-sparse kernel alone (its measured saving and end-to-end error). Sweeping lambda from infinity
+to 0 gives a sequence of policies from all-dense to the sparsest, each the best trade-off for its predicted error
+under an additive error model. The search (``search.py``) then measures candidates end to end, which captures
+interactions between layers that the model ignores.
 """
 
 from __future__ import annotations
@@ -16,30 +17,46 @@ from tsa_patch.calibration.measure import LayerMeasurement
 
 @dataclass(frozen=True)
 class Candidate:
-    """A policy on the predicted Pareto front: per-layer taus, predicted error and attention removed."""
+    """A policy on the predicted Pareto front: per-layer taus (0 = no TSA), the layers that run the block-sparse
+    kernel alone, predicted error and attention removed."""
 
     taus: tuple[float, ...]
     predicted_error: float
-    attention_removed: float  # mean over layers of 1 - kept^2: share of the model's attention FLOPs removed
+    attention_removed: float  # mean over layers of the share of their attention FLOPs removed
+    block_layers: tuple[int, ...] = ()
 
 
-def _options(m: LayerMeasurement) -> list[tuple[float, float, float]]:
-    """(tau, saving, error) per option of one layer, dense included; only dense for a layer never measured
-    (a sliding-window layer)."""
+@dataclass(frozen=True)
+class _Option:
+    tau: float  # 0: no TSA
+    saving: float
+    error: float
+    block_sparse: bool = False
+
+
+def _options(m: LayerMeasurement) -> list[_Option]:
+    """The options of one layer, dense first; only dense for a layer never measured (a sliding-window layer)."""
     if not m.samples:
-        return [(0.0, 0.0, 0.0)]
-    return [(0.0, 0.0, 0.0)] + [(tau, 1.0 - m.mean_kept(i) ** 2, m.mean_error(i)) for i, tau in enumerate(m.taus)]
+        return [_Option(0.0, 0.0, 0.0)]
+    options = [_Option(0.0, 0.0, 0.0)]
+    options += [_Option(tau, 1.0 - m.mean_kept(i) ** 2, m.mean_error(i)) for i, tau in enumerate(m.taus)]
+    if m.block_saving is not None and m.block_error is not None:
+        options.append(_Option(0.0, m.block_saving, m.block_error, block_sparse=True))
+    return options
 
 
 def _choose(measurements: list[LayerMeasurement], price: float) -> Candidate:
-    taus, error, saving = [], 0.0, 0.0
-    for m in measurements:
-        # lowest tau among ties keeps the policy as dense as the price allows
-        tau, s, e = max(_options(m), key=lambda o: (o[1] - price * o[2], -o[0]))
-        taus.append(tau)
-        error += e
-        saving += s
-    return Candidate(taus=tuple(taus), predicted_error=error, attention_removed=saving / len(measurements))
+    taus, blocks, error, saving = [], [], 0.0, 0.0
+    for layer, m in enumerate(measurements):
+        # ties go to the densest option: the lowest tau, then TSA before the block-sparse kernel
+        best = max(_options(m), key=lambda o: (o.saving - price * o.error, -o.tau, -o.block_sparse))
+        taus.append(best.tau)
+        if best.block_sparse:
+            blocks.append(layer)
+        error += best.error
+        saving += best.saving
+    return Candidate(taus=tuple(taus), predicted_error=error, attention_removed=saving / len(measurements),
+                     block_layers=tuple(blocks))
 
 
 def pareto_policies(measurements: list[LayerMeasurement]) -> list[Candidate]:
@@ -53,11 +70,15 @@ def pareto_policies(measurements: list[LayerMeasurement]) -> list[Candidate]:
         options = _options(m)
         for a in options:
             for b in options:
-                if b[2] > a[2] and b[1] > a[1]:
-                    price = (b[1] - a[1]) / (b[2] - a[2])
+                if b.error > a.error and b.saving > a.saving:
+                    price = (b.saving - a.saving) / (b.error - a.error)
                     prices.update((price * 0.999, price * 1.001))
-    candidates = {_choose(measurements, p).taus: _choose(measurements, p) for p in sorted(prices, reverse=True)}
-    candidates[tuple(0.0 for _ in measurements)] = Candidate(tuple(0.0 for _ in measurements), 0.0, 0.0)
+    candidates = {}
+    for price in sorted(prices, reverse=True):
+        candidate = _choose(measurements, price)
+        candidates[candidate.taus, candidate.block_layers] = candidate
+    dense = Candidate(tuple(0.0 for _ in measurements), 0.0, 0.0)
+    candidates[dense.taus, ()] = dense
     return sorted(candidates.values(), key=lambda c: (c.predicted_error, c.attention_removed))
 
 

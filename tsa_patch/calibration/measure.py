@@ -31,12 +31,19 @@ _MEASURE_KEY = "tsa_calibration_measure"
 
 @dataclass
 class LayerMeasurement:
-    """Sums over samples for one decoder layer; ``kept[i]`` and ``error[i]`` belong to ``taus[i]``."""
+    """Sums over samples for one decoder layer; ``kept[i]`` and ``error[i]`` belong to ``taus[i]``.
+
+    ``block_saving`` and ``block_error``: the share of the layer's attention FLOPs that the block-sparse kernel alone
+    removed and the KL it cost, measured end to end with the layer alone block-sparse (``layer_check``); None
+    where that option was not measured.
+    """
 
     taus: tuple[float, ...]
     kept: list[float]
     error: list[float]
     samples: int = 0
+    block_saving: float | None = None
+    block_error: float | None = None
 
     def mean_kept(self, i: int) -> float:
         return self.kept[i] / self.samples

@@ -47,6 +47,7 @@ class Chosen:
         return {"attention_removed": round(removed, 4),
                 "estimated_attention_speedup": round(1.0 / (1.0 - removed), 3),
                 "predicted_error": round(self.candidate.predicted_error, 6),
+                "block_layers": list(self.candidate.block_layers),
                 "calibration": {k: self.calibration.get(k) for k in _SUMMARY},
                 "held_out": self.held_out, "held_out_backoffs": self.held_out_backoffs,
                 "meets_budget_held_out": self.meets_budget_held_out}
@@ -66,17 +67,19 @@ class CalibrationReport:
     held_out_evaluations: list[dict]
     measurements: list[LayerMeasurement]
     drift: list[float]
-    block_sparse: dict | None = field(default=None)
+    block_sparse: dict | None = field(default=None)  # each layer alone block-sparse, the layers chosen
     speed: dict | None = field(default=None)  # the sparse layers timed against dense (``speed.measure_speed``)
     layer_check: list[dict] | None = field(default=None)  # each layer alone, end to end (``layer_check``)
 
     def layer_table(self) -> list[dict]:
-        """Per layer: the chosen tau, its mean kept fraction and its measured error."""
+        """Per layer: the chosen tau, its mean kept fraction, its kernel and its predicted error."""
         table = []
-        for m, tau in zip(self.measurements, self.chosen.candidate.taus):
+        blocks = set(self.chosen.candidate.block_layers)
+        for layer, (m, tau) in enumerate(zip(self.measurements, self.chosen.candidate.taus)):
             i = m.taus.index(tau) if tau else None
+            error = m.mean_error(i) if i is not None else (m.block_error if layer in blocks else 0.0)
             table.append({"tau": tau, "kept": round(m.mean_kept(i), 4) if i is not None else 1.0,
-                          "error": round(m.mean_error(i), 6) if i is not None else 0.0})
+                          "kernel": "block_sparse" if layer in blocks else "dense", "error": round(error, 6)})
         return table
 
     def to_dict(self) -> dict:

@@ -56,7 +56,7 @@ def calibrate_command(
     coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     check_layers: Annotated[bool, typer.Option("--check-layers/--no-check-layers", help="Budget: run each layer alone at tau 0.005 and 0.02 end to end and rescale its error estimate by what it measured.")] = _DEFAULTS.check_layers,
-    block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: also give as many layers as the budget allows the block-sparse kernel (FlexPrefill-style).")] = False,
+    block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: the block-sparse kernel (FlexPrefill-style) alone becomes one more option of every layer, each layer checked alone on it end to end.")] = False,
     block_size: Annotated[int, typer.Option("--block-size", help="Block-sparse: tokens per block (power of two, >= 16).")] = _DEFAULTS.block_size,
     block_gamma: Annotated[float, typer.Option("--block-gamma", help="Block-sparse: attention mass the kept blocks cover, in (0, 1].")] = _DEFAULTS.block_gamma,
     block_min_budget: Annotated[int, typer.Option("--block-min-budget", help="Block-sparse: tokens each query block attends to at least.")] = _DEFAULTS.block_min_budget,
@@ -128,9 +128,11 @@ def _budget_line(report: dict, config: CalibrationConfig) -> str:
 
 
 def _block_sparse_line(report: dict) -> str:
-    blocks = report["block_sparse"]
-    return (f"Block-sparse kernel in {len(blocks['layers'])} layers: KL calibration {blocks['calibration']['kl']:.4f} "
-            f"/ held-out {blocks['held_out']['kl']:.4f}; attention computed "
-            f"{100 * blocks['calibration']['attention_cost']:.1f}% of dense (TSA alone: "
-            f"{100 * report['chosen']['calibration']['attention_cost']:.1f}%), measured on the calibration prefills"
-            + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)." if blocks["emulated"] else "."))
+    blocks, chosen = report["block_sparse"], report["chosen"]
+    densities = [c["density"] for c in blocks["checks"]]
+    span = f"{100 * min(densities):.0f}-{100 * max(densities):.0f}%" if densities else "-"
+    return (f"Block-sparse kernel alone in {len(blocks['layers'])} layers {blocks['layers']}, chosen per layer on the "
+            f"same front as the taus; each layer alone on it computed {span} of its attention. The chosen policy "
+            f"computed {100 * chosen['calibration']['attention_cost']:.1f}% of dense attention on the calibration "
+            "prefills" + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)." if blocks["emulated"]
+                          else "."))
