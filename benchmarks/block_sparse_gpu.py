@@ -49,10 +49,10 @@ def bench_length(seq_len: int, densities: list[float]) -> dict:
                                               keep_fraction=kept, backend="triton"))
         row = {"seq_len": seq_len, "tsa_kept_fraction": round(kept, 4), "dense_ms": dense.median_ms,
                "dense": asdict(dense), "tsa": asdict(tsa), "tsa_speedup": dense.median_ms / tsa.median_ms,
-               "coverage_rule_density_on_random_inputs": block_pattern(q, k, **options).density, "densities": []}
+               "coverage_rule_density_on_random_inputs": block_pattern(q, k, **options, backend="triton").density, "densities": []}
         for density in densities:
-            pattern = block_pattern(q, k, **options, density=density)
-            selection = time_cuda(lambda: block_pattern(q, k, **options, density=density))
+            pattern = block_pattern(q, k, **options, density=density, backend="triton")
+            selection = time_cuda(lambda: block_pattern(q, k, **options, density=density, backend="triton"))
             kernel = time_cuda(lambda: block_sparse_attention_triton(q, k, v, pattern.index, pattern.count, BLOCK,
                                                                      scaling))
             alone = time_cuda(lambda: block_sparse_attention(q, k, v, **options, density=density, backend="triton"))

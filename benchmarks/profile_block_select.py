@@ -19,10 +19,10 @@ def main() -> None:
     query = torch.randn(32, SEQ_LEN, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     key = torch.randn(8, SEQ_LEN, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     for density in (0.1, None):
-        block_pattern(query, key, **OPTIONS, density=density)  # warm-up
+        block_pattern(query, key, **OPTIONS, density=density, backend="triton")  # warm-up
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-            block_pattern(query, key, **OPTIONS, density=density)
+            block_pattern(query, key, **OPTIONS, density=density, backend="triton")
             torch.cuda.synchronize()
         print(f"density {density}")
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=14))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .triton_block import block_sparse_attention
+from .triton_block_select import block_masses
 
 _EPS = 1e-12
 
@@ -78,7 +79,7 @@ def block_mask(index: Tensor, count: Tensor) -> Tensor:
 
 
 def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_budget: int, js_threshold: float,
-                  scaling: float, density: float | None = None) -> BlockPattern:
+                  scaling: float, density: float | None = None, backend: str = "torch") -> BlockPattern:
     """Choose the key blocks of every (query head, query block) for one full prefill.
 
     Args:
@@ -91,29 +92,21 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
         scaling: softmax scale.
         density: benchmarks only: every head keeps this fraction of each row's causal key blocks, ranked by the
             pooled estimate, after all the estimation work is done (random inputs have no sparse structure).
+        backend: "torch" (``_last_block_masses_ref``) or "triton" (``triton_block_select.block_masses``) for the
+            last block's exact attention; the rest is PyTorch on both.
 
     Returns:
         The ``BlockPattern``.
     """
-    num_heads, seq_len, head_dim = query.shape
-    kv_heads = key.shape[0]
-    group = num_heads // kv_heads
+    num_heads, seq_len, _ = query.shape
+    group = num_heads // key.shape[0]
     blocks = math.ceil(seq_len / block)
     device = query.device
-    last = min(block, seq_len)
     budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
 
-    # 1. exact attention of the last query block: (Hq, last, L)
-    q_last = (query[:, seq_len - last:].float() * scaling).reshape(kv_heads, group * last, head_dim)
-    logits = torch.matmul(q_last, key.float().transpose(1, 2)).view(num_heads, last, seq_len)
-    future = torch.ones(last, last, dtype=torch.bool, device=device).triu(1)  # only the last keys can be ahead
-    logits[:, :, seq_len - last:].masked_fill_(future, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    del logits
-    vertical = probs.mean(dim=1)  # (Hq, L)
-    slash = _diagonal_means(probs)  # (Hq, L)
-    exact_last_row = _per_block(vertical, block, blocks)  # (Hq, Nb): exact mass of the last query block per key block
-    del probs
+    # 1. exact attention of the last query block, per key block (columns) and per band of diagonals: (Hq, Nb) each
+    masses = block_masses if backend == "triton" else _last_block_masses_ref
+    column_mass, band_mass = masses(query, key, block, scaling)
 
     # 2. pooled estimate of the whole block map: (Hq, Nb, Nb), rows softmaxed over causal key blocks
     pooled_q = _pool(query, block, blocks)  # (Hq, Nb, D)
@@ -121,7 +114,7 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     causal = torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
     estimate = (torch.matmul(pooled_q, pooled_k.transpose(1, 2)) * scaling).masked_fill(~causal, float("-inf"))
     estimate = torch.softmax(estimate, dim=-1)
-    query_aware = _js_distance(estimate[:, -1], exact_last_row) < js_threshold  # (Hq,)
+    query_aware = _js_distance(estimate[:, -1], column_mass) < js_threshold  # (Hq,)
 
     forced = causal & (torch.eye(blocks, dtype=torch.bool, device=device) | (torch.arange(blocks, device=device) == 0))
     if density is not None:
@@ -130,7 +123,7 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
         query_aware = torch.ones_like(query_aware)
     else:
         aware = _keep_top(estimate, gamma, budget_blocks)
-        slashed = _vertical_slash_blocks(vertical, slash, gamma, budget_blocks, block, blocks)
+        slashed = _vertical_slash_blocks(column_mass, band_mass, gamma, budget_blocks, blocks)
         mask = torch.where(query_aware[:, None, None], aware, slashed)
     mask = (mask | forced) & causal
     count = mask.sum(dim=-1, dtype=torch.int32)
@@ -138,6 +131,25 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     order = torch.arange(blocks, device=device, dtype=torch.int32)
     index = torch.where(mask, order, order + blocks).sort(dim=-1).values
     return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
+
+
+def _last_block_masses_ref(query: Tensor, key: Tensor, block: int, scaling: float) -> tuple[Tensor, Tensor]:
+    """The last query block's exact causal attention (its last ``min(block, L)`` queries, fp32), averaged over its
+    queries and summed per key block (column mass) and per band of diagonals (slash mass; band k holds the offsets
+    query position minus key position in ``[kB, (k + 1)B)``). query (Hq, L, D), key (Hkv, L, D) -> two (Hq, Nb)."""
+    num_heads, seq_len, head_dim = query.shape
+    kv_heads = key.shape[0]
+    group = num_heads // kv_heads
+    blocks = math.ceil(seq_len / block)
+    last = min(block, seq_len)
+    q_last = (query[:, seq_len - last:].float() * scaling).reshape(kv_heads, group * last, head_dim)
+    logits = torch.matmul(q_last, key.float().transpose(1, 2)).view(num_heads, last, seq_len)
+    future = torch.ones(last, last, dtype=torch.bool, device=query.device).triu(1)  # only the last keys can be ahead
+    logits[:, :, seq_len - last:].masked_fill_(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    del logits
+    column = _per_block(probs.mean(dim=1), block, blocks)
+    return column, _per_block(_diagonal_means(probs), block, blocks)
 
 
 def _diagonal_means(probs: Tensor) -> Tensor:
@@ -196,20 +208,19 @@ def _keep_top(scores: Tensor, gamma: float = 1.0, min_count: int = 1, count: Ten
     return torch.zeros_like(keep).scatter_(-1, order, keep)
 
 
-def _vertical_slash_blocks(vertical: Tensor, slash: Tensor, gamma: float, min_blocks: int, block: int,
+def _vertical_slash_blocks(column_mass: Tensor, band_mass: Tensor, gamma: float, min_blocks: int,
                            blocks: int) -> Tensor:
     """Block map of the vertical-slash pattern: (Hq, Nb, Nb) bool (causality applied by the caller).
 
-    Columns and diagonals are pooled into blocks; each head keeps the fewest column blocks covering ``gamma`` of
-    the vertical mass and the fewest diagonal bands covering ``gamma`` of the slash mass (at least ``min_blocks``
-    of each). The band of offsets ``[kB, (k + 1)B)`` crosses, from query block i, key blocks i - k and i - k - 1.
+    From the last block's column and band masses (``_last_block_masses_ref``), each head keeps the fewest column
+    blocks covering ``gamma`` of the vertical mass and the fewest diagonal bands covering ``gamma`` of the slash mass
+    (at least ``min_blocks`` of each). The band of offsets ``[kB, (k + 1)B)`` crosses, from query block i, key
+    blocks i - k and i - k - 1.
     """
-    column_mass = _per_block(vertical, block, blocks)  # (Hq, Nb)
-    band_mass = _per_block(slash, block, blocks)  # (Hq, Nb): band k holds the offsets [kB, (k + 1)B)
     columns = _keep_top(column_mass, gamma, min_blocks)
     bands = _keep_top(band_mass, gamma, min_blocks)
     bands = bands | torch.nn.functional.pad(bands, (1, 0))[:, :blocks]  # band k also reaches block offset k + 1
-    rows = torch.arange(blocks, device=vertical.device)
+    rows = torch.arange(blocks, device=column_mass.device)
     distance = (rows[:, None] - rows[None, :]).clamp_min(0)  # (Nb, Nb) block offset of (query block, key block)
     return columns[:, None, :] | bands[:, distance]
 
@@ -251,7 +262,7 @@ def block_sparse_prefill(query: Tensor, key: Tensor, value: Tensor, *, gamma: fl
         out: (Hq, L, D); the pattern it used.
     """
     pattern = block_pattern(query, key, gamma=gamma, block=block, min_budget=min_budget, js_threshold=js_threshold,
-                            scaling=scaling, density=density)
+                            scaling=scaling, density=density, backend=backend)
     attend = block_sparse_attention if backend == "triton" else block_sparse_attention_ref
     return attend(query, key, value, pattern.index, pattern.count, block, scaling), pattern
 

@@ -29,6 +29,21 @@ if HAS_TRITON:
         return s * 1.4426950408889634
 
     @triton.jit
+    def merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W: tl.constexpr):
+        # Merge pass 1's key splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m); returns m and 1 / l. Every query
+        # sees key 0 (split 0), so m is finite for real queries.
+        m = tl.full([BLOCK_W], float("-inf"), tl.float32)
+        for split in range(0, splits):
+            m = tl.maximum(m, tl.load(M + head * stride_mh + split * stride_ms + offs_w, mask=offs_w < window,
+                                      other=0.0))
+        l = tl.zeros([BLOCK_W], tl.float32)
+        for split in range(0, splits):
+            part = head * stride_mh + split * stride_ms + offs_w
+            m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
+            l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
+        return m, 1.0 / tl.where(offs_w < window, l, 1.0)
+
+    @triton.jit
     def _window_stats_kernel(Q, K, M, L, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
                              kv_len, window, group, scaling, blocks_per_split,
                              BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -76,30 +91,49 @@ if HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            # Merge pass 1's key splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m). Every query sees key 0
-            # (split 0), so m is finite for real queries.
-            m = tl.full([BLOCK_W], float("-inf"), tl.float32)
-            for split in range(0, splits):
-                m = tl.maximum(m, tl.load(M + head * stride_mh + split * stride_ms + offs_w, mask=offs_w < window,
-                                          other=0.0))
-            l = tl.zeros([BLOCK_W], tl.float32)
-            for split in range(0, splits):
-                part = head * stride_mh + split * stride_ms + offs_w
-                m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
-                l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
-            inv_l = 1.0 / tl.where(offs_w < window, l, 1.0)
+            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W)
             s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
         tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
 
 
-if not HAS_TRITON:
-    logits_log2 = None  # the Triton helper exists only with Triton (triton_gather imports the name)
+if not HAS_TRITON:  # the Triton helpers exist only with Triton (triton_gather and triton_block_select import them)
+    logits_log2 = merged_window_stats = None
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+WINDOW_BLOCK = 64  # window queries per program
+
+
+def _precision(query: Tensor) -> str:
+    # fp32 inputs would otherwise be multiplied in tf32 (~1e-3 relative error); half precision is exact in fp32.
+    return "ieee" if query.dtype == torch.float32 else "tf32"
+
+
+def window_stats(q_window: Tensor, key: Tensor, scaling: float, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Pass 1: for each of the ``W`` window queries (the last W positions of the ``Lk`` keys), the running max and
+    normaliser of its causal softmax over all keys, in log2 units, per key split: two (Hq, splits, W) float32
+    tensors (``merged_window_stats`` merges them inside a kernel)."""
+    num_heads, window, head_dim = q_window.shape
+    kv_heads, kv_len, _ = key.shape
+    block_n = 64
+    # Enough key splits to give every SM a few programs, each split a whole number of blocks.
+    target_programs = 4 * _multiprocessors(q_window.device)
+    splits = max(1, min(triton.cdiv(kv_len, 1024), target_programs // (num_heads * triton.cdiv(window, WINDOW_BLOCK))))
+    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n)
+    splits = triton.cdiv(kv_len, blocks_per_split * block_n)
+    m = torch.empty(num_heads, splits, window, device=q_window.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _window_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK), splits)](
+        q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+        m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
+        BLOCK_W=WINDOW_BLOCK, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
+        PRECISION=_precision(q_window), SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
+    return m, l
 
 
 def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap: float | None = None) -> Tensor:
@@ -121,32 +155,18 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap:
         raise ValueError("score_keys: the head dim of query and key must be contiguous")
     q_window = query[:, q_len - window :]  # (Hq, W, D) view
     block_d = _block_d(head_dim)
-    block_w, block_n = 64, 64
-    # Enough key splits to give every SM a few programs in pass 1, each split a whole number of blocks.
-    target_programs = 4 * _multiprocessors(query.device)
-    splits = max(1, min(triton.cdiv(kv_len, 1024), target_programs // (num_heads * triton.cdiv(window, block_w))))
-    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n)
-    splits = triton.cdiv(kv_len, blocks_per_split * block_n)
-    m = torch.empty(num_heads, splits, window, device=query.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    # fp32 inputs would otherwise be multiplied in tf32 (~1e-3 relative error); half precision is exact in fp32.
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    _window_stats_kernel[(num_heads, triton.cdiv(window, block_w), splits)](
-        q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-        m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
-        BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
-        SOFTCAP=float(softcap or 0.0),
-        num_warps=4, num_stages=3)
+    block_w, block_n = WINDOW_BLOCK, 64
+    m, l = window_stats(q_window, key, scaling, softcap)
+    precision = _precision(query)
     candidates = kv_len - window
     out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
     if candidates > 0:
         _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
             q_window, key, m, l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
             m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
-            splits,
+            m.shape[1],
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
-        SOFTCAP=float(softcap or 0.0),
-        num_warps=4, num_stages=3)
+            SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
     return out
 
 
