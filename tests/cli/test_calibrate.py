@@ -66,3 +66,16 @@ def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment,
     result = cli.invoke("calibrate", *SMALL, "-o", out, *args)  # later options win
     cli.assert_one_line_error(result, fragment)
     assert not out.exists() and not out.parent.exists()
+
+
+def test_block_sparse_summary_names_the_chosen_layers_and_the_checked_densities():
+    from tsa_patch.cli.calibrate import _block_sparse_line
+
+    report = {"chosen": {"calibration": {"attention_cost": 0.4567}},
+              "block_sparse": {"checks": [{"layer": 0, "kl": 0.02, "density": 0.14}, {"layer": 1, "kl": 0.002,
+                                                                                      "density": 0.61}],
+                               "layers": [1], "emulated": True}}
+    line = _block_sparse_line(report)
+    assert line.startswith("Block-sparse kernel alone in 1 layer [1], chosen per layer on the same front as the taus")
+    assert "computed 14-61% of its attention" in line and "45.7% of dense attention" in line
+    assert line.endswith("(block-sparse layers emulated in PyTorch: no CUDA with Triton).")

@@ -131,8 +131,9 @@ def _block_sparse_line(report: dict) -> str:
     blocks, chosen = report["block_sparse"], report["chosen"]
     densities = [c["density"] for c in blocks["checks"]]
     span = f"{100 * min(densities):.0f}-{100 * max(densities):.0f}%" if densities else "-"
-    return (f"Block-sparse kernel alone in {len(blocks['layers'])} layers {blocks['layers']}, chosen per layer on the "
-            f"same front as the taus; each layer alone on it computed {span} of its attention. The chosen policy "
+    count = len(blocks["layers"])
+    return (f"Block-sparse kernel alone in {count} layer{'' if count == 1 else 's'} {blocks['layers']}, chosen per "
+            f"layer on the same front as the taus; each layer alone on it computed {span} of its attention. The chosen policy "
             f"computed {100 * chosen['calibration']['attention_cost']:.1f}% of dense attention on the calibration "
             "prefills" + (" (block-sparse layers emulated in PyTorch: no CUDA with Triton)." if blocks["emulated"]
                           else "."))
