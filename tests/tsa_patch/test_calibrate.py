@@ -225,7 +225,9 @@ def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
 
 def test_block_sparse_calibration_puts_the_kernel_where_the_front_chooses_it(smollm2_fp32):
     model, tokenizer = smollm2_fp32
-    config = dataclasses.replace(SMALL, block_sparse=True, block_size=16, block_min_budget=32, block_gamma=0.9)
+    # one calibration sample: the check runs every layer alone on the kernel, end to end
+    config = dataclasses.replace(SMALL, block_sparse=True, block_size=16, block_min_budget=32, block_gamma=0.9,
+                                 samples=1)
     result = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
     blocks, chosen = result.report["block_sparse"], result.report["chosen"]
     assert [c["layer"] for c in blocks["checks"]] == list(range(result.policy.num_layers))  # every layer alone
@@ -238,10 +240,11 @@ def test_block_sparse_calibration_puts_the_kernel_where_the_front_chooses_it(smo
     rows = result.report["layers"]
     assert [i for i, row in enumerate(rows) if row["kernel"] == "block_sparse"] == blocks["layers"]
     apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
-    samples = token_samples(tokenizer, load_documents(config.data), 3, config.seq_len + config.continuation, 3)
+    samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
+                            config.seq_len + config.continuation, config.seed)
     try:
         with block_sparse_emulation(model):
-            again = continuation_metrics(model, samples[2:], config.seq_len, ATTENTION_KEY)
+            again = continuation_metrics(model, samples[config.samples:], config.seq_len, ATTENTION_KEY)
     finally:
         model.set_attn_implementation("sdpa")
         del model.config.tsa_policy
