@@ -193,7 +193,9 @@ def _block_sparse_lines(calibration: dict) -> str:
         return f"""
 
 Then the block-sparse kernel was added to as many layers as the budget allowed, lowest drift first: layers
-{blocks['layers']}, at KL {blocks['calibration']['kl']:.4f} (held-out {blocks['held_out']['kl']:.4f})."""
+{blocks['layers']}. With it, the calibration prefills computed {100 * blocks['calibration']['attention_cost']:.1f} %
+of the dense attention FLOPs (TSA alone: {100 * calibration['chosen']['calibration'].get('attention_cost', 1.0):.1f} %), at KL
+{blocks['calibration']['kl']:.4f} (held-out {blocks['held_out']['kl']:.4f})."""
     checked = ", ".join(f"{c['layer']}: {100 * c['density']:.0f} % at KL {c['kl']:.4f}" for c in blocks["checks"])
     return f"""
 

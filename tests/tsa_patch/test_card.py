@@ -73,6 +73,9 @@ def test_the_card_lists_every_layer_checked_on_the_block_sparse_kernel():
     text = _block_sparse_lines({"block_sparse": {"checks": checks, "layers": [0], "emulated": False}})
     assert "0: 21 % at KL 0.0012, 1: 40 % at KL 0.0300" in text and "chose it for layers [0]" in text
     assert "emulated" not in text
-    older = {"order": [3, 1], "layers": [3], "calibration": {"kl": 0.01}, "held_out": {"kl": 0.02}}
-    assert "lowest drift first: layers\n[3], at KL 0.0100" in _block_sparse_lines({"block_sparse": older})
+    older = {"order": [3, 1], "layers": [3], "calibration": {"kl": 0.01, "attention_cost": 0.6},
+             "held_out": {"kl": 0.02}}
+    assert ("lowest drift first: layers\n[3]. With it, the calibration prefills computed 60.0 %\nof the dense attention "
+            "FLOPs (TSA alone: 80.0 %), at KL\n0.0100 (held-out 0.0200).") in _block_sparse_lines(
+        {"block_sparse": older, "chosen": {"calibration": {"attention_cost": 0.8}}})
     assert _block_sparse_lines({}) == ""

@@ -23,6 +23,7 @@ either not slower or runs the dense model's code.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -112,10 +113,9 @@ def time_prefills(model, ids: list[int], policy: TsaPolicy, lengths: list[int], 
             for name, implementation in (("dense_ms", "sdpa"), ("policy_ms", ATTENTION_KEY)):
                 model.set_attn_implementation(implementation)
                 with sdpa_backend(policy.dense_backend, device):
-                    times[name].append(time_cuda(lambda: model.model(prompt), budget_s=0.0, min_runs=_RUNS,
-                                                 max_runs=_RUNS, device=device).median_ms)
+                    times[name].append(_median_ms(lambda: model.model(prompt), device))
         for name, values in times.items():
-            result[name].append(round(sorted(values)[len(values) // 2], 4))
+            result[name].append(round(statistics.median(values), 4))
     return result
 
 
