@@ -7,7 +7,7 @@ one device call (benchmarks/real_model_gpu.sh runs them):
     python benchmarks/real_model_gpu.py layers --gguf FILE --work DIR --out DIR      # each layer alone
 
 ``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, and TSA with the
-block-sparse kernel), each policy exported. ``speed``: every export timed as a user loads it (trust_remote_code) at
+block-sparse kernel, at the default budget and at half of it), each policy exported. ``speed``: every export timed as a user loads it (trust_remote_code) at
 1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
 default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
 offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
@@ -48,6 +48,7 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes
     "tsa-paper-coverage": {},
     "tsa-normalized-coverage": {"coverage": "normalized"},
     "tsa-block-sparse": {"block_sparse": True},
+    "tsa-block-sparse-kl-0.01": {"block_sparse": True, "max_kl": 0.01},  # half the default budget
 }
 
 
@@ -218,7 +219,7 @@ LAYER_TAUS = (0.005, 0.02)  # the paper's tau, and a stronger one
 
 def phase_layers(args) -> None:
     """Each layer alone made sparse, end to end on the calibration samples at ``--seq-len`` (the authors' coverage):
-    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural and the recall KL, and the
+    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural, recall and aggregation KL, and the
     calibration's per-layer estimate for the same TSA choice (kept fraction, residual error)."""
     from tsa_patch.calibration.endtoend import EndToEnd
     from tsa_patch.calibration.measure import TAU_GRID, measuring, new_measurements
@@ -237,7 +238,7 @@ def phase_layers(args) -> None:
     measurements = new_measurements(num_layers)
     template = make_policy((0.0,) * num_layers, set())
     begin = time.perf_counter()
-    judge = EndToEnd(model, {"calibration": samples, "held_out": []}, args.seq_len, config.seed, make_policy,
+    judge = EndToEnd(model, {"calibration": samples, "held_out": []}, args.seq_len, tokenizer, config.seed, make_policy,
                      lambda description, total: None, measure=lambda: measuring(model, measurements, template))
     rows = []
     for layer in range(num_layers):
@@ -247,7 +248,8 @@ def phase_layers(args) -> None:
         for name, taus, blocks in variants:
             metrics = judge.metrics(taus, "calibration", blocks)
             row = {"layer": layer, "variant": name, "kl_natural": metrics["natural"]["kl"],
-                   "kl_recall": metrics["recall"]["kl"], "top1_agreement": metrics["top1_agreement"],
+                   "kl_recall": metrics["recall"]["kl"], "kl_aggregation": metrics["aggregation"]["kl"],
+                   "top1_agreement": metrics["top1_agreement"],
                    "attention_cost": metrics["attention_cost"]}
             if not blocks:
                 index = TAU_GRID.index(taus[layer])
@@ -295,7 +297,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="kept between phases (exports, policies)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--holdout", type=int, default=1)
+    parser.add_argument("--holdout", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="smaller for a dry run on a CPU")

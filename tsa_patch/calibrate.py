@@ -7,8 +7,8 @@ Lifecycle (the model is loaded by the caller; every step is a module of ``tsa_pa
    (``measure``), check each layer alone end to end and rescale its estimates (``layer_check``; with
    ``block_sparse``, each layer alone on the block-sparse kernel too, which becomes one more option of that layer),
    build the predicted Pareto front of per-layer policies (``front``), measure candidates end to
-   end as users experience them (TSA prefill, dense continuation, against dense, on natural continuations and on
-   long-range recall probes, the worse counting; ``endtoend``), search the front for the sparsest policy within
+   end as users experience them (TSA prefill, dense continuation, against dense, on natural continuations, on
+   long-range recall probes and on word-counting aggregation probes, the worst counting; ``endtoend``), search the front for the sparsest policy within
    the budget (``search``), verify it on held-out samples and back off if it misses. The paper's rule is measured
    on the same samples for comparison (``report``).
 3. ``drift`` method: the paper's rule: layers at or below the ``delta`` quantile of inter-layer representation
@@ -56,9 +56,9 @@ class CalibrationConfig:
         seq_len: prompt tokens per sequence, at most the model's context and ``MAX_SEQ_LEN``.
         seed: data sampling seed; the same seed gives the same policy.
         method: "budget" (accuracy-budget search) or "drift" (the paper's rule).
-        max_kl: budget: mean KL(dense || TSA) over the continuation tokens, in nats, on natural continuations
-            and on long-range recall probes alike.
-        min_agreement: budget: top-1 agreement with dense over the continuation tokens (both kinds), in [0, 1].
+        max_kl: budget: mean KL(dense || TSA) over the continuation tokens, in nats, on natural continuations,
+            long-range recall probes and aggregation probes alike.
+        min_agreement: budget: top-1 agreement with dense over the continuation tokens (every kind), in [0, 1].
         target_speedup: instead of a budget: the estimated whole-model attention speedup to reach with the
             least error.
         match_paper: budget: ``max_kl`` = the KL the paper's rule (delta 0.5, tau 0.005) measures on the same
@@ -171,7 +171,7 @@ def calibrate(
     try:
         if config.method == "drift":
             return _drift_rule(model, config, samples, source_model, start)
-        return _accuracy_budget(model, config, samples, source_model, start)
+        return _accuracy_budget(model, tokenizer, config, samples, source_model, start)
     finally:
         model.set_attn_implementation(previous)
         if not had_policy and hasattr(model.config, CONFIG_KEY):
@@ -243,7 +243,7 @@ def _drift_rule(model, config, samples, source_model, start) -> CalibrationResul
     return CalibrationResult(policy=_policy(taus, config, source_model, provenance), drift=drift)  # paper's knobs
 
 
-def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, start) -> CalibrationResult:
+def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, source_model, start) -> CalibrationResult:
     from tsa_patch.calibration.drift import DriftRecorder, recording_drift
     from tsa_patch.calibration.endtoend import EndToEnd
     from tsa_patch.calibration.front import pareto_policies
@@ -259,9 +259,12 @@ def _accuracy_budget(model, config: CalibrationConfig, samples, source_model, st
         with recording_drift(model, drift_recorder), measuring(model, measurements, template):
             yield
 
-    judge = EndToEnd(model, {"calibration": calibration, "held_out": held_out}, config.seq_len, config.seed,
-                     lambda taus, blocks, **knobs: _policy(taus, config, source_model, {}, blocks, **knobs), start,
-                     measure=measured_prefill)
+    try:
+        judge = EndToEnd(model, {"calibration": calibration, "held_out": held_out}, config.seq_len, tokenizer,
+                         config.seed, lambda taus, blocks, **knobs: _policy(taus, config, source_model, {}, blocks,
+                                                                            **knobs), start, measure=measured_prefill)
+    except ValueError as err:  # the text cannot make a probe (no words to count)
+        raise DataError(str(err)) from None
     drift = drift_recorder.mean()
     layer_check = _check_layers(measurements, judge, start) if config.check_layers else None
     block_check = _check_block_sparse(model, measurements, judge, start) if config.block_sparse else None
@@ -307,9 +310,8 @@ def _check_block_sparse(model, measurements, judge, start) -> dict:
 
     def layer_block(layer: int) -> tuple[float, float]:
         metrics = judge.metrics(dense, "calibration", {layer})
-        cost = (metrics["natural"]["attention_cost"] + metrics["recall"]["attention_cost"]) / 2
         # the attention cost is the mean over layers, every other layer computing all of its attention
-        return metrics["kl"], min(1.0, max(0.0, 1.0 - num_layers * (1.0 - cost)))
+        return metrics["kl"], min(1.0, max(0.0, 1.0 - num_layers * (1.0 - metrics["attention_cost"])))
 
     step = start("Checking each layer alone on the block-sparse kernel end to end",
                  sum(1 for m in measurements if m.samples))

@@ -167,14 +167,18 @@ def _calibration_section(calibration: dict) -> str:
     chosen, paper, budget = calibration["chosen"], calibration["paper_rule"], calibration["budget"]
     checked = (" and, alone, end to end at two of them (its estimates rescaled by what it measured)"
                if calibration.get("layer_check") else "")
+    counted = "aggregation" in chosen["calibration"]  # older reports have two kinds
+    aggregation = (", and on an aggregation probe (the prompt ends by asking for the words used most often in the "
+                   "text; the continuation is that list, counted)") if counted else ""
+    kinds = "natural / recall / aggregation" if counted else "natural / recall"
     return f"""Per-layer tau chosen against an accuracy budget ({budget['kind']} = {budget['value']:.4g}): every
 layer was measured at every candidate tau{checked}, and the sparsest policy within the budget was found with end-to-end
 measurements (a TSA prefill, then {calibration.get('continuation')} tokens decoded densely over its KV cache,
-compared with the dense model), both on the text's own continuation and on a long-range recall probe (the prompt
-ends with a cue copied from far back; the continuation is what followed it there). The budget holds on the worse
-of the two. {data} Verified on {calibration.get('holdout')} held-out samples.
+compared with the dense model), on the text's own continuation, on a long-range recall probe (the prompt ends
+with a cue copied from far back; the continuation is what followed it there){aggregation}. The budget holds on the
+worst of them. {data} Verified on {calibration.get('holdout')} held-out samples.
 
-| | attention FLOPs removed | KL vs dense (nats), worse of | natural / recall | top-1 agreement |
+| | attention FLOPs removed | KL vs dense (nats), worst of | {kinds} | top-1 agreement |
 | --- | --- | --- | --- | --- |
 {_metrics_row("this policy, calibration samples", chosen['attention_removed'], chosen['calibration'])}
 {_metrics_row("this policy, held-out samples", None, chosen['held_out'])}
@@ -206,7 +210,7 @@ The front chose it for layers {blocks['layers']}."""
 
 def _metrics_row(label: str, removed: float | None, metrics: dict) -> str:
     removed_cell = "" if removed is None else f"{100 * removed:.1f} %"
-    parts = " / ".join(f"{metrics[part]['kl']:.4f}" for part in ("natural", "recall") if metrics.get(part))
+    parts = " / ".join(f"{metrics[part]['kl']:.4f}" for part in ("natural", "recall", "aggregation") if metrics.get(part))
     return (f"| {label} | {removed_cell} | {metrics['kl']:.4f} | {parts} | "
             f"{100 * metrics['top1_agreement']:.1f} % |")
 

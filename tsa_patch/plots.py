@@ -74,7 +74,7 @@ def plot_calibration(report: dict, path: str) -> bool:
     if report["budget"]["kind"] == "max_kl":
         right.axhline(report["budget"]["value"], color="tab:red", linestyle="--", linewidth=0.8, label="budget")
     right.set_xlabel("attention FLOPs removed (%)")
-    right.set_ylabel("KL(dense || TSA), worse of natural / recall (nats)")
+    right.set_ylabel("KL(dense || TSA), worst of natural / recall / aggregation (nats)")
     right.set_yscale("log")
     right.legend(fontsize=8)
     right.set_title(f"{report['data']}, {report['samples']} x {report['seq_len']} tokens")

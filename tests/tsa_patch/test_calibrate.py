@@ -12,7 +12,8 @@ from tsa_patch.calibration.endtoend import RECALL_CUE
 from tsa_patch.calibration.front import Candidate, pareto_policies
 from tsa_patch.calibration.measure import TAU_GRID, LayerMeasurement, measure_layers
 from tsa_patch.calibration.search import search_kl
-from tsa_patch.calibration.continuation import continuation_metrics, recall_probe
+from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregation_probe, continuation_metrics,
+                                                recall_probe)
 from tsa_patch.data import load_documents, token_samples
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
@@ -70,27 +71,28 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
 
 
 def _measured_independently(model, tokenizer, policy: TsaPolicy, config: CalibrationConfig = SMALL):
-    """The natural and recall continuation metrics of ``policy`` on ``config``'s calibration samples, recomputed
-    outside the calibration (no trace replay)."""
+    """The natural, recall and aggregation continuation metrics of ``policy`` on ``config``'s calibration samples,
+    recomputed outside the calibration (no trace replay)."""
     samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
                             config.seq_len + config.continuation, config.seed)[: config.samples]
     probes = [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i) for i, s in enumerate(samples)]
+    counting = [aggregation_probe(s, config.seq_len, tokenizer) for s in samples]
     apply_policy_(model, policy)
     try:
-        return (continuation_metrics(model, samples, config.seq_len, ATTENTION_KEY),
-                continuation_metrics(model, probes, config.seq_len, ATTENTION_KEY))
+        return tuple(continuation_metrics(model, kind, config.seq_len, ATTENTION_KEY)
+                     for kind in (samples, probes, counting))
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, "tsa_policy")
 
 
 def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp32):
-    natural, recall = _measured_independently(*smollm2_fp32, budget_run.policy)
+    measured = dict(zip(("natural", "recall", "aggregation"), _measured_independently(*smollm2_fp32, budget_run.policy)))
     reported = budget_run.report["chosen"]["calibration"]
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0)
-    assert natural.kl == pytest.approx(reported["natural"]["kl"], rel=1e-4, abs=1e-6)
-    assert recall.kl == pytest.approx(reported["recall"]["kl"], rel=1e-4, abs=1e-6)
-    assert reported["kl"] == max(reported["natural"]["kl"], reported["recall"]["kl"])
+    for kind, metrics in measured.items():
+        assert metrics.kl == pytest.approx(reported[kind]["kl"], rel=1e-4, abs=1e-6), kind
+    assert reported["kl"] == max(reported[kind]["kl"] for kind in measured)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +119,10 @@ def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp3
     record = next(r for r in checked_run.report["layer_check"] if r["ratio"] is not None)
     taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(30)]
     policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus), **CHECKED.policy_options())
-    natural, recall = _measured_independently(*smollm2_fp32, policy, CHECKED)
+    measured = _measured_independently(*smollm2_fp32, policy, CHECKED)
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
     # rounded to 6 decimals)
-    assert record["kl"] == pytest.approx(max(natural.kl, recall.kl), rel=1e-4, abs=2e-6)
+    assert record["kl"] == pytest.approx(max(metrics.kl for metrics in measured), rel=1e-4, abs=2e-6)
     assert record["kl"] > 0
 
 
@@ -133,6 +135,36 @@ def test_recall_probe_cues_a_span_from_far_back():
     assert probe == recall_probe(ids, 320, 16, seed=5) and probe != recall_probe(ids, 320, 16, seed=6)
     with pytest.raises(ValueError, match="at least"):
         recall_probe(ids, 100, 16)
+
+
+class _WordTokenizer:
+    """Whitespace tokens over a growing vocabulary: ids and text map both ways, as a real tokenizer's do."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [self.vocab.setdefault(piece, len(self.vocab)) for piece in text.split(" ") if piece]
+        return type("Encoding", (), {"input_ids": ids})
+
+    def decode(self, ids):
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[i] for i in ids)
+
+
+def test_aggregation_probe_lists_the_prompts_most_common_words():
+    tokenizer = _WordTokenizer()
+    text = "alpha bravo delta alpha gamma alpha bravo delta bravo alpha echo zz " * 30
+    ids = tokenizer(text).input_ids[:300] + tokenizer("tail words here").input_ids
+    probe = aggregation_probe(ids, 300, tokenizer)
+    question = tokenizer(AGGREGATION_QUESTION).input_ids
+    assert len(probe) == len(ids) and probe[: 300 - len(question)] == ids[: 300 - len(question)]
+    assert probe[300 - len(question) : 300] == question
+    # counted in the prompt's text, most frequent first, ties in order of first use; "zz" is too short to count
+    assert tokenizer.decode(probe[300:]) == "alpha, bravo, delta,"
+    assert aggregation_probe(ids, 300, tokenizer) == probe
+    with pytest.raises(ValueError, match="no words"):
+        aggregation_probe(tokenizer("a b c " * 100).input_ids, 280, tokenizer)
 
 
 def test_budget_report_compares_with_the_paper_rule(budget_run):

@@ -12,13 +12,18 @@ the middle lose keys they needed). The protocol here, used by calibration and ev
 Natural continuations depend mostly on nearby text, so they hardly notice when a far token's representation is
 damaged. ``recall_probe`` builds the complementary case from the same text: the prompt ends with a cue copied
 from far back and the continuation is what followed it there, which the model can only predict by attending to
-that distant span (what needle-in-a-haystack retrieval needs). Calibration holds TSA to its budget on both.
+that distant span (what needle-in-a-haystack retrieval needs). ``aggregation_probe`` asks for what no single span
+holds: the prompt ends with a request to list the words used most often in the text above, and the continuation is
+that list, counted from the prompt, so every listed word depends on occurrences spread over the whole context (what
+counting tasks such as common-word extraction need). Calibration holds TSA to its budget on all three.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +69,36 @@ def recall_probe(ids: list[int], prompt_len: int, cue: int = 16, seed: int = 0) 
     start = random.Random(seed).randrange(prompt_len // 8, prompt_len // 2 - cue - continuation)
     span = ids[start : start + cue + continuation]
     return ids[: prompt_len - cue] + span
+
+
+AGGREGATION_QUESTION = "\n\nThe words used most often in the text above, most frequent first:"
+_WORD = re.compile(r"[A-Za-z]{5,}")  # words of five letters or more: few are function words
+
+
+def aggregation_probe(ids: list[int], prompt_len: int, tokenizer) -> list[int]:
+    """A counting variant of a sample (``prompt_len`` prompt tokens, then the continuation), same lengths.
+
+    The prompt is the sample's text cut short to end with ``AGGREGATION_QUESTION``; the continuation lists the
+    words of five letters or more of that text, most frequent first (ties in order of first use), as
+    " word, word, ...", cut to the continuation's length. Deterministic.
+
+    Raises:
+        ValueError: the text has no such words, or is too short to hold the question.
+    """
+    question = tokenizer(AGGREGATION_QUESTION, add_special_tokens=False).input_ids
+    continuation = len(ids) - prompt_len
+    body = ids[: prompt_len - len(question)]
+    if continuation < 1 or len(body) < 4 * len(question):
+        raise ValueError(f"an aggregation probe needs a prompt of at least {5 * len(question)} tokens.")
+    counts = Counter(_WORD.findall(tokenizer.decode(body)))
+    if not counts:
+        raise ValueError("the calibration text has no words of five letters or more for the aggregation probe; "
+                         "give natural-language text.")
+    listing: list[int] = []
+    ranked = [word for word, _ in counts.most_common(continuation)]  # each a token at least
+    while len(listing) < continuation:  # a short text's list starts over
+        listing += tokenizer(" " + ", ".join(ranked) + ",", add_special_tokens=False).input_ids
+    return body + question + listing[:continuation]
 
 
 def dense_implementation(model) -> str:

@@ -1,9 +1,10 @@
 """End-to-end measurement of candidate policies, as users experience them (``continuation.py``'s protocol).
 
-``EndToEnd`` holds the calibration and held-out samples in two kinds, natural continuations and long-range recall
-probes built from the same text, with the dense model's reference continuations computed once. ``metrics`` applies
-a policy and returns its KL and top-1 agreement against dense; the budget holds on the worse of the two kinds
-(natural continuations hardly notice a damaged far token; recall probes are what retrieval needs).
+``EndToEnd`` holds the calibration and held-out samples in three kinds built from the same text: natural
+continuations, long-range recall probes and aggregation (word-counting) probes, with the dense model's reference
+continuations computed once. ``metrics`` applies a policy and returns its KL and top-1 agreement against dense;
+the budget holds on the worst of the kinds (natural continuations hardly notice a damaged far token; recall probes
+are what retrieval needs; aggregation probes what counting over the whole context needs).
 
 What does not change between candidates is not computed again. A prefill under a policy is recorded as a
 *trace* (every decoder layer's output for the prompt, the KV cache it left, the layer's statistics). Two policies
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tsa_patch.calibration.continuation import (Comparison, cache_argument, dense_implementation,
+from tsa_patch.calibration.continuation import (Comparison, aggregation_probe, cache_argument, dense_implementation,
                                                 prefill_then_continue, recall_probe)
 from tsa_patch.calibration.drift import decoder_layers
 from tsa_patch.kernels.attention import STATS_ATTR, attention_summary, block_sparse_emulation, tsa_statistics
@@ -30,7 +31,7 @@ from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 
 # Tokens copied from far back to cue a long-range recall probe (``continuation.recall_probe``).
 RECALL_CUE = 16
-KINDS = ("natural", "recall")
+KINDS = ("natural", "recall", "aggregation")
 # Share of the device's memory (RAM on CPU) that stored traces may take; beyond it prefills are computed whole.
 _TRACE_MEMORY_SHARE = 0.3
 
@@ -85,6 +86,7 @@ class EndToEnd:
         model: the dense model (policies are applied to it in turn).
         samples: {"calibration": [...], "held_out": [...]} token lists of ``prompt_len`` + continuation tokens.
         prompt_len: tokens prefilled with TSA; the rest of each sample is the continuation, decoded densely.
+        tokenizer: the model's tokenizer (the aggregation probes' question and word lists).
         seed: recall probes' seed.
         make_policy: ``make_policy(taus, block_layers, **knobs) -> TsaPolicy`` for the measured model (``knobs``
             override the calibration's, e.g. the paper rule's coverage).
@@ -93,7 +95,7 @@ class EndToEnd:
             in: the dense reference and the per-layer measurement pass are one forward.
     """
 
-    def __init__(self, model, samples: dict[str, list[list[int]]], prompt_len: int, seed: int,
+    def __init__(self, model, samples: dict[str, list[list[int]]], prompt_len: int, tokenizer, seed: int,
                  make_policy: Callable[..., TsaPolicy], start: Callable[[str, int], Callable | None],
                  measure: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model, self.prompt_len, self.make_policy = model, prompt_len, make_policy
@@ -103,6 +105,7 @@ class EndToEnd:
             self.sequences[which, "natural"] = texts
             self.sequences[which, "recall"] = [recall_probe(s, prompt_len, RECALL_CUE, seed=seed * 1000 + i)
                                                for i, s in enumerate(texts)]
+            self.sequences[which, "aggregation"] = [aggregation_probe(s, prompt_len, tokenizer) for s in texts]
         self._traces: dict[tuple, list[_Trace]] = {}  # per sequence: the dense trace, then the latest candidate's
         self._budget = _trace_budget(next(model.parameters()).device)
         self._measure = measure
@@ -110,18 +113,18 @@ class EndToEnd:
 
     def metrics(self, taus, which: str, block_layers=(), **knobs) -> dict:
         """End-to-end metrics of the policy with ``taus`` (and the block-sparse kernel in ``block_layers``; ``knobs``
-        as for ``make_policy``) on the ``which`` samples ("calibration" or "held_out"): ``kl`` (the worse kind),
-        ``top1_agreement`` (the worse kind), ``attention_cost`` (mean of the kinds), and each kind's metrics."""
+        as for ``make_policy``) on the ``which`` samples ("calibration" or "held_out"): ``kl`` (the worst kind),
+        ``top1_agreement`` (the worst kind), ``attention_cost`` (mean of the kinds), and each kind's metrics."""
         from tsa_patch.models import apply_policy_
 
         policy = self.make_policy(tuple(taus), set(block_layers), **knobs)
         apply_policy_(self.model, policy)
         signature = self._signature(policy)
-        natural, recall = (self._compare(which, kind, signature).as_dict() for kind in KINDS)
-        return {"kl": max(natural["kl"], recall["kl"]),
-                "top1_agreement": min(natural["top1_agreement"], recall["top1_agreement"]),
-                "attention_cost": round((natural["attention_cost"] + recall["attention_cost"]) / 2, 4),
-                "natural": natural, "recall": recall}
+        kinds = {kind: self._compare(which, kind, signature).as_dict() for kind in KINDS}
+        return {"kl": max(m["kl"] for m in kinds.values()),
+                "top1_agreement": min(m["top1_agreement"] for m in kinds.values()),
+                "attention_cost": round(sum(m["attention_cost"] for m in kinds.values()) / len(kinds), 4),
+                **kinds}
 
     def _signature(self, policy: TsaPolicy) -> tuple:
         """What each layer computes in a prefill of ``prompt_len`` tokens under ``policy``: two policies with equal

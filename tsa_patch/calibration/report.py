@@ -1,6 +1,6 @@
 """The accuracy-budget calibration report: what was measured to choose the policy (travels inside the policy).
 
-Metrics dicts (``kl``, ``top1_agreement``, ``attention_cost``, ``natural``, ``recall``) come from
+Metrics dicts (``kl``, ``top1_agreement``, ``attention_cost``, ``natural``, ``recall``, ``aggregation``) come from
 ``endtoend.EndToEnd.metrics``.
 """
 
@@ -12,7 +12,7 @@ from tsa_patch.calibration.budget import Budget
 from tsa_patch.calibration.front import Candidate
 from tsa_patch.calibration.measure import LayerMeasurement
 
-_SUMMARY = ("kl", "top1_agreement", "attention_cost", "natural", "recall")
+_SUMMARY = ("kl", "top1_agreement", "attention_cost", "natural", "recall", "aggregation")
 
 
 @dataclass

@@ -123,8 +123,8 @@ def _budget_line(report: dict, config: CalibrationConfig) -> str:
             f"(budget {report['budget']['kind']} {report['budget']['value']}). "
             f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
             f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {config.continuation} densely "
-            "decoded tokens, compared with the dense model; KL is the worse of the text's own continuation and a "
-            "long-range recall probe.")
+            "decoded tokens, compared with the dense model; KL is the worst of the text's own continuation, a "
+            "long-range recall probe and a word-counting aggregation probe.")
 
 
 def _block_sparse_line(report: dict) -> str:
