@@ -42,8 +42,12 @@ demo: install
 	$(BIN)/tsa-patch export $(DEMO_DIR) --policy out/demo_policy.json --overwrite
 	HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python examples/demo_compare.py $(DEMO_DIR)
 
+# Test workers: whole modules to each (module-scoped calibrations are computed once), one intra-op thread per core.
+TEST_WORKERS ?= 2
+
 test: install-dev $(OLDEST_STAMP)
-	TSA_OLDEST_TRANSFORMERS_PYTHON=$(abspath $(OLDEST_VENV))/bin/python $(BIN)/python -m pytest -q
+	TSA_OLDEST_TRANSFORMERS_PYTHON=$(abspath $(OLDEST_VENV))/bin/python $(BIN)/python -m pytest -q \
+		--numprocesses $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf out .pytest_cache

@@ -19,6 +19,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `make test` runs one worker per core: one intra-op thread each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 if not HAS_CUDA:
     # Run the Triton kernels on CPU through the interpreter; this must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+    # the heavy modules first: the test workers take whole modules in this order, so none is left alone with one
+    items.sort(key=lambda item: "heavy" not in item.keywords)
 
 # Prepended to every fresh-process script: makes `import tsa_patch` fail, as on a user's machine that only
 # has the exported checkpoint. Remote code that imported tsa_patch would break here.

@@ -200,10 +200,20 @@ def convert_gguf(gguf_file: Path) -> Path:
         dense.save_pretrained(staging)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(staging)
         staging.chmod(0o755)
-        staging.rename(target)
+        _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished conversion into place in one step; if another process has put its own there meanwhile (two
+    first runs at once), keep that one (the caller removes ``staging``)."""
+    try:
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
 
 
 def _default_model_dir() -> Path:

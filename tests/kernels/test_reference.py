@@ -114,7 +114,10 @@ def test_select_tokens_forced_keep_is_clamped():
 def test_padded_selection_equals_the_synced_one(tau, coverage):
     """The sync-free selection keeps the same tokens, ascending, with the count on the device."""
     heads, candidates, window = 4, 257, 16
-    pooled = smooth_scores_ref(torch.rand(heads, candidates) ** 6, 7)  # continuous: no ties
+    # rand ** 6 has many scores too small to change a pooled fp32 sum, so neighbouring pooled scores can be exactly
+    # equal, and the two selections may break such a tie differently; a ramp of 1e-6 per position (8x the fp32
+    # spacing at 1.0, the largest possible score) breaks those ties
+    pooled = smooth_scores_ref(torch.rand(heads, candidates) ** 6, 7) + 1e-6 * torch.arange(candidates)
     kept = select_tokens_ref(pooled, candidates + window, tau, 20, coverage)
     buffer, count = select_tokens_padded_ref(pooled, candidates + window, tau, 20, coverage)
     assert buffer.shape == (heads, candidates + window) and count.shape == (heads,)

@@ -103,3 +103,26 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(UnsupportedModelError, match=r"supports \['gemma2', 'gemma3_text', 'llama', 'mistral', 'phi3'"):
         resolve_model(str(tmp_path))
+
+
+
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path):
+    """Two processes converting one GGUF into an empty cache (two test workers, two first calibrations): the one
+    that finishes second keeps the folder it finds in place instead of failing."""
+    from tsa_patch.models import _publish
+
+    target, late = tmp_path / "model", tmp_path / ".convert-late"
+    for folder, content in ((target, "theirs"), (late, "ours")):
+        folder.mkdir()
+        (folder / "config.json").write_text(content)
+    _publish(late, target)
+    assert (target / "config.json").read_text() == "theirs"
+    first = tmp_path / ".convert-first"
+    first.mkdir()
+    (first / "config.json").write_text("first")
+    _publish(first, tmp_path / "fresh")  # nobody else: moved into place
+    assert (tmp_path / "fresh" / "config.json").read_text() == "first" and not first.exists()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "weights").write_text("")  # a non-empty folder without a config is not a conversion
+    with pytest.raises(OSError):
+        _publish(late, tmp_path / "half")

@@ -6,26 +6,21 @@ import dataclasses
 
 import pytest
 import torch
+from calibration_settings import SMALL, measured_independently
 
 from tsa_patch.calibrate import CalibrationConfig, calibrate
-from tsa_patch.calibration.endtoend import RECALL_CUE
+from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregation_probe, continuation_metrics,
+                                                recall_probe)
+from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.calibration.front import Candidate, pareto_policies
 from tsa_patch.calibration.measure import TAU_GRID, LayerMeasurement, measure_layers
 from tsa_patch.calibration.search import search_kl
-from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregation_probe, continuation_metrics,
-                                                recall_probe)
 from tsa_patch.data import load_documents, token_samples
-from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.errors import DataError, PolicyError
-from tsa_patch.kernels.attention import block_sparse_emulation
-from tsa_patch.kernels.policy import ATTENTION_KEY, LayerPolicy, TsaPolicy
+from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.models import apply_policy_
 
-# Small window and floors so that a few hundred tokens engage TSA on CPU in seconds. The per-layer end-to-end check
-# (two more evaluations per layer, most of a calibration's time on a CPU) is on only where it is the subject.
-SMALL = CalibrationConfig(samples=2, holdout=1, seq_len=320, continuation=16, seed=3, window=16, min_tokens=32,
-                          activation_length=96, max_kl=0.05, check_layers=False)
-CHECKED = dataclasses.replace(SMALL, check_layers=True, samples=1)
+pytestmark = pytest.mark.heavy  # about 5 minutes of calibrations on 2 cores
 
 
 def test_drift_rule_picks_layers_at_or_below_the_quantile():
@@ -68,62 +63,16 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
     assert calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct").policy == budget_run.policy
     # calibrate leaves the model as it found it
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "tsa_policy")
-
-
-def _measured_independently(model, tokenizer, policy: TsaPolicy, config: CalibrationConfig = SMALL):
-    """The natural, recall and aggregation continuation metrics of ``policy`` on ``config``'s calibration samples,
-    recomputed outside the calibration (no trace replay)."""
-    samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
-                            config.seq_len + config.continuation, config.seed)[: config.samples]
-    probes = [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i) for i, s in enumerate(samples)]
-    counting = [aggregation_probe(s, config.seq_len, tokenizer) for s in samples]
-    apply_policy_(model, policy)
-    try:
-        return tuple(continuation_metrics(model, kind, config.seq_len, ATTENTION_KEY)
-                     for kind in (samples, probes, counting))
-    finally:
-        model.set_attn_implementation("sdpa")
-        delattr(model.config, "tsa_policy")
+    assert "layer_check" not in report  # SMALL skips the per-layer check
 
 
 def test_budget_report_matches_an_independent_measurement(budget_run, smollm2_fp32):
-    measured = dict(zip(("natural", "recall", "aggregation"), _measured_independently(*smollm2_fp32, budget_run.policy)))
+    measured = dict(zip(("natural", "recall", "aggregation"), measured_independently(*smollm2_fp32, budget_run.policy)))
     reported = budget_run.report["chosen"]["calibration"]
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0)
     for kind, metrics in measured.items():
         assert metrics.kl == pytest.approx(reported[kind]["kl"], rel=1e-4, abs=1e-6), kind
     assert reported["kl"] == max(reported[kind]["kl"] for kind in measured)
-
-
-@pytest.fixture(scope="module")
-def checked_run(smollm2_fp32):
-    model, tokenizer = smollm2_fp32
-    return calibrate(model, tokenizer, CHECKED, source_model="SmolLM2-135M-Instruct")
-
-
-def test_the_checked_calibration_meets_its_budget_on_rescaled_estimates(checked_run, budget_run):
-    report = checked_run.report
-    assert report["chosen"]["calibration"]["kl"] <= 0.05 and report["chosen"]["held_out"]["kl"] <= 0.05
-    assert "layer_check" not in budget_run.report
-    checks = report["layer_check"]
-    assert {r["layer"] for r in checks} == set(range(30)) and {r["tau"] for r in checks} == {0.005, 0.02}
-    # the front is built on the rescaled estimates: a chosen layer's error at a reference tau is its measured KL
-    for layer, chosen in enumerate(report["layers"]):
-        measured = {r["tau"]: r["kl"] for r in checks if r["layer"] == layer}
-        if chosen["tau"] in measured:
-            assert chosen["error"] == pytest.approx(measured[chosen["tau"]], rel=1e-3, abs=2e-6)
-
-
-def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp32):
-    """The first checked layer at its first reference tau, recomputed as an independent policy: the same KL."""
-    record = next(r for r in checked_run.report["layer_check"] if r["ratio"] is not None)
-    taus = [record["tau"] if i == record["layer"] else 0.0 for i in range(30)]
-    policy = TsaPolicy(layers=tuple(LayerPolicy(enabled=t > 0, tau=t) for t in taus), **CHECKED.policy_options())
-    measured = _measured_independently(*smollm2_fp32, policy, CHECKED)
-    # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
-    # rounded to 6 decimals)
-    assert record["kl"] == pytest.approx(max(metrics.kl for metrics in measured), rel=1e-4, abs=2e-6)
-    assert record["kl"] > 0
 
 
 def test_recall_probe_cues_a_span_from_far_back():
@@ -253,35 +202,6 @@ def test_bad_knobs_fail_before_measuring(smollm2_fp32, change, error, pattern):
     model, tokenizer = smollm2_fp32
     with pytest.raises(error, match=pattern):
         calibrate(model, tokenizer, dataclasses.replace(SMALL, **change))
-
-
-def test_block_sparse_calibration_puts_the_kernel_where_the_front_chooses_it(smollm2_fp32):
-    model, tokenizer = smollm2_fp32
-    # one calibration sample: the check runs every layer alone on the kernel, end to end
-    config = dataclasses.replace(SMALL, block_sparse=True, block_size=16, block_min_budget=32, block_gamma=0.9,
-                                 samples=1)
-    result = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
-    blocks, chosen = result.report["block_sparse"], result.report["chosen"]
-    assert [c["layer"] for c in blocks["checks"]] == list(range(result.policy.num_layers))  # every layer alone
-    assert all(0 < c["density"] < 1 and c["kl"] >= 0 for c in blocks["checks"])  # the kernel skipped blocks
-    assert result.policy.block_sparse_layers == blocks["layers"] == chosen["block_layers"] and blocks["layers"]
-    assert not set(blocks["layers"]) & set(result.policy.sparse_layers)  # a layer is TSA or block-sparse, not both
-    assert chosen["calibration"]["kl"] <= 0.05 and chosen["held_out"]["kl"] <= 0.05
-    assert chosen["calibration"]["attention_cost"] < 1
-    assert blocks["emulated"] is True  # CPU: no Triton kernel, so the measurement emulated it
-    rows = result.report["layers"]
-    assert [i for i, row in enumerate(rows) if row["kernel"] == "block_sparse"] == blocks["layers"]
-    apply_policy_(model, result.policy)  # an independent measurement, emulating as calibration did
-    samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
-                            config.seq_len + config.continuation, config.seed)
-    try:
-        with block_sparse_emulation(model):
-            again = continuation_metrics(model, samples[config.samples:], config.seq_len, ATTENTION_KEY)
-    finally:
-        model.set_attn_implementation("sdpa")
-        del model.config.tsa_policy
-    # the same fp32 forwards recomputed: equal up to rounding (1e-3 of the KL, or 1e-6 nats near 0)
-    assert again.kl == pytest.approx(chosen["held_out"]["natural"]["kl"], rel=1e-3, abs=1e-6)
 
 
 def test_samples_are_bounded_and_seeded(smollm2_fp32):
