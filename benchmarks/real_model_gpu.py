@@ -7,7 +7,8 @@ one device call (benchmarks/real_model_gpu.sh runs them):
     python benchmarks/real_model_gpu.py layers --gguf FILE --work DIR --out DIR      # each layer alone
 
 ``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, and TSA with the
-block-sparse kernel, at the default budget and at half of it), each policy exported. ``speed``: every export timed as a user loads it (trust_remote_code) at
+block-sparse kernel, at the default budget and at half of it), each policy exported. ``speed``: every export timed
+as a user loads it (trust_remote_code) at
 1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
 default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
 offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
@@ -219,8 +220,8 @@ LAYER_TAUS = (0.005, 0.02)  # the paper's tau, and a stronger one
 
 def phase_layers(args) -> None:
     """Each layer alone made sparse, end to end on the calibration samples at ``--seq-len`` (the authors' coverage):
-    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural, recall and aggregation KL, and the
-    calibration's per-layer estimate for the same TSA choice (kept fraction, residual error)."""
+    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural, recall and aggregation KL, and
+    the calibration's per-layer estimate for the same TSA choice (kept fraction, residual error)."""
     from tsa_patch.calibration.endtoend import EndToEnd
     from tsa_patch.calibration.measure import TAU_GRID, measuring, new_measurements
 

@@ -6,11 +6,11 @@ Lifecycle (the model is loaded by the caller; every step is a module of ``tsa_pa
 2. ``budget`` method (default): measure every layer at every candidate tau in one dense forward per sample
    (``measure``), check each layer alone end to end and rescale its estimates (``layer_check``; with
    ``block_sparse``, each layer alone on the block-sparse kernel too, which becomes one more option of that layer),
-   build the predicted Pareto front of per-layer policies (``front``), measure candidates end to
-   end as users experience them (TSA prefill, dense continuation, against dense, on natural continuations, on
-   long-range recall probes and on word-counting aggregation probes, the worst counting; ``endtoend``), search the front for the sparsest policy within
-   the budget (``search``), verify it on held-out samples and back off if it misses. The paper's rule is measured
-   on the same samples for comparison (``report``).
+   build the predicted Pareto front of per-layer policies (``front``), measure candidates end to end as users
+   experience them (TSA prefill, dense continuation, against dense, on natural continuations, on long-range recall
+   probes and on word-counting aggregation probes, the worst counting; ``endtoend``), search the front for the
+   sparsest policy within the budget (``search``), verify it on held-out samples and back off if it misses. The
+   paper's rule is measured on the same samples for comparison (``report``).
 3. ``drift`` method: the paper's rule: layers at or below the ``delta`` quantile of inter-layer representation
    drift go sparse, all with one ``tau`` (``drift``).
 """

@@ -210,7 +210,8 @@ The front chose it for layers {blocks['layers']}."""
 
 def _metrics_row(label: str, removed: float | None, metrics: dict) -> str:
     removed_cell = "" if removed is None else f"{100 * removed:.1f} %"
-    parts = " / ".join(f"{metrics[part]['kl']:.4f}" for part in ("natural", "recall", "aggregation") if metrics.get(part))
+    kinds = ("natural", "recall", "aggregation")  # endtoend.KINDS (that module imports torch)
+    parts = " / ".join(f"{metrics[kind]['kl']:.4f}" for kind in kinds if metrics.get(kind))
     return (f"| {label} | {removed_cell} | {metrics['kl']:.4f} | {parts} | "
             f"{100 * metrics['top1_agreement']:.1f} % |")
 

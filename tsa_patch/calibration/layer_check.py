@@ -9,9 +9,10 @@ additive front then spends the budget on layers that break recall, and its KL ri
 short stretch.
 
 So every measured layer is also run alone, sparse at each of ``REFERENCE_TAUS``, end to end on the calibration
-samples (the budget's metric: the worst KL of natural continuations, recall and aggregation probes), and its residual estimates
-are rescaled by the measured KL over the estimate: at the reference taus exactly, between them by interpolation in
-log tau, beyond them by the nearest ratio. The front (``front.py``) is then built on predicted KL in nats.
+samples (the budget's metric: the worst KL of natural continuations, recall and aggregation probes), and its
+residual estimates are rescaled by the measured KL over the estimate: at the reference taus exactly, between them
+by interpolation in log tau, beyond them by the nearest ratio. The front (``front.py``) is then built on predicted
+KL in nats.
 
 With ``--block-sparse``, every measured layer is also run alone with the block-sparse kernel (no TSA) the same
 way: its KL and the share of the layer's attention FLOPs its block map skipped become that layer's block-sparse
