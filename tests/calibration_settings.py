@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from tsa_patch.calibrate import CalibrationConfig
-from tsa_patch.calibration.continuation import aggregation_probe, continuation_metrics, recall_probe
-from tsa_patch.calibration.endtoend import RECALL_CUE
+from tsa_patch.calibration.continuation import continuation_metrics
+from tsa_patch.calibration.endtoend import probe_sequences
 from tsa_patch.data import load_documents, token_samples
 from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 from tsa_patch.models import apply_policy_
@@ -19,17 +19,15 @@ SMALL = CalibrationConfig(samples=2, holdout=1, seq_len=320, continuation=16, se
 CHECKED = dataclasses.replace(SMALL, check_layers=True, samples=1)
 
 
-def measured_independently(model, tokenizer, policy: TsaPolicy, config: CalibrationConfig = SMALL):
-    """The natural, recall and aggregation continuation metrics of ``policy`` on ``config``'s calibration samples,
+def measured_independently(model, tokenizer, policy: TsaPolicy, config: CalibrationConfig = SMALL) -> dict:
+    """Each kind's continuation metrics of ``policy`` on ``config``'s calibration samples ({kind: metrics}),
     recomputed outside the calibration (no trace replay)."""
     samples = token_samples(tokenizer, load_documents(config.data), config.samples + config.holdout,
                             config.seq_len + config.continuation, config.seed)[: config.samples]
-    probes = [recall_probe(s, config.seq_len, RECALL_CUE, seed=config.seed * 1000 + i) for i, s in enumerate(samples)]
-    counting = [aggregation_probe(s, config.seq_len, tokenizer) for s in samples]
     apply_policy_(model, policy)
     try:
-        return tuple(continuation_metrics(model, kind, config.seq_len, ATTENTION_KEY)
-                     for kind in (samples, probes, counting))
+        return {kind: continuation_metrics(model, sequences, config.seq_len, ATTENTION_KEY)
+                for kind, sequences in probe_sequences(samples, config.seq_len, tokenizer, config.seed).items()}
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, "tsa_policy")

@@ -45,7 +45,7 @@ def test_a_layer_alone_measures_what_the_report_records(checked_run, smollm2_fp3
     measured = measured_independently(*smollm2_fp32, policy, CHECKED)
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0; the record is
     # rounded to 6 decimals)
-    assert record["kl"] == pytest.approx(max(metrics.kl for metrics in measured), rel=1e-4, abs=2e-6)
+    assert record["kl"] == pytest.approx(max(metrics.kl for metrics in measured.values()), rel=1e-4, abs=2e-6)
     assert record["kl"] > 0
 
 

@@ -94,11 +94,10 @@ def aggregation_probe(ids: list[int], prompt_len: int, tokenizer) -> list[int]:
     if not counts:
         raise ValueError("the calibration text has no words of five letters or more for the aggregation probe; "
                          "give natural-language text.")
-    listing: list[int] = []
     ranked = [word for word, _ in counts.most_common(continuation)]  # each a token at least
-    while len(listing) < continuation:  # a short text's list starts over
-        listing += tokenizer(" " + ", ".join(ranked) + ",", add_special_tokens=False).input_ids
-    return body + question + listing[:continuation]
+    listing = tokenizer(" " + ", ".join(ranked) + ",", add_special_tokens=False).input_ids
+    repeats = -(-continuation // len(listing))  # a short text's list starts over
+    return body + question + (listing * repeats)[:continuation]
 
 
 def dense_implementation(model) -> str:

@@ -36,6 +36,15 @@ KINDS = ("natural", "recall", "aggregation")
 _TRACE_MEMORY_SHARE = 0.3
 
 
+def probe_sequences(texts: list[list[int]], prompt_len: int, tokenizer, seed: int) -> dict[str, list[list[int]]]:
+    """Every kind of ``KINDS`` built from the same samples (``prompt_len`` prompt tokens, then the continuation):
+    the samples themselves, their recall probes (seeded by ``seed`` and the sample's place) and their aggregation
+    probes."""
+    return {"natural": texts,
+            "recall": [recall_probe(s, prompt_len, RECALL_CUE, seed=seed * 1000 + i) for i, s in enumerate(texts)],
+            "aggregation": [aggregation_probe(s, prompt_len, tokenizer) for s in texts]}
+
+
 @dataclass
 class _Trace:
     """One prefill of one prompt under one policy: per decoder layer, its output (1, L, hidden), the keys and
@@ -102,10 +111,8 @@ class EndToEnd:
         self.dense_impl = dense_implementation(model)
         self.sequences: dict[tuple[str, str], list[list[int]]] = {}
         for which, texts in samples.items():
-            self.sequences[which, "natural"] = texts
-            self.sequences[which, "recall"] = [recall_probe(s, prompt_len, RECALL_CUE, seed=seed * 1000 + i)
-                                               for i, s in enumerate(texts)]
-            self.sequences[which, "aggregation"] = [aggregation_probe(s, prompt_len, tokenizer) for s in texts]
+            for kind, sequences in probe_sequences(texts, prompt_len, tokenizer, seed).items():
+                self.sequences[which, kind] = sequences
         self._traces: dict[tuple, list[_Trace]] = {}  # per sequence: the dense trace, then the latest candidate's
         self._budget = _trace_budget(next(model.parameters()).device)
         self._measure = measure

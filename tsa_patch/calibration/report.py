@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tsa_patch.calibration.budget import Budget
+from tsa_patch.calibration.endtoend import KINDS
 from tsa_patch.calibration.front import Candidate
 from tsa_patch.calibration.measure import LayerMeasurement
 
-_SUMMARY = ("kl", "top1_agreement", "attention_cost", "natural", "recall", "aggregation")
+_SUMMARY = ("kl", "top1_agreement", "attention_cost", *KINDS)
 
 
 @dataclass
