@@ -1,6 +1,6 @@
-"""The block selection on a CUDA GPU, PyTorch against Triton for its first step (the last block's masses), and the
-whole block-sparse path (Triton) against dense cuDNN: alone and with the GPU kept busy ahead (device time, launches
-hidden).
+"""The block selection on a CUDA GPU, its PyTorch steps against its Triton twin (``triton_block_select``: the last
+block's masses, then the pooled estimate, covers and index list in one kernel), and the whole block-sparse path
+(Triton) against dense cuDNN: alone and with the GPU kept busy ahead (device time, launches hidden).
 
     python benchmarks/block_select_gpu.py --output benchmarks/results/block-select-H200-DATE.json
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .triton_block import block_sparse_attention
-from .triton_block_select import block_masses
+from .triton_block_select import block_masses, select_blocks
 
 _EPS = 1e-12
 
@@ -92,12 +92,18 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
         scaling: softmax scale.
         density: benchmarks only: every head keeps this fraction of each row's causal key blocks, ranked by the
             pooled estimate, after all the estimation work is done (random inputs have no sparse structure).
-        backend: "torch" (``_last_block_masses_ref``) or "triton" (``triton_block_select.block_masses``) for the
-            last block's exact attention; the rest is PyTorch on both.
+        backend: "torch" (the PyTorch steps below, any device) or "triton" (``triton_block_select``: the same
+            steps in six launches; CUDA, or any device under ``TRITON_INTERPRET=1``).
 
     Returns:
         The ``BlockPattern``.
     """
+    if backend == "triton":
+        column_mass, band_mass = block_masses(query, key, block, scaling)
+        index, count, query_aware = select_blocks(query, key, column_mass, band_mass, gamma=gamma, block=block,
+                                                  min_budget=min_budget, js_threshold=js_threshold,
+                                                  scaling=scaling, density=density)
+        return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
     num_heads, seq_len, _ = query.shape
     group = num_heads // key.shape[0]
     blocks = math.ceil(seq_len / block)
@@ -105,8 +111,7 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
 
     # 1. exact attention of the last query block, per key block (columns) and per band of diagonals: (Hq, Nb) each
-    masses = block_masses if backend == "triton" else _last_block_masses_ref
-    column_mass, band_mass = masses(query, key, block, scaling)
+    column_mass, band_mass = _last_block_masses_ref(query, key, block, scaling)
 
     # 2. pooled estimate of the whole block map: (Hq, Nb, Nb), rows softmaxed over causal key blocks
     pooled_q = _pool(query, block, blocks)  # (Hq, Nb, D)
@@ -197,15 +202,15 @@ def _js_distance(p: Tensor, q: Tensor) -> Tensor:
 
 def _keep_top(scores: Tensor, gamma: float = 1.0, min_count: int = 1, count: Tensor | None = None) -> Tensor:
     """Boolean mask of the highest entries of each row (last dim) of ``scores``: the fewest whose mass reaches
-    ``gamma`` of the row's total, at least ``min_count``; or exactly ``count[...]`` entries when given. One sort;
-    ties are broken by position."""
-    ordered, order = scores.sort(dim=-1, descending=True, stable=True)
+    ``gamma`` of the row's total, at least ``min_count``; or the highest ``count[...]`` entries when given. Entries
+    tied at the cut are all kept (as ``triton_block_select``'s bisection)."""
+    ordered = scores.sort(dim=-1, descending=True).values
     if count is None:
         cumulative = ordered.cumsum(dim=-1)
         target = gamma * cumulative[..., -1:] * (1 - 1e-6)  # rounding must not push a full cover past the end
         count = ((cumulative < target).sum(dim=-1) + 1).clamp_min(min_count)
-    keep = torch.arange(scores.shape[-1], device=scores.device) < count[..., None]
-    return torch.zeros_like(keep).scatter_(-1, order, keep)
+    cut = ordered.gather(-1, (count.long().clamp(1, scores.shape[-1]) - 1)[..., None])
+    return scores >= cut
 
 
 def _vertical_slash_blocks(column_mass: Tensor, band_mass: Tensor, gamma: float, min_blocks: int,

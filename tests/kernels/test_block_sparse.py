@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, _last_block_masses_ref, block_pattern,
-                                            block_sparse_prefill, block_sparse_attention_ref)
-from tsa_patch.kernels.triton_block import block_sparse_attention
-from tsa_patch.kernels.triton_block_select import block_masses
+from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, _keep_top, _last_block_masses_ref,
+                                            block_pattern, block_sparse_prefill, block_sparse_attention_ref)
+from tsa_patch.kernels.triton_block import Tiling, block_sparse_attention
+from tsa_patch.kernels.triton_block_select import block_masses, select_blocks
 from numerics import ATTENTION_RELATIVE, eps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,6 +81,20 @@ def test_triton_kernel_matches_brute_force_under_the_same_block_mask(shape, dtyp
         ref = brute_block_attention(q, k, v, pattern.mask(), block)
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out, ref) < BOUND[dtype], (density, relative_error(out, ref))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_every_key_sub_tile_width_gives_the_same_attention(shape):
+    """The kernel's launch shapes (``Tiling``: keys per inner step, warps, stages) change the order of the online
+    softmax's steps only: each is checked against the float64 brute force with the same bound."""
+    dtype = torch.float16
+    (q, k, v), generator = inputs(shape, dtype, seed=5)
+    block = shape[4]
+    pattern = random_pattern(shape[0], shape[2], block, 0.5, generator)
+    ref = brute_block_attention(q, k, v, pattern.mask(), block)
+    for tiling in (Tiling(block // 2, 4, 2), Tiling(block // 4, 4, 1)):
+        out = block_sparse_attention(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5, tiling)
+        assert relative_error(out, ref) < BOUND[dtype], (tiling, relative_error(out, ref))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=shape_id)
@@ -195,6 +209,38 @@ def test_forced_density_keeps_that_fraction_of_each_row():
     rows = torch.arange(1, 33, device=DEVICE)
     expected = torch.maximum((0.25 * rows).ceil(), torch.ones_like(rows))  # before the forced sink and diagonal
     assert (pattern.count >= expected).all() and (pattern.count <= expected + 2).all()
+
+
+if DEVICE == "cuda":  # (Hq, Hkv, L, D, block)
+    SELECTION_SHAPES = [(32, 8, 32768, 128, 128), (14, 2, 30000, 64, 128), (4, 4, 1000, 96, 64)]
+else:  # the interpreter runs each (head, query block) program in turn: a few dozen programs per case
+    SELECTION_SHAPES = [(4, 2, 200, 32, 16), (3, 1, 300, 64, 32)]
+
+
+@pytest.mark.parametrize(("js_threshold", "density"), [(0.0, None), (0.1, None), (10.0, None), (0.1, 0.3)])
+@pytest.mark.parametrize("shape", SELECTION_SHAPES, ids=shape_id)
+def test_triton_selection_equals_the_torch_selection(shape, js_threshold, density):
+    """``select_blocks`` (pooled estimate, JS test, covers, forced blocks, ordered list) against ``block_pattern``'s
+    PyTorch steps on the same last-block masses: the same index list, counts and head kinds. Both compute the
+    estimate in fp32 in a different order; a block could flip only where a row's cumulative mass falls within
+    fp32 rounding (about 1e-6 of it) of its cut, or a head's JS distance within that of the threshold."""
+    hq, hkv, seq_len, d, block = shape
+    (q, k, _), _ = inputs(shape, torch.bfloat16 if DEVICE == "cuda" else torch.float32, seed=6)
+    q = q * 2  # sharper attention than unit Gaussians give: uneven rows, some heads query-aware
+    options = dict(gamma=0.9, block=block, min_budget=2 * block, js_threshold=js_threshold, scaling=d**-0.5,
+                   density=density)
+    reference = block_pattern(q, k, backend="torch", **options)
+    column, band = _last_block_masses_ref(q, k, block, d**-0.5)
+    index, count, query_aware = select_blocks(q, k, column, band, **options)
+    assert torch.equal(query_aware, reference.query_aware)
+    assert torch.equal(count, reference.count)
+    assert torch.equal(index, reference.index)
+
+
+def test_ties_at_the_cut_are_all_kept():
+    scores = torch.tensor([[0.4, 0.3, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert _keep_top(scores, 0.5).tolist() == [[True, True, True, False], [True] * 4]
+    assert _keep_top(scores, count=torch.tensor([1, 2])).tolist() == [[True, False, False, False], [True] * 4]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,77 @@
+"""Launch shapes of the block-sparse kernel on a CUDA GPU: each ``Tiling`` (keys per inner step, warps, pipeline
+stages) on a full causal block map and on a 20 % map, against dense cuDNN in the same run.
+
+    python benchmarks/block_tiling_gpu.py --output benchmarks/results/block-tiling-H200-DATE.json
+
+Shapes: Qwen2.5-Coder-0.5B (14 query / 2 KV heads, d 64) and Llama-3.1-8B (32 / 8, d 128) attention, bf16, random
+inputs, block 128. The full map measures the kernel's throughput against cuDNN's (the same FLOPs); the 20 % map
+(each query block keeps a random fifth of its causal key blocks, and the sink and diagonal blocks) what a sparse
+layer runs. The fastest tiling per shape is what ``triton_block.default_tiling`` should return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+
+from tsa_patch.bench import environment, time_cuda
+from tsa_patch.kernels.dense import sdpa_backend
+from tsa_patch.kernels.triton_block import Tiling, block_sparse_attention, default_tiling
+
+SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "llama-3.1-8b": (32, 8, 128)}
+BLOCK = 128
+TILINGS = [Tiling(n, w, s) for n, w, s in itertools.product((64, 128), (4, 8), (1, 2, 3, 4))]
+
+
+def random_map(heads: int, blocks: int, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BlockPattern``'s index and count for a random causal map keeping ``density`` of each row, sink and
+    diagonal always."""
+    rows = torch.arange(blocks, device="cuda")
+    mask = torch.rand(heads, blocks, blocks, device="cuda") < density
+    mask |= (rows[:, None] == rows[None, :]) | (rows[None, :] == 0)
+    mask &= rows[None, :] <= rows[:, None]
+    order = rows.to(torch.int32)
+    return torch.where(mask, order, order + blocks).sort(dim=-1).values, mask.sum(-1, dtype=torch.int32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    rows = []
+    for (name, (hq, hkv, d)), length in itertools.product(SHAPES.items(), map(int, args.lengths.split(","))):
+        q = torch.randn(hq, length, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        with sdpa_backend("cudnn", q.device):
+            dense_ms = time_cuda(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, enable_gqa=hq > hkv), budget_s=0.5).median_ms
+        blocks = -(-length // BLOCK)
+        maps = {density: random_map(hq, blocks, density) for density in (1.0, 0.2)}
+        default = default_tiling(BLOCK, d, q.dtype)
+        for tiling in TILINGS:
+            row = {"shape": name, "length": length, "tiling": tiling._asdict(), "default": tiling == default,
+                   "dense_cudnn_ms": round(dense_ms, 4)}
+            for density, (index, count) in maps.items():
+                try:
+                    ms = time_cuda(lambda: block_sparse_attention(q, k, v, index, count, BLOCK, d**-0.5, tiling),
+                                   budget_s=0.3).median_ms
+                except Exception as err:  # noqa: BLE001 - a tiling that does not fit the card is recorded, not fatal
+                    row[f"density_{density}"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+                    continue
+                row[f"density_{density}"] = {"ms": round(ms, 4), "vs_dense": round(dense_ms / ms, 3)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del q, k, v, maps
+        torch.cuda.empty_cache()
+    record = {**environment(), "command": " ".join(["python"] + sys.argv), "block": BLOCK, "rows": rows}
+    with open(args.output, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
