@@ -22,14 +22,16 @@ from dataclasses import asdict
 
 import torch
 
-from tsa_patch.bench import MODEL_CONFIGS, MIN_TOKENS, POOL_KERNEL, WINDOW, environment, paper_kept_fraction, time_cuda
-from tsa_patch.kernels.block_sparse import block_pattern, block_sparse_attention
+from tsa_patch.bench import MODEL_CONFIGS, environment, paper_kept_fraction, time_cuda
+from tsa_patch.kernels.block_sparse import block_pattern, block_sparse_prefill
 from tsa_patch.kernels.dense import causal_attention, sdpa_backend
-from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
-from tsa_patch.kernels.triton_block import block_sparse_attention_triton
+from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy, knob_defaults
+from tsa_patch.kernels.triton_block import block_sparse_attention
 from tsa_patch.kernels.tsa import tsa_attention
 
 GAMMA, BLOCK, JS_THRESHOLD = 0.95, 128, 0.1  # the paper's FlexPrefill settings for Llama-3.1 (min budget 1024)
+_DEFAULTS = knob_defaults()  # TSA's: window 128, pooling 7, at least 1024 kept tokens
+WINDOW, POOL_KERNEL, MIN_TOKENS = _DEFAULTS["window"], _DEFAULTS["pool_kernel"], _DEFAULTS["min_tokens"]
 
 
 def bench_length(seq_len: int, densities: list[float]) -> dict:
@@ -53,12 +55,11 @@ def bench_length(seq_len: int, densities: list[float]) -> dict:
         for density in densities:
             pattern = block_pattern(q, k, **options, density=density, backend="triton")
             selection = time_cuda(lambda: block_pattern(q, k, **options, density=density, backend="triton"))
-            kernel = time_cuda(lambda: block_sparse_attention_triton(q, k, v, pattern.index, pattern.count, BLOCK,
-                                                                     scaling))
-            alone = time_cuda(lambda: block_sparse_attention(q, k, v, **options, density=density, backend="triton"))
+            kernel = time_cuda(lambda: block_sparse_attention(q, k, v, pattern.index, pattern.count, BLOCK, scaling))
+            alone = time_cuda(lambda: block_sparse_prefill(q, k, v, **options, density=density, backend="triton"))
 
             def attend(qc, kc, vc, density=density):
-                return block_sparse_attention(qc, kc, vc, **options, density=density, backend="triton")[0]
+                return block_sparse_prefill(qc, kc, vc, **options, density=density, backend="triton")[0]
 
             combined = time_cuda(lambda: tsa_attention(q, k, v, tau=0.005, window=WINDOW, pool_kernel=POOL_KERNEL,
                                                        min_tokens=MIN_TOKENS, selection="query_head", scaling=scaling,
