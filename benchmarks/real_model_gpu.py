@@ -35,6 +35,7 @@ import torch
 
 from tsa_patch.bench import environment, time_cuda
 from tsa_patch.calibrate import CalibrationConfig, calibrate
+from tsa_patch.calibration.speed import ladder
 from tsa_patch.data import load_documents, token_samples
 from tsa_patch.evaluate import EvalConfig, evaluate_policies
 from tsa_patch.export import export
@@ -108,10 +109,6 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _ladder(seq_len: int) -> list[int]:
-    return [n for n in (1024, 2048, 4096, 8192, 16384) if n < seq_len] + [seq_len]
-
-
 def _time_export(folder: Path, args) -> list[dict]:
     """Prefill of Paul Graham essays, the export as users load it: TSA, its dense mode with cuDNN first (the same
     dense kernel), and its dense mode as SDPA picks (the original model as users run it); with ``--engaged`` also
@@ -128,7 +125,7 @@ def _time_export(folder: Path, args) -> list[dict]:
     calibrated = getattr(model.config, CONFIG_KEY)
     engaged = _engaged(calibrated)
     rows = []
-    for length in _ladder(args.seq_len):
+    for length in ladder(args.seq_len):  # calibrate's speed ladder
         prompt = torch.tensor([ids[:length]], device=args.device)
 
         def prefill():

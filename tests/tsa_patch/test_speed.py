@@ -17,6 +17,12 @@ def test_ladder_doubles_from_the_shortest_up_to_the_sequence_length():
     assert ladder(300, shortest=64) == [64, 128, 256, 300]
 
 
+def test_ladder_takes_the_midpoints_where_layers_cross_over():
+    assert ladder(32000) == [1024, 2048, 4096, 8192, 12288, 16384, 24576, 32000]
+    assert ladder(13000) == [1024, 2048, 4096, 8192, 12288, 13000]
+    assert ladder(12288) == [1024, 2048, 4096, 8192, 12288]
+
+
 @pytest.mark.parametrize(("tsa_ms", "expected"), [
     ([2.0, 3.0, 3.0, 7.0], 4),      # faster from 4 on
     ([0.5, 3.0, 3.0, 7.0], 4),      # faster at 1 but slower at 2: never slower only from 4

@@ -36,11 +36,20 @@ _TIMING_KEY = "tsa_calibration_timing"
 _RUNS = 5
 
 
+MIDPOINTS_FROM = 8192
+"""From this length on the ladder also takes the midpoint (×1.5) after each power of two. On an H200 sparse layers
+cross over dense between 8K and 32K: the TSA layers of the real Qwen2.5-Coder-0.5B ran ×0.85–0.91 of dense at 16K
+and ×2.5–2.9 at 32K, so with a whole octave between rungs they ran dense on every prompt below 32,000 tokens."""
+
+
 def ladder(seq_len: int, shortest: int = 1024) -> list[int]:
-    """Powers of two from ``shortest`` below ``seq_len``, and ``seq_len`` itself."""
+    """Powers of two from ``shortest`` below ``seq_len``, each from ``MIDPOINTS_FROM`` on followed by its midpoint
+    (×1.5), and ``seq_len`` itself."""
     lengths, length = [], shortest
     while length < seq_len:
         lengths.append(length)
+        if length >= MIDPOINTS_FROM and length * 3 // 2 < seq_len:
+            lengths.append(length * 3 // 2)
         length *= 2
     return lengths + [seq_len]
 
