@@ -97,19 +97,9 @@ def test_a_sparse_layer_replays_from_a_cuda_graph():
     the sync-free path run eagerly on them (the same kernels, bit for bit) and the default synced path up to
     rounding: each is a bf16 rounding of the same attention on the same kept tokens, so 2 x the bf16 bound."""
     module, static = _sparse_layer_inputs(4096)
-    forward = lambda: attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5)[0]  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5, tsa_sync_free=True)  # tune
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = forward()
-    fresh = [torch.randn_like(x) for x in static]
-    for buffer, x in zip(static, fresh):
-        buffer.copy_(x)
-    graph.replay()
+    warm_up = lambda: attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5,  # noqa: E731
+                                                      tsa_sync_free=True)
+    captured, fresh = _replayed(module, static, warm_up)
     eager_sync_free, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5, tsa_sync_free=True)
     synced, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
     assert torch.isfinite(captured).all()
@@ -127,11 +117,21 @@ def test_a_block_sparse_layer_replays_from_a_cuda_graph():
     module, static = _sparse_layer_inputs(8192)
     policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
     setattr(module.config, CONFIG_KEY, replace(policy, layers=(LayerPolicy(kernel="block_sparse"),)).to_dict())
+    captured, fresh = _replayed(module, static)
+    eager, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
+    assert torch.isfinite(captured).all()
+    assert torch.equal(captured, eager)
+
+
+def _replayed(module, static: list, warm_up=None) -> tuple:
+    """The layer's attention captured in a CUDA graph on ``static`` (q, k, v) after a warm-up on a side stream
+    (compilation, autotuning; ``warm_up`` or the same call), then replayed on fresh random inputs copied into
+    ``static``: the replay's output and those inputs."""
     forward = lambda: attention.tsa_attention_forward(module, *static, None, scaling=128**-0.5)[0]  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        forward()  # compile, tune
+        (warm_up or forward)()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -140,6 +140,4 @@ def test_a_block_sparse_layer_replays_from_a_cuda_graph():
     for buffer, x in zip(static, fresh):
         buffer.copy_(x)
     graph.replay()
-    eager, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
-    assert torch.isfinite(captured).all()
-    assert torch.equal(captured, eager)
+    return captured, fresh
