@@ -93,7 +93,7 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
         density: benchmarks only: every head keeps this fraction of each row's causal key blocks, ranked by the
             pooled estimate, after all the estimation work is done (random inputs have no sparse structure).
         backend: "torch" (the PyTorch steps below, any device) or "triton" (``triton_block_select``: the same
-            steps in six launches; CUDA, or any device under ``TRITON_INTERPRET=1``).
+            steps in seven launches; CUDA, or any device under ``TRITON_INTERPRET=1``).
 
     Returns:
         The ``BlockPattern``.

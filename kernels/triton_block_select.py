@@ -1,7 +1,7 @@
-"""Triton twin of the block selection's first step (``block_sparse._last_block_masses_ref``): how much of the last
-query block's attention falls in each key block (column mass) and in each band of diagonals (slash mass), at block
-resolution, without the (Hq, W, L) probability tensor.
+"""Triton twin of the block selection (``block_sparse.block_pattern``'s PyTorch steps), in seven launches.
 
+``block_masses``, the first step: how much of the last query block's attention falls in each key block (column
+mass) and in each band of diagonals (slash mass), at block resolution, without the (Hq, W, L) probability tensor.
 Pass 1 is TSA's own (``triton_score.window_stats``: each of the W last queries' softmax max and normaliser over
 all keys, split over several programs). Pass 2 (``_block_masses_kernel``): one program per (query head, key
 block) recomputes its logits against the W queries, normalises them with the merged statistics and sums them:
@@ -9,8 +9,13 @@ over the whole tile for the column mass, and over the tile's diagonals by band f
 the offsets query position minus key position in ``[kB, (k + 1)B)``; a tile of W <= B queries and B keys
 touches at most three bands, which it adds atomically). Measured on Qwen2.5-Coder-0.5B at 32K, the PyTorch
 version of this step (an fp32 (14, 128, 32000) tensor written and read six times) dominated the block selection.
-"""
 
+``select_blocks``, the rest: the blocks mean-pooled (``_pool_kernel``), their estimated block map (one fp32
+matmul), then one program per (query head, query block) (``_select_blocks_kernel``) for the JS test, the row's
+cover (its cut found by bisection over fp32 bit patterns, ``_cut``: no sort), the forced sink and diagonal blocks
+and the ordered index list (a prefix sum). The PyTorch steps took some 50 small launches, whose host time set a
+block-sparse layer's cost below 32K.
+"""
 from __future__ import annotations
 
 import torch
