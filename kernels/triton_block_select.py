@@ -119,7 +119,7 @@ if HAS_TRITON:
         if FORCED:  # benchmarks: exactly this fraction of the row's causal blocks, by the estimate
             wanted = tl.maximum(tl.math.ceil(density * (row + 1).to(tl.float32)), 1.0).to(tl.int32)
             keep = estimate >= _cut(estimate, causal, 0.0, wanted)
-            aware = tl.sum(tl.zeros([1], tl.int32), 0) == 0
+            aware = row >= 0  # every head counts as query-aware, as in block_pattern
         elif aware:
             keep = estimate >= _cut(estimate, causal, gamma, min_blocks)
         else:  # vertical-slash: the kept columns, and the kept bands of diagonals (band k reaches offsets k, k + 1)
