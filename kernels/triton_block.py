@@ -90,7 +90,7 @@ Tiling = namedtuple("Tiling", ["block_n", "num_warps", "num_stages"])
 
 def default_tiling(block: int, head_dim: int, dtype: torch.dtype) -> Tiling:
     """The launch shape ``block_sparse_attention`` uses: the fastest of ``benchmarks/block_tiling_gpu.py``'s sweep on
-    an H200 for blocks of 128 in bf16 (``benchmarks/README.md``, "Block-sparse kernel tiling")."""
+    an H200 for blocks of 128 in bf16 (``benchmarks/README.md``, "the block-sparse kernel's launch shape")."""
     if dtype == torch.float32:  # fp32 tiles of 128 x 128 fit shared memory only without pipelining
         return Tiling(block, 8, 1) if block >= 128 and head_dim > 64 else Tiling(block, 4, 3)
     if block < 128:
