@@ -78,7 +78,7 @@ if HAS_TRITON:
         # Entries tied at the cut are all kept (``block_sparse._keep_top``'s rule).
         values = tl.where(valid, values, 0.0)
         bits = values.to(tl.int32, bitcast=True)
-        target = gamma * tl.sum(values, 0) * (1 - 1e-6)  # as _keep_top: rounding must not push a full cover past the end
+        target = gamma * tl.sum(values, 0) * (1 - 1e-6)  # as _keep_top: rounding must not push a full cover past all
         need = tl.minimum(tl.maximum(min_count, 1), tl.sum(valid.to(tl.int32), 0))
         low = tl.sum(tl.zeros([1], tl.int32), 0)  # keeping every valid entry always qualifies
         high = low + 0x7F800000  # the bits of +inf: keeping nothing never qualifies
