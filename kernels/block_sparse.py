@@ -78,6 +78,14 @@ def block_mask(index: Tensor, count: Tensor) -> Tensor:
     return mask.scatter_(2, torch.where(listed, index.long(), blocks), True)[..., :blocks]
 
 
+def block_lists(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``BlockPattern``'s index and count from an (Hq, Nb, Nb) bool block map (``block_mask``'s inverse): each row's
+    kept blocks first, ascending, then padding that holds values >= Nb and is never read; int32."""
+    blocks = mask.shape[-1]
+    order = torch.arange(blocks, device=mask.device, dtype=torch.int32)
+    return torch.where(mask, order, order + blocks).sort(dim=-1).values, mask.sum(dim=-1, dtype=torch.int32)
+
+
 def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_budget: int, js_threshold: float,
                   scaling: float, density: float | None = None, backend: str = "torch") -> BlockPattern:
     """Choose the key blocks of every (query head, query block) for one full prefill.
@@ -98,17 +106,17 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
     Returns:
         The ``BlockPattern``.
     """
+    num_heads, seq_len, _ = query.shape
+    blocks = math.ceil(seq_len / block)
+    budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
     if backend == "triton":
         column_mass, band_mass = block_masses(query, key, block, scaling)
         index, count, query_aware = select_blocks(query, key, column_mass, band_mass, gamma=gamma, block=block,
-                                                  min_budget=min_budget, js_threshold=js_threshold,
+                                                  min_blocks=budget_blocks, js_threshold=js_threshold,
                                                   scaling=scaling, density=density)
         return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
-    num_heads, seq_len, _ = query.shape
     group = num_heads // key.shape[0]
-    blocks = math.ceil(seq_len / block)
     device = query.device
-    budget_blocks = min(blocks, max(1, math.ceil(min_budget / block)))
 
     # 1. exact attention of the last query block, per key block (columns) and per band of diagonals: (Hq, Nb) each
     column_mass, band_mass = _last_block_masses_ref(query, key, block, scaling)
@@ -130,11 +138,7 @@ def block_pattern(query: Tensor, key: Tensor, *, gamma: float, block: int, min_b
         aware = _keep_top(estimate, gamma, budget_blocks)
         slashed = _vertical_slash_blocks(column_mass, band_mass, gamma, budget_blocks, blocks)
         mask = torch.where(query_aware[:, None, None], aware, slashed)
-    mask = (mask | forced) & causal
-    count = mask.sum(dim=-1, dtype=torch.int32)
-    # kept blocks first, in ascending order; the padding after them holds values >= Nb and is never read
-    order = torch.arange(blocks, device=device, dtype=torch.int32)
-    index = torch.where(mask, order, order + blocks).sort(dim=-1).values
+    index, count = block_lists((mask | forced) & causal)
     return BlockPattern(index=index, count=count, query_aware=query_aware, block=block)
 
 

@@ -102,7 +102,8 @@ if HAS_TRITON:
         inside = offs < blocks
         causal = offs <= row
         column = tl.load(Column + head * stride_ch + offs, mask=inside, other=0.0)
-        # the head is query-aware if the pooled estimate's last row is close to the exact last-block masses
+        # the head is query-aware if the pooled estimate's last row is close to the exact last-block masses (every
+        # row of the head recomputes this Nb-wide test: cheaper than another launch)
         last = tl.load(Logits + head * stride_lh + (blocks - 1) * stride_lr + offs, mask=inside,
                        other=float("-inf")) * scaling
         p = tl.exp(last - tl.max(last, 0))
@@ -172,7 +173,7 @@ def block_masses(query: Tensor, key: Tensor, block: int, scaling: float) -> tupl
 
 
 def select_blocks(query: Tensor, key: Tensor, column: Tensor, band: Tensor, *, gamma: float, block: int,
-                  min_budget: int, js_threshold: float, scaling: float,
+                  min_blocks: int, js_threshold: float, scaling: float,
                   density: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of the rest of ``block_sparse.block_pattern`` after ``block_masses``: the pooled estimate, the
     JS test, the query-aware or vertical-slash cover of each row, the forced blocks and the ordered index list.
@@ -183,7 +184,8 @@ def select_blocks(query: Tensor, key: Tensor, column: Tensor, band: Tensor, *, g
     Args:
         query: (Hq, L, D); key: (Hkv, L, D); head dim unit-stride.
         column, band: (Hq, Nb) float32, ``block_masses``' output.
-        gamma, block, min_budget, js_threshold, scaling, density: as for ``block_sparse.block_pattern``.
+        gamma, block, js_threshold, scaling, density: as for ``block_sparse.block_pattern``.
+        min_blocks: blocks every row keeps at least (``block_pattern``'s ``min_budget`` in whole blocks).
 
     Returns:
         index (Hq, Nb, Nb) int32, count (Hq, Nb) int32 and query_aware (Hq,) bool, ``BlockPattern``'s fields.
@@ -205,7 +207,6 @@ def select_blocks(query: Tensor, key: Tensor, column: Tensor, band: Tensor, *, g
     index = torch.empty(num_heads, blocks, blocks, device=query.device, dtype=torch.int32)
     count = torch.empty(num_heads, blocks, device=query.device, dtype=torch.int32)
     query_aware = torch.empty(num_heads, device=query.device, dtype=torch.uint8)
-    min_blocks = min(blocks, max(1, -(-min_budget // block)))
     _select_blocks_kernel[(num_heads, blocks)](
         logits, column, band, index, count, query_aware, logits.stride(0), logits.stride(1), column.stride(0),
         band.stride(0), index.stride(0), index.stride(1), count.stride(0), blocks, scaling, gamma, js_threshold,

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, _keep_top, _last_block_masses_ref,
-                                            block_pattern, block_sparse_prefill, block_sparse_attention_ref)
+                                            block_lists, block_pattern, block_sparse_prefill,
+                                            block_sparse_attention_ref)
 from tsa_patch.kernels.triton_block import Tiling, block_sparse_attention
 from tsa_patch.kernels.triton_block_select import block_masses, select_blocks
 from numerics import ATTENTION_RELATIVE, eps
@@ -57,10 +58,9 @@ def random_pattern(num_heads, seq_len, block, density, generator):
     mask = torch.rand(num_heads, blocks, blocks, generator=generator) < density
     mask |= torch.eye(blocks, dtype=torch.bool)
     mask &= torch.ones(blocks, blocks, dtype=torch.bool).tril()
-    order = torch.arange(blocks, dtype=torch.int32)
-    index = torch.where(mask, order, order + blocks).sort(dim=-1).values
-    return BlockPattern(index=index.to(DEVICE), count=mask.sum(-1, dtype=torch.int32).to(DEVICE),
-                        query_aware=torch.zeros(num_heads, dtype=torch.bool, device=DEVICE), block=block)
+    index, count = block_lists(mask.to(DEVICE))
+    return BlockPattern(index=index, count=count, query_aware=torch.zeros(num_heads, dtype=torch.bool, device=DEVICE),
+                        block=block)
 
 
 def inputs(shape, dtype, seed):
@@ -227,11 +227,10 @@ def test_triton_selection_equals_the_torch_selection(shape, js_threshold, densit
     hq, hkv, seq_len, d, block = shape
     (q, k, _), _ = inputs(shape, torch.bfloat16 if DEVICE == "cuda" else torch.float32, seed=6)
     q = q * 2  # sharper attention than unit Gaussians give: uneven rows, some heads query-aware
-    options = dict(gamma=0.9, block=block, min_budget=2 * block, js_threshold=js_threshold, scaling=d**-0.5,
-                   density=density)
-    reference = block_pattern(q, k, backend="torch", **options)
+    options = dict(gamma=0.9, block=block, js_threshold=js_threshold, scaling=d**-0.5, density=density)
+    reference = block_pattern(q, k, backend="torch", min_budget=2 * block, **options)
     column, band = _last_block_masses_ref(q, k, block, d**-0.5)
-    index, count, query_aware = select_blocks(q, k, column, band, **options)
+    index, count, query_aware = select_blocks(q, k, column, band, min_blocks=2, **options)
     assert torch.equal(query_aware, reference.query_aware)
     assert torch.equal(count, reference.count)
     assert torch.equal(index, reference.index)
