@@ -29,7 +29,8 @@ from sync_check import StubAttention  # benchmarks/ is on the path of a script r
 from tsa_patch.bench import environment, paper_kept_fraction, time_cuda, time_cuda_graph
 from tsa_patch.kernels import attention
 from tsa_patch.kernels.policy import TsaPolicy
-from tsa_patch.kernels.reference import select_tokens_padded_ref, select_tokens_ref
+from tsa_patch.kernels.reference import select_tokens_padded_ref
+from tsa_patch.kernels.triton_select import select_tokens_padded
 from tsa_patch.kernels.tsa import token_scores, tsa_attention, tsa_attention_sync_free
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
@@ -145,8 +146,8 @@ def probe_length(length: int) -> dict:
     keep = round(fraction * pooled.shape[1])
     row["score_smooth_ms"] = time_cuda(lambda: token_scores(q, k, window=128, pool_kernel=13, selection="query_head",
                                                             scaling=SCALE, backend="triton")).median_ms
-    row["select_synced_ms"] = time_cuda(lambda: select_tokens_ref(pooled, length, 0.005, 1024, "paper", keep)).median_ms
-    padded = lambda: select_tokens_padded_ref(pooled, length, 0.005, 1024, "paper", keep)  # noqa: E731
+    padded = lambda: select_tokens_padded(pooled, length, 0.005, 1024, "paper", keep)  # noqa: E731
+    row["select_synced_ms"] = time_cuda(lambda: int(padded()[1][0])).median_ms  # with the synced path's read-back
     row["select_padded_ms"] = time_cuda(padded).median_ms
     row["select_padded_graph_ms"] = graph_time(padded)
     torch.cuda.synchronize()

@@ -6,8 +6,9 @@ its own kept count; ``attention.py`` loops over the batch). ``tsa.py`` chains th
 
     score -> smooth -> coverage -> select -> compress -> attend -> decompress
 
-The Triton kernels in ``triton_score.py`` and ``triton_rows.py`` are drop-in twins of the score, compress
-and decompress stages (same signatures, same results up to rounding).
+The Triton kernels in ``triton_score.py``, ``triton_smooth.py``, ``triton_select.py`` and ``triton_rows.py``
+are drop-in twins of the score, smooth, select, compress and decompress stages (same signatures, same results
+up to rounding).
 
 Shapes: ``Hq`` query heads, ``Hkv`` key/value heads (``G = Hq // Hkv``), ``Hs`` selecting heads (``Hq`` in
 "query_head" mode, ``Hkv`` in "kv_group" mode), ``Lq`` queries, ``Lk`` keys (the queries are the LAST ``Lq``
@@ -73,6 +74,15 @@ def smooth_scores_ref(scores: Tensor, pool_kernel: int) -> Tensor:
     return F.avg_pool1d(scores.float()[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2)[:, 0]
 
 
+def coverage_distribution(pooled: Tensor, coverage: str) -> Tensor:
+    """The head-averaged candidate scores (C,) whose least-important tail Dynamic Token Coverage drops: for
+    "paper" the mean over heads of the raw pooled scores (``kept_count_ref`` normalises it, as the authors' code),
+    for "normalized" the mean of each head's normalised distribution."""
+    if coverage == "paper":
+        return pooled.mean(dim=0)
+    return (pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)).mean(dim=0)
+
+
 def kept_count_ref(pooled: Tensor, tau: float, min_tokens: int, coverage: str = "paper",
                    keep: int | None = None) -> Tensor:
     """Dynamic Token Coverage: how many candidates every head keeps, as a 0-dim int64 tensor on the scores' device
@@ -99,11 +109,9 @@ def kept_count_ref(pooled: Tensor, tau: float, min_tokens: int, coverage: str = 
         keep: force the count instead of deriving it from ``tau``; None (the default) applies the rule.
     """
     candidates = pooled.shape[1]
+    averaged = coverage_distribution(pooled, coverage)
     if coverage == "paper":
-        mean = pooled.mean(dim=0)
-        averaged = mean / (mean.sum() + 1e-8)  # the authors' normalisation, eps included
-    else:
-        averaged = (pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(_EPS)).mean(dim=0)
+        averaged = averaged / (averaged.sum() + 1e-8)  # the authors' normalisation, eps included
     tail_mass = torch.sort(averaged).values.cumsum(dim=0)  # ascending: least important first
     below = torch.searchsorted(tail_mass, tau)  # 0-dim: the tail tokens whose cumulative mass stays below tau
     dropped = torch.where(below > 0, below + 1, below) if coverage == "paper" else below
@@ -111,36 +119,20 @@ def kept_count_ref(pooled: Tensor, tau: float, min_tokens: int, coverage: str = 
     return count.clamp(max(0, min(min_tokens, candidates)), candidates)
 
 
-def select_tokens_ref(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
-                      keep: int | None = None) -> Tensor:
-    """Dynamic Token Coverage: how many tokens to keep (per layer) and which ones (per head).
+def select_tokens_padded_ref(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
+                             keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """Dynamic Token Coverage: how many tokens to keep (per layer) and which ones (per head), with nothing read
+    back to the host.
 
-    ``kept_count_ref`` fixes ``K``; each head then keeps its own top-``K`` candidates, and every head keeps the
-    tail ``[C, seq_len)``. The count is read back to the host once (it sizes the compact tensors): the one host
-    synchronisation of this path (``select_tokens_padded_ref`` has none).
+    ``kept_count_ref`` fixes ``K``; each head then keeps its own top-``K`` candidates (a stable descending sort
+    ranks them; ties go to the earlier token), and a prefix sum over their mask writes them in ascending order,
+    followed by the tail ``[C, seq_len)`` that every head keeps. The buffer is sized for keeping everything: the
+    synced path reads the count back once and slices it, the sync-free path reads the count on the device.
 
     Args:
         pooled: (Hs, C) pooled scores (``smooth_scores_ref``).
         seq_len: sequence length ``Lk``; the tail ``[C, Lk)`` is always kept.
         tau, min_tokens, coverage, keep: as for ``kept_count_ref``.
-
-    Returns:
-        kept_indices: (Hs, K + T) int64, ascending per head.
-    """
-    num_heads, candidates = pooled.shape
-    keep = int(kept_count_ref(pooled, tau, min_tokens, coverage, keep))  # the host sync
-    top = pooled.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (Hs, K)
-    tail = torch.arange(candidates, seq_len, device=pooled.device).expand(num_heads, -1)  # (Hs, T)
-    return torch.cat([top, tail], dim=-1)
-
-
-def select_tokens_padded_ref(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
-                             keep: int | None = None) -> tuple[Tensor, Tensor]:
-    """``select_tokens_ref`` without a host synchronisation: the kept positions in a buffer sized for keeping
-    everything, and their count on the device.
-
-    Each head's top-``K`` candidates are marked (a stable descending sort ranks them; ties go to the earlier
-    token), and a prefix sum over the mask writes them in ascending order, followed by the tail.
 
     Returns:
         kept: (Hs, Lk) int64; row h holds its ``count[h]`` kept positions in ascending order, then padding

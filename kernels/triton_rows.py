@@ -61,6 +61,12 @@ if HAS_TRITON:
 _BLOCK_R = 64
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    """``x`` itself when its last axis is unit-stride (the kernels take the other strides), else a contiguous copy:
+    the synced path's kept positions are a slice of a wider buffer."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def compress(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of ``reference.compress_ref`` (same arguments and results).
 
@@ -77,7 +83,7 @@ def compress(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: Tens
             raise ValueError(f"compress: the head dim of {name} must be contiguous")
     if key.stride() != value.stride():
         raise ValueError("compress: key and value must have the same strides")
-    kept, rows = kept.contiguous(), rows.contiguous()
+    kept, rows = _unit_stride(kept), _unit_stride(rows)
     num_heads, head_dim = query.shape[0], query.shape[2]
     sel_heads, kept_rows = kept.shape
     query_c = torch.empty(num_heads, rows.shape[1], head_dim, device=query.device, dtype=query.dtype)
@@ -95,7 +101,7 @@ def compress(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: Tens
 def decompress(out_c: Tensor, rows: Tensor, q_len: int) -> Tensor:
     """Triton twin of ``reference.decompress_ref``: out_c (Hq, Lq', D), rows (Hq, Lq') -> (Lq, Hq, D), zeros elsewhere."""
     num_heads, count, head_dim = out_c.shape
-    out_c, rows = out_c.contiguous(), rows.contiguous()
+    out_c, rows = _unit_stride(out_c), _unit_stride(rows)
     out = torch.zeros(q_len, num_heads, head_dim, device=out_c.device, dtype=out_c.dtype)
     _scatter_rows_kernel[(num_heads, triton.cdiv(count, _BLOCK_R))](
         out_c, rows, out, out_c.stride(0), out_c.stride(1), rows.stride(0), out.stride(0), out.stride(1), count,

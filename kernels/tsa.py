@@ -14,7 +14,8 @@ Two paths give the same result (the same kept tokens; the attention up to roundi
   captured), which removes the launches that set a short prompt's time.
 
 The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in their Triton
-twins (CUDA). Coverage and selection are the same PyTorch code on both.
+twins (CUDA). Both paths share the selection, which leaves the kept count on the device
+(``select_tokens_padded_ref`` or ``triton_select.select_tokens_padded``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from torch import Tensor
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .dense import dense_attention
 from .reference import (compress_ref, decompress_ref, gathered_attention_ref, query_rows, score_keys_ref,
-                        select_tokens_padded_ref, select_tokens_ref, smooth_scores_ref)
+                        select_tokens_padded_ref, smooth_scores_ref)
 from .triton_gather import gathered_attention
 from .triton_import import HAS_TRITON
 from .triton_rows import compress, decompress
 from .triton_score import score_keys
+from .triton_select import select_tokens_padded
 from .triton_smooth import smooth_scores
 
 
@@ -41,16 +43,17 @@ class Stages:
 
     score: Callable  # (query, key, window, scaling, softcap) -> (Hq, Lk - W) scores
     smooth: Callable  # (scores, pool_kernel) -> (Hs, C) pooled scores
+    select: Callable  # (pooled, Lk, tau, min_tokens, coverage, keep) -> kept (Hs, Lk) ascending, count (Hs,)
     compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
     decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
     gathered: Callable  # (query, key, value, kept, count, scaling, softcap) -> (L, Hq, D): the sync-free attention
 
 
 STAGES = {
-    "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, compress=compress_ref, decompress=decompress_ref,
-                    gathered=gathered_attention_ref),
-    "triton": Stages(score=score_keys, smooth=smooth_scores, compress=compress, decompress=decompress,
-                     gathered=gathered_attention),
+    "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, select=select_tokens_padded_ref,
+                    compress=compress_ref, decompress=decompress_ref, gathered=gathered_attention_ref),
+    "triton": Stages(score=score_keys, smooth=smooth_scores, select=select_tokens_padded, compress=compress,
+                     decompress=decompress, gathered=gathered_attention),
 }
 
 
@@ -111,9 +114,10 @@ def sparse_attention(
     stages = STAGES[backend]
     num_heads, q_len, _ = query.shape
     kv_len = key.shape[1]
-    # 3-4. coverage (how many tokens) and selection (which ones).
+    # 3-4. coverage (how many tokens) and selection (which ones), then the one host sync: K' sizes the compact copies.
     keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
-    kept = select_tokens_ref(pooled, kv_len, tau, min_tokens, coverage, keep)  # (Hs, K')
+    kept, count = stages.select(pooled, kv_len, tau, min_tokens, coverage, keep)
+    kept = kept[:, : int(count[0])]  # (Hs, K')
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
     query_c, key_c, value_c = stages.compress(query, key, value, kept, rows)
@@ -207,7 +211,7 @@ def tsa_attention_sync_free(
     pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
                           scaling=scaling, softcap=softcap, backend=backend)
     keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
-    kept, count = select_tokens_padded_ref(pooled, key.shape[1], tau, min_tokens, coverage, keep)
+    kept, count = STAGES[backend].select(pooled, key.shape[1], tau, min_tokens, coverage, keep)
     return STAGES[backend].gathered(query, key, value, kept, count, scaling, softcap), kept, count
 
 

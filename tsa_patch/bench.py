@@ -30,7 +30,7 @@ import torch
 from tsa_patch.calibrate import PAPER_TAU  # not applied (the kept fraction is forced); its coverage count still runs
 from tsa_patch.kernels.dense import causal_attention, sdpa_backend
 from tsa_patch.kernels.policy import TsaPolicy, knob_defaults
-from tsa_patch.kernels.reference import query_rows, select_tokens_padded_ref, select_tokens_ref
+from tsa_patch.kernels.reference import query_rows
 from tsa_patch.kernels.tsa import STAGES, token_scores, tsa_attention, tsa_attention_sync_free
 
 
@@ -190,14 +190,18 @@ def _time_synced(q, k, v, options: dict) -> dict:
     pooled = token_scores(q, k, **{n: options[n] for n in ("window", "pool_kernel", "selection", "scaling")},
                           backend="triton")
     keep = round(options["keep_fraction"] * pooled.shape[1])
-    kept = select_tokens_ref(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep)
+
+    def select():  # the selection and the one host sync that sizes the compact copies
+        kept, count = stages.select(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep)
+        return kept[:, : int(count[0])]
+    kept = select()
     rows = query_rows(kept, q.shape[0], seq_len, seq_len)
     q_c, k_c, v_c = stages.compress(q, k, v, kept, rows)
     out_c = causal_attention(q_c, k_c, v_c, options["scaling"])
     timed = {
         "score": lambda: stages.score(q, k, options["window"], options["scaling"]),
         "smooth": lambda: stages.smooth(scores, options["pool_kernel"]),
-        "select": lambda: select_tokens_ref(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep),
+        "select": select,
         "compress": lambda: stages.compress(q, k, v, kept, rows),
         "attend": lambda: causal_attention(q_c, k_c, v_c, options["scaling"]),
         "decompress": lambda: stages.decompress(out_c, rows, seq_len),
@@ -221,9 +225,9 @@ def _time_sync_free(q, k, v, options: dict) -> dict:
     pooled = token_scores(q, k, **{n: options[n] for n in ("window", "pool_kernel", "selection", "scaling")},
                           backend="triton")
     keep = round(options["keep_fraction"] * pooled.shape[1])
-    kept, count = select_tokens_padded_ref(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep)
+    kept, count = stages.select(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep)
     timed = {
-        "select": lambda: select_tokens_padded_ref(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep),
+        "select": lambda: stages.select(pooled, seq_len, options["tau"], options["min_tokens"], keep=keep),
         "attend_gathered": lambda: stages.gathered(q, k, v, kept, count, options["scaling"], None),
     }
     result = {"stages": {name: asdict(time_cuda(fn)) for name, fn in timed.items()}}

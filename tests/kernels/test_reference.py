@@ -18,7 +18,6 @@ from tsa_patch.kernels.reference import (
     query_rows,
     score_keys_ref,
     select_tokens_padded_ref,
-    select_tokens_ref,
     smooth_scores_ref,
 )
 
@@ -71,7 +70,7 @@ def test_select_tokens_invariants(tau, min_tokens, coverage):
     heads, candidates, window, pool = 5, 301, 24, 7
     scores = torch.rand(heads, candidates) ** 8 * torch.rand(heads, 1)  # peaky, like attention; heads of any mass
     pooled = smooth_scores_ref(scores, pool)
-    kept = select_tokens_ref(pooled, candidates + window, tau, min_tokens, coverage)
+    kept = synced_selection(pooled, candidates + window, tau, min_tokens, coverage)
     expected_pooled, dist, keep = _expected_keep(scores, tau, pool, min_tokens, coverage)
     assert torch.allclose(pooled.double(), expected_pooled, rtol=FP32, atol=0)
 
@@ -102,39 +101,26 @@ def test_paper_rule_weighs_heads_by_their_mass_and_drops_one_more():
     assert int(kept_count_ref(pooled, 0.01, 0, "paper")) == 4  # n = 0: nothing dropped, not one token
 
 
+def synced_selection(pooled, seq_len, tau, min_tokens, coverage="paper", keep=None):
+    """The kept positions (Hs, K') as the synced path uses them: the padded buffer sliced at the count."""
+    kept, count = select_tokens_padded_ref(pooled, seq_len, tau, min_tokens, coverage, keep)
+    assert kept.shape == (pooled.shape[0], seq_len) and count.shape == (pooled.shape[0],)
+    assert (count == count[0]).all(), "every head keeps the same count"
+    return kept[:, : int(count[0])]
+
+
 def test_select_tokens_forced_keep_is_clamped():
     pooled = smooth_scores_ref(torch.rand(3, 100), 7)
-    assert select_tokens_ref(pooled, 110, 0.5, 10, keep=40).shape == (3, 50)
-    assert select_tokens_ref(pooled, 110, 0.5, 60, keep=40).shape == (3, 70)  # min_tokens wins
-    assert select_tokens_ref(pooled, 110, 0.5, 0, keep=500).shape == (3, 110)  # at most every candidate
+    assert synced_selection(pooled, 110, 0.5, 10, keep=40).shape == (3, 50)
+    assert synced_selection(pooled, 110, 0.5, 60, keep=40).shape == (3, 70)  # min_tokens wins
+    assert synced_selection(pooled, 110, 0.5, 0, keep=500).shape == (3, 110)  # at most every candidate
 
 
-@pytest.mark.parametrize("coverage", ["paper", "normalized"])
-@pytest.mark.parametrize("tau", [0.0, 0.05, 0.3])
-def test_padded_selection_equals_the_synced_one(tau, coverage):
-    """The sync-free selection keeps the same tokens, ascending, with the count on the device."""
-    heads, candidates, window = 4, 257, 16
-    pooled = smooth_scores_ref(torch.rand(heads, candidates) ** 6, 7)
-    kept = select_tokens_ref(pooled, candidates + window, tau, 20, coverage)
-    buffer, count = select_tokens_padded_ref(pooled, candidates + window, tau, 20, coverage)
-    assert buffer.shape == (heads, candidates + window) and count.shape == (heads,)
-    assert count.tolist() == [kept.shape[1]] * heads
-    assert_same_selection(buffer[:, : kept.shape[1]], kept, pooled, window)
-    forced, forced_count = select_tokens_padded_ref(pooled, candidates + window, tau, 20, coverage, keep=100)
-    assert forced_count.tolist() == [100 + window] * heads
-    assert_same_selection(forced[:, :116], select_tokens_ref(pooled, candidates + window, tau, 20, coverage, keep=100),
-                          pooled, window)
-
-
-def assert_same_selection(kept, expected, pooled, window):
-    """Two selections (Hs, K + W) keep the same tokens: ascending candidates, then the window's tail. Pooled fp32
-    scores can be exactly equal (smoothing rand ** 6 gives many near-equal sums; one draw in about 9,000 had a tie at
-    the cut), and the two selections may break such a tie differently, so the candidates are compared by their
-    scores: the same multiset of the K highest, which is what top-K defines."""
-    assert (kept[:, 1:] > kept[:, :-1]).all()  # ascending, no repeats
-    assert torch.equal(kept[:, -window:], expected[:, -window:])  # the tail
-    chosen, wanted = kept[:, :-window], expected[:, :-window]
-    assert torch.equal(pooled.gather(1, chosen).sort(dim=1).values, pooled.gather(1, wanted).sort(dim=1).values)
+def test_ties_at_the_cut_go_to_the_earlier_tokens():
+    """Equal scores at the K-th place: the earlier candidates are kept (the padding after the count is Lk - 1)."""
+    pooled = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.9]])  # keep 3: 0.9, 0.5 and the first 0.1
+    kept, count = select_tokens_padded_ref(pooled, 8, 0.5, 0, keep=3)
+    assert count.tolist() == [5] and kept.tolist() == [[0, 1, 5, 6, 7, 7, 7, 7]]
 
 
 @pytest.mark.parametrize("selecting_heads", ["query", "kv"])

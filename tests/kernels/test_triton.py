@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsa_patch.kernels.reference import (compress_ref, decompress_ref, gathered_attention_ref, query_rows, score_keys_ref,
-                                        select_tokens_padded_ref, smooth_scores_ref)
+from tsa_patch.kernels.reference import (compress_ref, coverage_distribution, decompress_ref, gathered_attention_ref,
+                                        query_rows, score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
 from tsa_patch.kernels.triton_gather import gathered_attention
 from tsa_patch.kernels.triton_rows import compress, decompress
 from tsa_patch.kernels.triton_score import score_keys
+from tsa_patch.kernels.triton_select import select_tokens_padded
 from tsa_patch.kernels.triton_smooth import smooth_scores
 from numerics import ATTENTION_RELATIVE, eps
 
@@ -59,6 +60,54 @@ def test_smooth_scores_matches_reference(candidates, pool_kernel, brute):
     truth = smooth_scores_ref(scores.double(), pool_kernel)
     assert out.shape == scores.shape and out.dtype == torch.float32
     assert brute.relative_error(out, truth) <= 2 * brute.relative_error(smooth_scores_ref(scores, pool_kernel), truth) + SLACK
+
+
+def counts_within_rounding(pooled, tau, coverage):
+    """The candidates dropped by the coverage rule at every cumulative tail mass within fp32 rounding of ``tau``.
+
+    Both selections sum the ascending head-averaged scores in fp32, in different orders; each partial sum of at
+    most C terms is off by at most C eps32 of the total (the total is 1 after normalising), so the rule's
+    ``below`` (how many partial sums stay under tau) is only determined up to the sums within 2 C eps32 of tau.
+    """
+    dist = coverage_distribution(pooled.double(), coverage)
+    if coverage == "paper":
+        dist = dist / (dist.sum() + 1e-8)
+    tail = torch.sort(dist).values.cumsum(0)
+    slack = 2 * pooled.shape[1] * eps(torch.float32)
+    low, high = int((tail < tau - slack).sum()), int((tail < tau + slack).sum())
+    belows = range(low, high + 1)
+    return {b + 1 if (coverage == "paper" and b > 0) else b for b in belows}
+
+
+@pytest.mark.parametrize("coverage", ["paper", "normalized"])
+@pytest.mark.parametrize("case", ["peaked", "ties", "forced", "tau0", "floor"])
+@pytest.mark.parametrize("heads,candidates", [(1, 7), (5, 1000), (14, 2500)]
+                         + ([(32, 8064), (32, 131072 - 128)] if DEVICE == "cuda" else []))
+def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage):
+    """The Triton selection: the count the rule gives (exactly, unless a tail mass lies within fp32 rounding of
+    tau: then one of the counts that rounding allows), and, for that count, exactly the reference's positions
+    (ties at the cut go to the earlier token), tail and padding."""
+    generator = torch.Generator(device=DEVICE).manual_seed(heads * candidates + len(case))
+    pooled = torch.rand(heads, candidates, device=DEVICE, generator=generator) ** 6
+    if case == "ties":  # few distinct values: many exact ties at the cut
+        pooled = (pooled * 8).round() / 8
+    window = 16
+    tau, min_tokens, keep = {"peaked": (0.01, 4, None), "ties": (0.05, 4, None), "forced": (0.01, 4, candidates // 3),
+                             "tau0": (0.0, 4, None), "floor": (0.3, candidates // 2, None)}[case]
+    kept, count = select_tokens_padded(pooled, candidates + window, tau, min_tokens, coverage, keep)
+    _, ref_count = select_tokens_padded_ref(pooled, candidates + window, tau, min_tokens, coverage, keep)
+    assert kept.shape == (heads, candidates + window) and kept.dtype == torch.int64 and count.shape == (heads,)
+    assert (count == count[0]).all()
+    chosen = int(count[0]) - window
+    if keep is None and chosen > min(min_tokens, candidates):  # the rule, not the floor, set the count
+        allowed = {candidates - d for d in counts_within_rounding(pooled, tau, coverage)}
+        assert chosen in allowed and int(ref_count[0]) - window in allowed
+        if len(allowed) == 1:
+            assert torch.equal(count, ref_count)
+    else:
+        assert torch.equal(count, ref_count)
+    expected, _ = select_tokens_padded_ref(pooled, candidates + window, tau, min_tokens, coverage, keep=chosen)
+    assert torch.equal(kept, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,0 +1,117 @@
+"""Triton twin of ``reference.select_tokens_padded_ref``: Dynamic Token Coverage and the ordered kept positions.
+
+Four launches where the PyTorch steps take some 25 small ones (and their host time set a sparse layer's cost
+below 16K): the head-averaged scores (one reduction), their ascending sort, each head's descending sort (only
+its values: the K-th largest is the cut), and ``_select_kernel``, one program per head: the cumulative tail
+mass, the coverage rule and the clamps (every program derives the same count), then the candidates above the
+cut and those tied at it in position order until K, written ascending by a prefix sum, then the always-kept
+tail and the padding. Nothing is read back to the host: the count stays on the device, so the same selection
+serves the synced path (which then reads it once) and a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import coverage_distribution
+from .triton_import import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kept_count(Ascending, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
+        # reference.kept_count_ref on the ascending head-averaged scores: the tail whose cumulative mass stays
+        # below tau (of the total when NORMALIZE, the authors' mean / (sum + 1e-8)) is dropped, one more with
+        # DROP_NEXT; then the floor and the ceiling
+        offs = tl.arange(0, BLOCK)
+        kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
+        if not FORCED:
+            limit = tau
+            if NORMALIZE:
+                total = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, candidates, BLOCK):
+                    total += tl.load(Ascending + start + offs, mask=start + offs < candidates, other=0.0)
+                limit = tau * (tl.sum(total, 0) + 1e-8)
+            carry = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            below = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+            for start in range(0, candidates, BLOCK):
+                inside = start + offs < candidates
+                x = tl.load(Ascending + start + offs, mask=inside, other=0.0)
+                running = carry + tl.cumsum(x, 0)
+                below += tl.sum((inside & (running < limit)).to(tl.int32), 0)
+                carry += tl.sum(x, 0)
+            dropped = below
+            if DROP_NEXT:
+                dropped = tl.where(below > 0, below + 1, below)
+            kept = candidates - dropped
+        return tl.minimum(tl.maximum(kept, floor), candidates)
+
+    @triton.jit
+    def _select_kernel(Ascending, Pooled, Descending, Count, Kept, stride_p, stride_d, stride_k, candidates, seq_len,
+                       tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                       DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
+        # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
+        # the head's top ``keep`` candidates (ties at the cut go to the earlier token), ascending, then the tail
+        # [C, seq_len), then padding (seq_len - 1, never read) to the end of the row
+        head = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
+        cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
+        cut = tl.where(keep > 0, cut, float("inf"))
+        row = Pooled + head * stride_p
+        greater = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, candidates, BLOCK):
+            x = tl.load(row + start + offs, mask=start + offs < candidates, other=float("-inf"))
+            greater += tl.sum((x > cut).to(tl.int32), 0)
+        ties_kept = keep - greater
+        written = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        ties_seen = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        out = Kept + head * stride_k
+        for start in range(0, candidates, BLOCK):
+            position = start + offs
+            x = tl.load(row + position, mask=position < candidates, other=float("-inf"))
+            tie = x == cut
+            tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the ties so far
+            chosen = (x > cut) | (tie & (tie_rank <= ties_kept))
+            slot = written + tl.cumsum(chosen.to(tl.int32), 0) - 1
+            tl.store(out + slot, position.to(tl.int64), mask=chosen)
+            written += tl.sum(chosen.to(tl.int32), 0)
+            ties_seen += tl.sum(tie.to(tl.int32), 0)
+        for start in range(0, seq_len - keep, BLOCK):
+            position = candidates + start + offs  # the tail, then padding
+            tl.store(out + keep + start + offs, tl.minimum(position, seq_len - 1).to(tl.int64),
+                     mask=keep + start + offs < seq_len)
+
+
+_BLOCK = 1024
+
+
+def select_tokens_padded(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
+                         keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``reference.select_tokens_padded_ref`` (same arguments, same results).
+
+    The count equals the reference's up to the fp32 rounding of the cumulative tail mass (a different summation
+    order), so only where that mass lies within rounding of ``tau``; given the count, the kept positions are
+    identical (the K-th largest score is found exactly, ties at it go to the earlier token).
+
+    Returns:
+        kept: (Hs, Lk) int64; row h holds its ``count[h]`` kept positions in ascending order, then ``Lk - 1``.
+        count: (Hs,) int64 on the device, ``K + T`` for every head.
+    """
+    if pooled.stride(-1) != 1:
+        raise ValueError("select_tokens_padded: pooled must be contiguous along the token axis")
+    heads, candidates = pooled.shape
+    ascending = torch.sort(coverage_distribution(pooled, coverage)).values
+    descending = torch.sort(pooled, dim=-1, descending=True).values
+    count = torch.empty(heads, device=pooled.device, dtype=torch.int64)
+    kept = torch.empty(heads, seq_len, device=pooled.device, dtype=torch.int64)
+    _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
+                             kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
+                             0 if keep is None else keep, BLOCK=_BLOCK, NORMALIZE=coverage == "paper",
+                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=4)
+    return kept, count
+
+
+__all__ = ["select_tokens_padded"]
