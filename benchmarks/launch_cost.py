@@ -1,8 +1,9 @@
 """Host and device cost of a sparse layer's pieces at Llama-3.1-8B shapes (32/8 heads, d 128, bf16, the paper's
-kept fraction): the Triton token selection against its PyTorch twin, the other stages, and whole layers.
+kept fraction): the Triton token selection against its PyTorch twin and against the sort-free candidate
+(``radix_select.py``), the other stages, and whole layers.
 
-For each piece: CPU microseconds per call with the GPU left to run behind (200 calls, one sync at the end: the
-host cost when launches are the bottleneck), the CUDA-event time of a call alone, and its device time with the
+For each piece: CPU microseconds per call with the GPU left to run behind (up to 200 calls, one sync at the end:
+the host cost when launches are the bottleneck), the CUDA-event time of a call alone, and its device time with the
 launches hidden (``time_cuda(busy_ahead=True)``). Dense cuDNN of the same length is timed in the same run.
 
     python benchmarks/launch_cost.py [--lengths 4096,8192,32768,131072] [--out launch-cost.json]
@@ -16,6 +17,7 @@ import time
 
 import torch
 
+from radix_select import select_tokens_padded_radix  # benchmarks/ is on the path of a script run from it
 from tsa_patch.bench import environment, paper_kept_fraction, time_cuda
 from tsa_patch.kernels.dense import dense_attention
 from tsa_patch.kernels.reference import query_rows, select_tokens_padded_ref
@@ -25,10 +27,15 @@ HEADS, KV_HEADS, DIM, WINDOW, POOL = 32, 8, 128, 128, 13
 SCALE = DIM**-0.5
 
 
-def host_us(fn, calls: int = 200) -> float:
-    """CPU microseconds per call, the GPU running behind (a call that syncs pays its wait here too)."""
+def host_us(fn, budget_s: float = 0.5, max_calls: int = 200) -> float:
+    """CPU microseconds per call, the GPU running behind (a call that syncs pays its wait here too); as many calls
+    as fit in about ``budget_s`` of GPU time (at least 5, at most ``max_calls``), so that 128K stays short."""
     fn()
     torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(5, min(max_calls, int(budget_s / (time.perf_counter() - begin))))
     begin = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -59,6 +66,12 @@ def measure(length: int) -> dict:
         "score_and_smooth": lambda: token_scores(q, k, window=WINDOW, pool_kernel=POOL, selection="query_head",
                                                  scaling=SCALE, backend="triton"),
         "select_triton": lambda: stages.select(pooled, length, 0.005, 1024, "paper", keep),
+        "select_radix": lambda: select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper", keep),
+        "select_radix_read_back": lambda: int(select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper",
+                                                                         keep)[1][0]),
+        # the same with the coverage rule deciding the count (a real model's case; random scores keep most tokens)
+        "select_triton_rule": lambda: stages.select(pooled, length, 0.005, 1024, "paper", None),
+        "select_radix_rule": lambda: select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper", None),
         "select_torch": lambda: select_tokens_padded_ref(pooled, length, 0.005, 1024, "paper", keep),
         "select_triton_read_back": lambda: int(stages.select(pooled, length, 0.005, 1024, "paper", keep)[1][0]),
         "select_torch_read_back": lambda: int(select_tokens_padded_ref(pooled, length, 0.005, 1024, "paper",

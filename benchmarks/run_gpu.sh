@@ -10,6 +10,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest tests/kernels -q -m gpu -p no:warnings 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  # the selections (shipped and candidate) at GPU shapes up to 128K: parametrized by device, not GPU-marked
+  python3 -m pytest tests/kernels/test_triton.py -q -k select_tokens -p no:warnings 2>&1 | tail -5 \
+    | tee "$OUT/gpu-select-tests.log"
   python3 benchmarks/sync_check.py 2>&1 | tee "$OUT/sync-check.log"
 fi
 tsa-patch bench --output "$OUT/bench.json" --plot "$OUT/speedup.png" "$@" 2>"$OUT/bench.log"

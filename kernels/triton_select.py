@@ -48,41 +48,45 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit
-    def _select_kernel(Ascending, Pooled, Descending, Count, Kept, stride_p, stride_d, stride_k, candidates, seq_len,
-                       tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
-                       DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
-        # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
-        # the head's top ``keep`` candidates (ties at the cut go to the earlier token), ascending, then the tail
-        # [C, seq_len), then padding (seq_len - 1, never read) to the end of the row
-        head = tl.program_id(0)
+    def _write_kept(Row, Out, cut, keep, candidates, seq_len, BLOCK: tl.constexpr):
+        # One head's kept positions, given its K-th largest score ``cut`` (inf when keep is 0): the candidates
+        # above it and those tied at it in position order until ``keep`` (ties go to the earlier token),
+        # ascending by a prefix sum, then the tail [C, seq_len), then padding (seq_len - 1, never read)
         offs = tl.arange(0, BLOCK)
-        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
-        tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
-        cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
-        cut = tl.where(keep > 0, cut, float("inf"))
-        row = Pooled + head * stride_p
         greater = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
         for start in range(0, candidates, BLOCK):
-            x = tl.load(row + start + offs, mask=start + offs < candidates, other=float("-inf"))
+            x = tl.load(Row + start + offs, mask=start + offs < candidates, other=float("-inf"))
             greater += tl.sum((x > cut).to(tl.int32), 0)
         ties_kept = keep - greater
         written = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
         ties_seen = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
-        out = Kept + head * stride_k
         for start in range(0, candidates, BLOCK):
             position = start + offs
-            x = tl.load(row + position, mask=position < candidates, other=float("-inf"))
+            x = tl.load(Row + position, mask=position < candidates, other=float("-inf"))
             tie = x == cut
             tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the ties so far
             chosen = (x > cut) | (tie & (tie_rank <= ties_kept))
             slot = written + tl.cumsum(chosen.to(tl.int32), 0) - 1
-            tl.store(out + slot, position.to(tl.int64), mask=chosen)
+            tl.store(Out + slot, position.to(tl.int64), mask=chosen)
             written += tl.sum(chosen.to(tl.int32), 0)
             ties_seen += tl.sum(tie.to(tl.int32), 0)
         for start in range(0, seq_len - keep, BLOCK):
             position = candidates + start + offs  # the tail, then padding
-            tl.store(out + keep + start + offs, tl.minimum(position, seq_len - 1).to(tl.int64),
+            tl.store(Out + keep + start + offs, tl.minimum(position, seq_len - 1).to(tl.int64),
                      mask=keep + start + offs < seq_len)
+
+    @triton.jit
+    def _select_kernel(Ascending, Pooled, Descending, Count, Kept, stride_p, stride_d, stride_k, candidates, seq_len,
+                       tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                       DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
+        # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
+        # the head's top ``keep`` candidates (the K-th largest score read from the descending sort)
+        head = tl.program_id(0)
+        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
+        cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
+        cut = tl.where(keep > 0, cut, float("inf"))
+        _write_kept(Pooled + head * stride_p, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
 
 
 _BLOCK = 1024

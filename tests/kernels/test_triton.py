@@ -6,6 +6,9 @@ of slack (where both errors are near zero: fp32 inputs are scored in exact IEEE 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,18 @@ from tsa_patch.kernels.triton_smooth import smooth_scores
 from numerics import ATTENTION_RELATIVE, eps
 
 SLACK = 8 * eps(torch.float32)
+
+
+def _radix_candidate():
+    """benchmarks/radix_select.py's sort-free selection, a candidate the GPU benchmark weighs against the shipped one."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "radix_select.py"
+    spec = importlib.util.spec_from_file_location("radix_select", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.select_tokens_padded_radix
+
+
+SELECTIONS = {"shipped": select_tokens_padded, "radix_candidate": _radix_candidate()}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreted Triton is slow: small shapes on CPU, real ones on the GPU. bf16 only on the GPU (the 3.6
@@ -65,7 +80,8 @@ def test_smooth_scores_matches_reference(candidates, pool_kernel, brute):
 def counts_within_rounding(pooled, tau, coverage):
     """The candidates dropped by the coverage rule at every cumulative tail mass within fp32 rounding of ``tau``.
 
-    Both selections sum the ascending head-averaged scores in fp32, in different orders; each partial sum of at
+    Both selections sum the ascending head-averaged scores in fp32, in different orders (the reference a running
+    sum of the sorted scores, the kernel the scores below a threshold plus the ties at it); each partial sum of at
     most C terms is off by at most C eps32 of the total (the total is 1 after normalising), so the rule's
     ``below`` (how many partial sums stay under tau) is only determined up to the sums within 2 C eps32 of tau.
     """
@@ -79,12 +95,13 @@ def counts_within_rounding(pooled, tau, coverage):
     return {b + 1 if (coverage == "paper" and b > 0) else b for b in belows}
 
 
+@pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("coverage", ["paper", "normalized"])
 @pytest.mark.parametrize("case", ["peaked", "ties", "forced", "tau0", "floor"])
 @pytest.mark.parametrize("heads,candidates", [(1, 7), (5, 1000), (14, 2500)]
                          + ([(32, 8064), (32, 131072 - 128)] if DEVICE == "cuda" else []))
-def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage):
-    """The Triton selection: the count the rule gives (exactly, unless a tail mass lies within fp32 rounding of
+def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage, selection):
+    """The Triton selection (the shipped one, and the sort-free candidate): the count the rule gives (exactly, unless a tail mass lies within fp32 rounding of
     tau: then one of the counts that rounding allows), and, for that count, exactly the reference's positions
     (ties at the cut go to the earlier token), tail and padding."""
     generator = torch.Generator(device=DEVICE).manual_seed(heads * candidates + len(case))
@@ -94,7 +111,7 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
     window = 16
     tau, min_tokens, keep = {"peaked": (0.01, 4, None), "ties": (0.05, 4, None), "forced": (0.01, 4, candidates // 3),
                              "tau0": (0.0, 4, None), "floor": (0.3, candidates // 2, None)}[case]
-    kept, count = select_tokens_padded(pooled, candidates + window, tau, min_tokens, coverage, keep)
+    kept, count = SELECTIONS[selection](pooled, candidates + window, tau, min_tokens, coverage, keep)
     _, ref_count = select_tokens_padded_ref(pooled, candidates + window, tau, min_tokens, coverage, keep)
     assert kept.shape == (heads, candidates + window) and kept.dtype == torch.int64 and count.shape == (heads,)
     assert (count == count[0]).all()
