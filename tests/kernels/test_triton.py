@@ -25,7 +25,7 @@ SLACK = 8 * eps(torch.float32)
 
 
 def _radix_candidate():
-    """benchmarks/radix_select.py's sort-free selection, a candidate the GPU benchmark weighs against the shipped one."""
+    """benchmarks/radix_select.py's sort-free selection, which the GPU benchmark weighs against the shipped one."""
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "radix_select.py"
     spec = importlib.util.spec_from_file_location("radix_select", path)
     module = importlib.util.module_from_spec(spec)
@@ -101,9 +101,9 @@ def counts_within_rounding(pooled, tau, coverage):
 @pytest.mark.parametrize("heads,candidates", [(1, 7), (5, 1000), (14, 2500)]
                          + ([(32, 8064), (32, 131072 - 128)] if DEVICE == "cuda" else []))
 def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage, selection):
-    """The Triton selection (the shipped one, and the sort-free candidate): the count the rule gives (exactly, unless a tail mass lies within fp32 rounding of
-    tau: then one of the counts that rounding allows), and, for that count, exactly the reference's positions
-    (ties at the cut go to the earlier token), tail and padding."""
+    """The Triton selection (the shipped one, and the sort-free candidate): the count the rule gives (exactly,
+    unless a tail mass lies within fp32 rounding of tau: then one of the counts that rounding allows), and, for
+    that count, exactly the reference's positions (ties at the cut go to the earlier token), tail and padding."""
     generator = torch.Generator(device=DEVICE).manual_seed(heads * candidates + len(case))
     pooled = torch.rand(heads, candidates, device=DEVICE, generator=generator) ** 6
     if case == "ties":  # few distinct values: many exact ties at the cut
