@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tsa_patch.kernels.reference import coverage_distribution
 from tsa_patch.kernels.triton_import import HAS_TRITON, tl, triton
-from tsa_patch.kernels.triton_select import _BLOCK, _write_kept
+from tsa_patch.kernels.triton_select import _BLOCK, _coverage_limit, _kept_after_tail, _write_kept
 
 if HAS_TRITON:
 
@@ -61,20 +61,14 @@ if HAS_TRITON:
                           DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
         # reference.kept_count_ref on the head-averaged scores without sorting them (the shipped
         # ``triton_select._kept_count`` sums their ascending sort): the ascending tail whose cumulative mass stays
-        # below tau (of the total when NORMALIZE, the authors' mean / (sum + 1e-8)) is dropped, one more with
-        # DROP_NEXT; then the floor and the ceiling. The tail ends at the value t where the mass below t stays
-        # under the limit (``_largest_bits``): every value below t, and as many of those tied at t as the limit
-        # leaves room for. (A limit above the total gives t = inf, every candidate below it; tau 0 gives t = 0
-        # and no room.)
+        # below the limit is dropped (the shipped ``_coverage_limit`` and ``_kept_after_tail``); then the floor
+        # and the ceiling. The tail ends at the value t where the mass below t stays under the limit
+        # (``_largest_bits``): every value below t, and as many of those tied at t as the limit leaves room for.
+        # (A limit above the total gives t = inf, every candidate below it; tau 0 gives t = 0 and no room.)
         offs = tl.arange(0, BLOCK)
         kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
         if not FORCED:
-            limit = tau
-            if NORMALIZE:
-                total = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, candidates, BLOCK):
-                    total += tl.load(Averaged + start + offs, mask=start + offs < candidates, other=0.0)
-                limit = tau * (tl.sum(total, 0) + 1e-8)
+            limit = _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE)
             cut = _largest_bits(Averaged, candidates, limit, BLOCK, True).to(tl.float32, bitcast=True)
             below_mass = tl.zeros([BLOCK], tl.float32)
             below_count = tl.zeros([BLOCK], tl.int32)
@@ -89,10 +83,7 @@ if HAS_TRITON:
             # the j-th value tied at the cut ends a tail of mass below_mass + j * cut
             room = tl.ceil((limit - below_mass) / tl.maximum(cut, 1e-38)) - 1
             below = tl.sum(below_count, 0) + tl.minimum(tl.maximum(room, 0.0), tied.to(tl.float32)).to(tl.int32)
-            dropped = below
-            if DROP_NEXT:
-                dropped = tl.where(below > 0, below + 1, below)
-            kept = candidates - dropped
+            kept = _kept_after_tail(below, candidates, DROP_NEXT)
         return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit

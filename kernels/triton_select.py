@@ -19,20 +19,35 @@ from .triton_import import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
+    def _coverage_limit(Averaged, candidates, tau, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr):
+        # The tail mass the coverage rule may drop: tau, of the total when NORMALIZE (the authors' mean / (sum + 1e-8))
+        limit = tau
+        if NORMALIZE:
+            offs = tl.arange(0, BLOCK)
+            total = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, candidates, BLOCK):
+                total += tl.load(Averaged + start + offs, mask=start + offs < candidates, other=0.0)
+            limit = tau * (tl.sum(total, 0) + 1e-8)
+        return limit
+
+    @triton.jit
+    def _kept_after_tail(below, candidates, DROP_NEXT: tl.constexpr):
+        # The candidates left once the ``below`` tail tokens whose cumulative mass stays under the limit are
+        # dropped, one more with DROP_NEXT (the authors' rule: nothing when there are none)
+        dropped = below
+        if DROP_NEXT:
+            dropped = tl.where(below > 0, below + 1, below)
+        return candidates - dropped
+
+    @triton.jit
     def _kept_count(Ascending, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
                     DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
         # reference.kept_count_ref on the ascending head-averaged scores: the tail whose cumulative mass stays
-        # below tau (of the total when NORMALIZE, the authors' mean / (sum + 1e-8)) is dropped, one more with
-        # DROP_NEXT; then the floor and the ceiling
+        # below the limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling
         offs = tl.arange(0, BLOCK)
         kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
         if not FORCED:
-            limit = tau
-            if NORMALIZE:
-                total = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, candidates, BLOCK):
-                    total += tl.load(Ascending + start + offs, mask=start + offs < candidates, other=0.0)
-                limit = tau * (tl.sum(total, 0) + 1e-8)
+            limit = _coverage_limit(Ascending, candidates, tau, BLOCK, NORMALIZE)
             carry = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
             below = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
             for start in range(0, candidates, BLOCK):
@@ -41,10 +56,7 @@ if HAS_TRITON:
                 running = carry + tl.cumsum(x, 0)
                 below += tl.sum((inside & (running < limit)).to(tl.int32), 0)
                 carry += tl.sum(x, 0)
-            dropped = below
-            if DROP_NEXT:
-                dropped = tl.where(below > 0, below + 1, below)
-            kept = candidates - dropped
+            kept = _kept_after_tail(below, candidates, DROP_NEXT)
         return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit
