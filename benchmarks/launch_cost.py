@@ -1,6 +1,7 @@
 """Host and device cost of a sparse layer's pieces at Llama-3.1-8B shapes (32/8 heads, d 128, bf16, the paper's
-kept fraction): the Triton token selection against its PyTorch twin and against the sort-free candidate
-(``radix_select.py``), the other stages, and whole layers.
+kept fraction): the Triton token selection's two implementations (the radix search and the sorts, between which
+``triton_select.select_tokens_padded`` chooses by length) against its PyTorch twin, the other stages, and whole
+layers.
 
 For each piece: CPU microseconds per call with the GPU left to run behind (up to 200 calls, one sync at the end:
 the host cost when launches are the bottleneck), the CUDA-event time of a call alone, and its device time with the
@@ -17,10 +18,10 @@ import time
 
 import torch
 
-from radix_select import select_tokens_padded_radix  # benchmarks/ is on the path of a script run from it
 from tsa_patch.bench import environment, paper_kept_fraction, time_cuda
 from tsa_patch.kernels.dense import dense_attention
 from tsa_patch.kernels.reference import query_rows, select_tokens_padded_ref
+from tsa_patch.kernels.triton_select import select_tokens_padded_radix, select_tokens_padded_sorted
 from tsa_patch.kernels.tsa import STAGES, token_scores, tsa_attention, tsa_attention_sync_free
 
 HEADS, KV_HEADS, DIM, WINDOW, POOL = 32, 8, 128, 128, 13
@@ -65,13 +66,12 @@ def measure(length: int) -> dict:
         "dense_cudnn": lambda: dense_attention(q, k, v, SCALE),  # the runtime's dense kernel: cuDNN first
         "score_and_smooth": lambda: token_scores(q, k, window=WINDOW, pool_kernel=POOL, selection="query_head",
                                                  scaling=SCALE, backend="triton"),
-        "select_triton": lambda: stages.select(pooled, length, 0.005, 1024, "paper", keep),
+        "select_triton": lambda: stages.select(pooled, length, 0.005, 1024, "paper", keep),  # the dispatch
         "select_radix": lambda: select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper", keep),
-        "select_radix_read_back": lambda: int(select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper",
-                                                                         keep)[1][0]),
+        "select_sorted": lambda: select_tokens_padded_sorted(pooled, length, 0.005, 1024, "paper", keep),
         # the same with the coverage rule deciding the count (a real model's case; random scores keep most tokens)
-        "select_triton_rule": lambda: stages.select(pooled, length, 0.005, 1024, "paper", None),
         "select_radix_rule": lambda: select_tokens_padded_radix(pooled, length, 0.005, 1024, "paper", None),
+        "select_sorted_rule": lambda: select_tokens_padded_sorted(pooled, length, 0.005, 1024, "paper", None),
         "select_torch": lambda: select_tokens_padded_ref(pooled, length, 0.005, 1024, "paper", keep),
         "select_triton_read_back": lambda: int(stages.select(pooled, length, 0.005, 1024, "paper", keep)[1][0]),
         "select_torch_read_back": lambda: int(select_tokens_padded_ref(pooled, length, 0.005, 1024, "paper",

@@ -1,12 +1,21 @@
 """Triton twin of ``reference.select_tokens_padded_ref``: Dynamic Token Coverage and the ordered kept positions.
 
-Four launches where the PyTorch steps take some 25 small ones (and their host time set a sparse layer's cost
-below 16K): the head-averaged scores (one reduction), their ascending sort, each head's descending sort (only
-its values: the K-th largest is the cut), and ``_select_kernel``, one program per head: the cumulative tail
-mass, the coverage rule and the clamps (every program derives the same count), then the candidates above the
-cut and those tied at it in position order until K, written ascending by a prefix sum, then the always-kept
-tail and the padding. Nothing is read back to the host: the count stays on the device, so the same selection
-serves the synced path (which then reads it once) and a CUDA graph."""
+Two implementations with the same results, chosen by the number of candidates (measured on an H200,
+``benchmarks/launch_cost.py``; ``results/launch-cost-H200-20261202b.json``):
+
+- below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one reduction) and
+  one kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a
+  pass counted in one read of the row, 8 passes) finds where the coverage rule's ascending tail ends and the
+  head's K-th largest score. Two launches: at 8K it takes 0.10 ms of device time and 30 us of host time, against
+  0.17 ms and 170 us for the sorts.
+- from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
+  head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
+  head's whole row 16 times in one program, so they lose to the sorts on long rows (0.42 against 0.28 ms at 32K).
+
+Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
+above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
+always-kept tail and the padding. Nothing is read back to the host: the count stays on the device, so the same
+selection serves the synced path (which then reads it once) and a CUDA graph."""
 
 from __future__ import annotations
 
@@ -100,13 +109,129 @@ if HAS_TRITON:
         cut = tl.where(keep > 0, cut, float("inf"))
         _write_kept(Pooled + head * stride_p, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
 
+    @triton.jit
+    def _largest_bits(Row, n, target, BLOCK: tl.constexpr, MASS: tl.constexpr):
+        # The largest fp32 bit pattern t (which orders the non-negative floats) in [0, +inf] whose predicate
+        # holds over the row's n values, all >= 0: with MASS the sum of the values below t stays under target,
+        # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
+        # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
+        # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
+        offs = tl.arange(0, BLOCK)
+        digits = tl.arange(0, 16)
+        prefix = tl.sum(tl.zeros([1], tl.int32), 0)
+        for p in tl.static_range(8):
+            candidate = prefix + (digits << (28 - 4 * p))
+            valid = (candidate >= 0) & (candidate <= 0x7F800000)
+            threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
+            if MASS:
+                acc = tl.zeros([16], tl.float32)
+            else:
+                acc = tl.zeros([16], tl.int32)
+            for start in range(0, n, BLOCK):
+                inside = start + offs < n
+                if MASS:  # padding is +inf: never below a threshold
+                    x = tl.load(Row + start + offs, mask=inside, other=float("inf"))
+                    acc += tl.sum(tl.where(x[:, None] < threshold[None, :], x[:, None], 0.0), 0)
+                else:  # padding is -1: never at or above a threshold
+                    x = tl.load(Row + start + offs, mask=inside, other=-1.0)
+                    acc += tl.sum((x[:, None] >= threshold[None, :]).to(tl.int32), 0)
+            if MASS:
+                holds = valid & (acc < target)
+            else:
+                holds = valid & (acc >= target)
+            prefix += tl.max(tl.where(holds, digits, 0), 0) << (28 - 4 * p)
+        return prefix
+
+    @triton.jit
+    def _radix_kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                          DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
+        # ``_kept_count`` without the ascending sort: the ascending tail whose cumulative mass stays below the
+        # limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling. The tail ends at the value t where the mass below t stays under the limit
+        # (``_largest_bits``): every value below t, and as many of those tied at t as the limit leaves room for.
+        # (A limit above the total gives t = inf, every candidate below it; tau 0 gives t = 0 and no room.)
+        offs = tl.arange(0, BLOCK)
+        kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
+        if not FORCED:
+            limit = _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE)
+            cut = _largest_bits(Averaged, candidates, limit, BLOCK, True).to(tl.float32, bitcast=True)
+            below_mass = tl.zeros([BLOCK], tl.float32)
+            below_count = tl.zeros([BLOCK], tl.int32)
+            tied = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, candidates, BLOCK):
+                x = tl.load(Averaged + start + offs, mask=start + offs < candidates, other=float("inf"))
+                below_mass += tl.where(x < cut, x, 0.0)
+                below_count += (x < cut).to(tl.int32)
+                tied += (x == cut).to(tl.int32)
+            below_mass = tl.sum(below_mass, 0)
+            tied = tl.sum(tied, 0)
+            # the j-th value tied at the cut ends a tail of mass below_mass + j * cut
+            room = tl.ceil((limit - below_mass) / tl.maximum(cut, 1e-38)) - 1
+            below = tl.sum(below_count, 0) + tl.minimum(tl.maximum(room, 0.0), tied.to(tl.float32)).to(tl.int32)
+            kept = _kept_after_tail(below, candidates, DROP_NEXT)
+        return tl.minimum(tl.maximum(kept, floor), candidates)
+
+    @triton.jit
+    def _radix_select_kernel(Averaged, Pooled, Count, Kept, stride_p, stride_k, candidates, seq_len, tau, floor,
+                             keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr, DROP_NEXT: tl.constexpr,
+                             FORCED: tl.constexpr):
+        # One head: the layer's count (every program derives the same one), its K-th largest score by the radix
+        # search, then the write-out
+        head = tl.program_id(0)
+        keep = _radix_kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
+        row = Pooled + head * stride_p
+        cut = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False).to(tl.float32, bitcast=True)
+        cut = tl.where(keep > 0, cut, float("inf"))
+        _write_kept(row, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
+
 
 _BLOCK = 1024
+# The candidate count from which the sorts outrun the radix search (interpolated between the H200's 8K and 32K
+# timings of the coverage rule: 0.105 against 0.166 ms at 8K, 0.424 against 0.283 at 32K; equal near 15K).
+RADIX_BELOW = 16384
+
+
+def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Empty count and kept buffers for ``pooled`` (Hs, C), which must be contiguous along the token axis."""
+    if pooled.stride(-1) != 1:
+        raise ValueError("select_tokens_padded: pooled must be contiguous along the token axis")
+    heads = pooled.shape[0]
+    count = torch.empty(heads, device=pooled.device, dtype=torch.int64)
+    kept = torch.empty(heads, seq_len, device=pooled.device, dtype=torch.int64)
+    return count, kept
+
+
+def select_tokens_padded_sorted(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
+                                keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """``select_tokens_padded`` by two sorts and one kernel (the faster on long rows)."""
+    count, kept = _checked(pooled, seq_len)
+    heads, candidates = pooled.shape
+    ascending = torch.sort(coverage_distribution(pooled, coverage)).values
+    descending = torch.sort(pooled, dim=-1, descending=True).values
+    _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
+                             kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
+                             0 if keep is None else keep, BLOCK=_BLOCK, NORMALIZE=coverage == "paper",
+                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=4)
+    return kept, count
+
+
+def select_tokens_padded_radix(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
+                               keep: int | None = None) -> tuple[Tensor, Tensor]:
+    """``select_tokens_padded`` by a radix search in one kernel, no sorts (the faster on short rows)."""
+    count, kept = _checked(pooled, seq_len)
+    heads, candidates = pooled.shape
+    averaged = coverage_distribution(pooled, coverage).contiguous()
+    _radix_select_kernel[(heads,)](averaged, pooled, count, kept, pooled.stride(0), kept.stride(0), candidates,
+                                   seq_len, tau, max(0, min(min_tokens, candidates)), 0 if keep is None else keep,
+                                   BLOCK=_BLOCK, NORMALIZE=coverage == "paper", DROP_NEXT=coverage == "paper",
+                                   FORCED=keep is not None, num_warps=8)
+    return kept, count
 
 
 def select_tokens_padded(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
                          keep: int | None = None) -> tuple[Tensor, Tensor]:
-    """Triton twin of ``reference.select_tokens_padded_ref`` (same arguments, same results).
+    """Triton twin of ``reference.select_tokens_padded_ref`` (same arguments, same results): the radix search
+    below ``RADIX_BELOW`` candidates, the sorts from there on.
 
     The count equals the reference's up to the fp32 rounding of the cumulative tail mass (a different summation
     order), so only where that mass lies within rounding of ``tau``; given the count, the kept positions are
@@ -116,18 +241,8 @@ def select_tokens_padded(pooled: Tensor, seq_len: int, tau: float, min_tokens: i
         kept: (Hs, Lk) int64; row h holds its ``count[h]`` kept positions in ascending order, then ``Lk - 1``.
         count: (Hs,) int64 on the device, ``K + T`` for every head.
     """
-    if pooled.stride(-1) != 1:
-        raise ValueError("select_tokens_padded: pooled must be contiguous along the token axis")
-    heads, candidates = pooled.shape
-    ascending = torch.sort(coverage_distribution(pooled, coverage)).values
-    descending = torch.sort(pooled, dim=-1, descending=True).values
-    count = torch.empty(heads, device=pooled.device, dtype=torch.int64)
-    kept = torch.empty(heads, seq_len, device=pooled.device, dtype=torch.int64)
-    _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
-                             kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
-                             0 if keep is None else keep, BLOCK=_BLOCK, NORMALIZE=coverage == "paper",
-                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=4)
-    return kept, count
+    select = select_tokens_padded_radix if pooled.shape[-1] < RADIX_BELOW else select_tokens_padded_sorted
+    return select(pooled, seq_len, tau, min_tokens, coverage, keep)
 
 
-__all__ = ["select_tokens_padded"]
+__all__ = ["RADIX_BELOW", "select_tokens_padded", "select_tokens_padded_radix", "select_tokens_padded_sorted"]

@@ -44,7 +44,7 @@ def test_remote_code_does_no_io(path):
             assert node.func.id not in FORBIDDEN_CALLS, f"{path.name} calls {node.func.id}()"
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os":
             assert node.attr == "environ", f"{path.name} uses os.{node.attr}: the runtime only reads its variables"
-    # 2,655 lines with the sync-free path (its kernel and PyTorch twin), the native path for inputs no layer can
-    # reduce, and the block selection and TSA's token selection in Triton beside their PyTorch twins; a reader
-    # takes it in in an afternoon
-    assert sum(len(p.read_text().splitlines()) for p in remote_code_files()) < 2750, "keep the shipped code small"
+    # 2,783 lines with the sync-free path (its kernel and PyTorch twin), the native path for inputs no layer can
+    # reduce, and the block selection and TSA's token selection in Triton (the sorts and the radix search) beside
+    # their PyTorch twins; a reader takes it in in an afternoon
+    assert sum(len(p.read_text().splitlines()) for p in remote_code_files()) < 2850, "keep the shipped code small"

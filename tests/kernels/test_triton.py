@@ -6,34 +6,25 @@ of slack (where both errors are near zero: fp32 inputs are scored in exact IEEE 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from tsa_patch.kernels import triton_select
 from tsa_patch.kernels.reference import (compress_ref, coverage_distribution, decompress_ref, gathered_attention_ref,
                                         query_rows, score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
 from tsa_patch.kernels.triton_gather import gathered_attention
 from tsa_patch.kernels.triton_rows import compress, decompress
 from tsa_patch.kernels.triton_score import score_keys
-from tsa_patch.kernels.triton_select import select_tokens_padded
+from tsa_patch.kernels.triton_select import (select_tokens_padded, select_tokens_padded_radix,
+                                             select_tokens_padded_sorted)
 from tsa_patch.kernels.triton_smooth import smooth_scores
 from numerics import ATTENTION_RELATIVE, eps
 
 SLACK = 8 * eps(torch.float32)
 
 
-def _radix_candidate():
-    """benchmarks/radix_select.py's sort-free selection, which the GPU benchmark weighs against the shipped one."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "radix_select.py"
-    spec = importlib.util.spec_from_file_location("radix_select", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.select_tokens_padded_radix
-
-
-SELECTIONS = {"shipped": select_tokens_padded, "radix_candidate": _radix_candidate()}
+# the two implementations that select_tokens_padded chooses between by the candidate count
+SELECTIONS = {"sorted": select_tokens_padded_sorted, "radix": select_tokens_padded_radix}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreted Triton is slow: small shapes on CPU, real ones on the GPU. bf16 only on the GPU (the 3.6
@@ -101,7 +92,7 @@ def counts_within_rounding(pooled, tau, coverage):
 @pytest.mark.parametrize("heads,candidates", [(1, 7), (5, 1000), (14, 2500)]
                          + ([(32, 8064), (32, 131072 - 128)] if DEVICE == "cuda" else []))
 def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage, selection):
-    """The Triton selection (the shipped one, and the sort-free candidate): the count the rule gives (exactly,
+    """Both Triton selections (the sorts and the radix search): the count the rule gives (exactly,
     unless a tail mass lies within fp32 rounding of tau: then one of the counts that rounding allows), and, for
     that count, exactly the reference's positions (ties at the cut go to the earlier token), tail and padding."""
     generator = torch.Generator(device=DEVICE).manual_seed(heads * candidates + len(case))
@@ -129,6 +120,22 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
     expected, _ = select_tokens_padded_ref(pooled, candidates + window, tau, min_tokens, coverage, keep=chosen)
     assert torch.equal(kept, expected)
 
+
+
+def test_select_tokens_padded_dispatches_by_candidate_count(monkeypatch):
+    """The radix search below RADIX_BELOW candidates, the sorts from there on; both give the reference's result."""
+    monkeypatch.setattr(triton_select, "RADIX_BELOW", 64)  # interpreted Triton: keep the rows short
+    calls = []
+    for name in ("select_tokens_padded_radix", "select_tokens_padded_sorted"):
+        original = getattr(triton_select, name)
+        monkeypatch.setattr(triton_select, name,
+                            lambda *args, _name=name, _fn=original: calls.append(_name) or _fn(*args))
+    for candidates in (63, 64):
+        pooled = torch.rand(3, candidates, device=DEVICE) ** 6
+        kept, count = select_tokens_padded(pooled, candidates + 8, 0.01, 4, "paper", None)
+        expected = select_tokens_padded_ref(pooled, candidates + 8, 0.01, 4, "paper", keep=int(count[0]) - 8)[0]
+        assert torch.equal(kept, expected)
+    assert calls == ["select_tokens_padded_radix", "select_tokens_padded_sorted"]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_score_keys_with_softcap_matches_reference(dtype, brute):
