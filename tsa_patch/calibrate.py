@@ -38,9 +38,10 @@ MAX_SEQ_LEN = 131072
 METHODS = ("budget", "drift")
 # The paper's rule, evaluated next to every budget calibration for comparison.
 PAPER_TAU, PAPER_DELTA = 0.005, 0.5
-# Where no timing on a CUDA GPU decides it, TSA engages from this prompt length: the longest whole-model crossover
-# measured on an H200 (benchmarks/README.md, 2026-12-02: the real Qwen2.5-Coder-0.5B TSA export with every layer
-# engaged ran x0.86 at 8K, x0.98 at 12K, x1.06 at 16K; one Llama-3.1-8B-shaped TSA layer x0.81 at 8K, x1.56 at 16K).
+# Where no timing on a CUDA GPU decides it, TSA engages from this prompt length: the longest per-layer crossover
+# measured on an H200 (benchmarks/README.md, 2026-12-02: the real Qwen2.5-Coder-0.5B TSA layers engage from 12,288
+# or 16,384, its export with every layer engaged ran x0.89 at 8K, x1.02 at 12K, x1.06 at 16K; one
+# Llama-3.1-8B-shaped TSA layer x0.93 at 8K, x1.66 at 16K).
 CONSERVATIVE_ACTIVATION_LENGTH = 16384
 _KNOBS = knob_defaults()
 
