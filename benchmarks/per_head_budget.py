@@ -8,9 +8,10 @@ mass < tau and one more is dropped). A peaked head then keeps as many tokens as 
 variant applies the same rule to each head's own normalised scores, so each head keeps its own K_h. Both run the
 same code here (each head's kept tokens compressed and attended alone with SDPA; only the counts differ), on
 the same layers at one tau (default: the later half, where TSA is nearly free on the real Qwen model), and are
-compared on one front: the KL of the continuation after the prefill (natural
-text and the recall probe) against the attention FLOPs computed (the mean over all layers, a dense one costing 1,
-of the mean over heads of ``(K_h / L)^2``). The runtime's own TSA at the first tau checks the stand-in (its head-averaged KL must match). Writes ``benchmarks/results/per-head-budget-smollm2.json``.
+compared on one front: the KL of the continuation after the prefill (natural text and the recall probe) against
+the attention FLOPs computed (the mean over all layers, a dense one costing 1, of the mean over heads of
+``(K_h / L)^2``). The runtime's own TSA at the first tau checks the stand-in (its head-averaged KL must match).
+Writes ``benchmarks/results/per-head-budget-smollm2.json``.
 
 A research probe, not the runtime: the runtime's kernels assume one count per layer (compact tensors of one
 length); per-head counts would need varlen attention or padding.
@@ -48,7 +49,8 @@ def per_head_counts(pooled: torch.Tensor, tau: float, min_tokens: int) -> torch.
 
 def head_budget_attention(record: list, per_head: bool):
     """A stand-in for ``tsa.tsa_attention`` (full prefills, query_head selection) whose heads keep ``K_h`` tokens:
-    their own counts with ``per_head``, else the layer's head-averaged count. Appends (Hq,) kept counts to ``record``."""
+    their own counts with ``per_head``, else the layer's head-averaged count. Appends (Hq,) kept counts to
+    ``record``."""
 
     def attend(query, key, value, *, tau, window, pool_kernel, min_tokens, selection, scaling, coverage="paper",
                softcap=None, dense_backend="auto", keep_fraction=None, backend="torch", attend=None):
@@ -111,9 +113,10 @@ def main() -> None:
                     attention_module.tsa_attention = (original if variant == "runtime" else
                                                       head_budget_attention(record, variant == "per_head"))
                     metrics = compare_with_dense(model, samples, args.prompt_len, references[name], ATTENTION_KEY)
+                    cost = (attention_cost(record, args.prompt_len, len(sparse_layers), layers) if record
+                            else metrics.attention_cost)
                     row[name] = {"kl": round(metrics.kl, 6), "top1_agreement": round(metrics.top1_agreement, 4),
-                                 "attention_cost": round(attention_cost(record, args.prompt_len, len(sparse_layers), layers), 4) if record
-                                 else round(metrics.attention_cost, 4)}
+                                 "attention_cost": round(cost, 4)}
                 row["seconds"] = round(time.time() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -122,8 +125,8 @@ def main() -> None:
     out = Path("benchmarks/results/per-head-budget-smollm2.json")
     out.write_text(json.dumps({"environment": environment(), "command": "python benchmarks/per_head_budget.py "
                                f"--samples {args.samples} --prompt-len {args.prompt_len} --continuation "
-                               f"{args.continuation} --taus {args.taus} --first-layer {args.first_layer}", "model": source.spec, "sparse_layers": sparse_layers,
-                               "results": rows}, indent=1) + "\n")
+                               f"{args.continuation} --taus {args.taus} --first-layer {args.first_layer}", "model": source.spec,
+                               "sparse_layers": sparse_layers, "results": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

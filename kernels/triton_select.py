@@ -146,8 +146,9 @@ if HAS_TRITON:
     def _radix_kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
                           DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
         # ``_kept_count`` without the ascending sort: the ascending tail whose cumulative mass stays below the
-        # limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling. The tail ends at the value t where the mass below t stays under the limit
-        # (``_largest_bits``): every value below t, and as many of those tied at t as the limit leaves room for.
+        # limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling. The tail
+        # ends at the value t where the mass below t stays under the limit (``_largest_bits``): every value below
+        # t, and as many of those tied at t as the limit leaves room for.
         # (A limit above the total gives t = inf, every candidate below it; tau 0 gives t = 0 and no room.)
         offs = tl.arange(0, BLOCK)
         kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep

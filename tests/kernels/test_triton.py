@@ -121,7 +121,6 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
     assert torch.equal(kept, expected)
 
 
-
 def test_select_tokens_padded_dispatches_by_candidate_count(monkeypatch):
     """The radix search below RADIX_BELOW candidates, the sorts from there on; both give the reference's result."""
     monkeypatch.setattr(triton_select, "RADIX_BELOW", 64)  # interpreted Triton: keep the rows short
@@ -136,6 +135,7 @@ def test_select_tokens_padded_dispatches_by_candidate_count(monkeypatch):
         expected = select_tokens_padded_ref(pooled, candidates + 8, 0.01, 4, "paper", keep=int(count[0]) - 8)[0]
         assert torch.equal(kept, expected)
     assert calls == ["select_tokens_padded_radix", "select_tokens_padded_sorted"]
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_score_keys_with_softcap_matches_reference(dtype, brute):
