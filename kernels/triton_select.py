@@ -40,32 +40,89 @@ if HAS_TRITON:
         return limit
 
     @triton.jit
-    def _kept_after_tail(below, candidates, DROP_NEXT: tl.constexpr):
-        # The candidates left once the ``below`` tail tokens whose cumulative mass stays under the limit are
-        # dropped, one more with DROP_NEXT (the authors' rule: nothing when there are none)
-        dropped = below
-        if DROP_NEXT:
-            dropped = tl.where(below > 0, below + 1, below)
-        return candidates - dropped
+    def _largest_bits(Row, n, target, BLOCK: tl.constexpr, MASS: tl.constexpr):
+        # The largest fp32 bit pattern t (which orders the non-negative floats) in [0, +inf] whose predicate
+        # holds over the row's n values, all >= 0: with MASS the sum of the values below t stays under target,
+        # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
+        # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
+        # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
+        offs = tl.arange(0, BLOCK)
+        digits = tl.arange(0, 16)
+        prefix = tl.sum(tl.zeros([1], tl.int32), 0)
+        for p in tl.static_range(8):
+            candidate = prefix + (digits << (28 - 4 * p))
+            valid = (candidate >= 0) & (candidate <= 0x7F800000)
+            threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
+            if MASS:
+                acc = tl.zeros([16], tl.float32)
+            else:
+                acc = tl.zeros([16], tl.int32)
+            for start in range(0, n, BLOCK):
+                inside = start + offs < n
+                if MASS:  # padding is +inf: never below a threshold
+                    x = tl.load(Row + start + offs, mask=inside, other=float("inf"))
+                    acc += tl.sum(tl.where(x[:, None] < threshold[None, :], x[:, None], 0.0), 0)
+                else:  # padding is -1: never at or above a threshold
+                    x = tl.load(Row + start + offs, mask=inside, other=-1.0)
+                    acc += tl.sum((x[:, None] >= threshold[None, :]).to(tl.int32), 0)
+            if MASS:
+                holds = valid & (acc < target)
+            else:
+                holds = valid & (acc >= target)
+            prefix += tl.max(tl.where(holds, digits, 0), 0) << (28 - 4 * p)
+        return prefix
 
     @triton.jit
-    def _kept_count(Ascending, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
-                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
-        # reference.kept_count_ref on the ascending head-averaged scores: the tail whose cumulative mass stays
-        # below the limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling
+    def _sorted_tail(Ascending, candidates, limit, BLOCK: tl.constexpr):
+        # How many of the ascending scores make a tail whose cumulative mass stays below ``limit``
         offs = tl.arange(0, BLOCK)
-        kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
+        carry = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        below = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, candidates, BLOCK):
+            inside = start + offs < candidates
+            x = tl.load(Ascending + start + offs, mask=inside, other=0.0)
+            running = carry + tl.cumsum(x, 0)
+            below += tl.sum((inside & (running < limit)).to(tl.int32), 0)
+            carry += tl.sum(x, 0)
+        return below
+
+    @triton.jit
+    def _radix_tail(Averaged, candidates, limit, BLOCK: tl.constexpr):
+        # ``_sorted_tail`` without the sort: the ascending tail ends at the value t where the mass below t stays
+        # under the limit (``_largest_bits``): every value below t, and as many of those tied at t as the limit
+        # leaves room for. (A limit above the total gives t = inf, every value below it; tau 0 gives t = 0.)
+        offs = tl.arange(0, BLOCK)
+        cut = _largest_bits(Averaged, candidates, limit, BLOCK, True).to(tl.float32, bitcast=True)
+        below_mass = tl.zeros([BLOCK], tl.float32)
+        below_count = tl.zeros([BLOCK], tl.int32)
+        tied = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, candidates, BLOCK):
+            x = tl.load(Averaged + start + offs, mask=start + offs < candidates, other=float("inf"))
+            below_mass += tl.where(x < cut, x, 0.0)
+            below_count += (x < cut).to(tl.int32)
+            tied += (x == cut).to(tl.int32)
+        below_mass = tl.sum(below_mass, 0)
+        tied = tl.sum(tied, 0)
+        # the j-th value tied at the cut ends a tail of mass below_mass + j * cut
+        room = tl.ceil((limit - below_mass) / tl.maximum(cut, 1e-38)) - 1
+        return tl.sum(below_count, 0) + tl.minimum(tl.maximum(room, 0.0), tied.to(tl.float32)).to(tl.int32)
+
+    @triton.jit
+    def _kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr, SORTED: tl.constexpr):
+        # reference.kept_count_ref on the head-averaged scores (ascending when SORTED): unless FORCED, the tail
+        # whose cumulative mass stays below the limit (``_coverage_limit``) is dropped, one more with DROP_NEXT
+        # (the authors' rule: nothing when the tail is empty); then the floor and the ceiling
+        kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep  # a tensor (an argument of 1 is a constant)
         if not FORCED:
-            limit = _coverage_limit(Ascending, candidates, tau, BLOCK, NORMALIZE)
-            carry = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-            below = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
-            for start in range(0, candidates, BLOCK):
-                inside = start + offs < candidates
-                x = tl.load(Ascending + start + offs, mask=inside, other=0.0)
-                running = carry + tl.cumsum(x, 0)
-                below += tl.sum((inside & (running < limit)).to(tl.int32), 0)
-                carry += tl.sum(x, 0)
-            kept = _kept_after_tail(below, candidates, DROP_NEXT)
+            limit = _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE)
+            if SORTED:
+                below = _sorted_tail(Averaged, candidates, limit, BLOCK)
+            else:
+                below = _radix_tail(Averaged, candidates, limit, BLOCK)
+            if DROP_NEXT:
+                below = tl.where(below > 0, below + 1, below)
+            kept = candidates - below
         return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit
@@ -103,73 +160,11 @@ if HAS_TRITON:
         # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
         # the head's top ``keep`` candidates (the K-th largest score read from the descending sort)
         head = tl.program_id(0)
-        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, True)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
         cut = tl.where(keep > 0, cut, float("inf"))
         _write_kept(Pooled + head * stride_p, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
-
-    @triton.jit
-    def _largest_bits(Row, n, target, BLOCK: tl.constexpr, MASS: tl.constexpr):
-        # The largest fp32 bit pattern t (which orders the non-negative floats) in [0, +inf] whose predicate
-        # holds over the row's n values, all >= 0: with MASS the sum of the values below t stays under target,
-        # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
-        # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
-        # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
-        offs = tl.arange(0, BLOCK)
-        digits = tl.arange(0, 16)
-        prefix = tl.sum(tl.zeros([1], tl.int32), 0)
-        for p in tl.static_range(8):
-            candidate = prefix + (digits << (28 - 4 * p))
-            valid = (candidate >= 0) & (candidate <= 0x7F800000)
-            threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
-            if MASS:
-                acc = tl.zeros([16], tl.float32)
-            else:
-                acc = tl.zeros([16], tl.int32)
-            for start in range(0, n, BLOCK):
-                inside = start + offs < n
-                if MASS:  # padding is +inf: never below a threshold
-                    x = tl.load(Row + start + offs, mask=inside, other=float("inf"))
-                    acc += tl.sum(tl.where(x[:, None] < threshold[None, :], x[:, None], 0.0), 0)
-                else:  # padding is -1: never at or above a threshold
-                    x = tl.load(Row + start + offs, mask=inside, other=-1.0)
-                    acc += tl.sum((x[:, None] >= threshold[None, :]).to(tl.int32), 0)
-            if MASS:
-                holds = valid & (acc < target)
-            else:
-                holds = valid & (acc >= target)
-            prefix += tl.max(tl.where(holds, digits, 0), 0) << (28 - 4 * p)
-        return prefix
-
-    @triton.jit
-    def _radix_kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
-                          DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
-        # ``_kept_count`` without the ascending sort: the ascending tail whose cumulative mass stays below the
-        # limit is dropped (``_coverage_limit``, ``_kept_after_tail``); then the floor and the ceiling. The tail
-        # ends at the value t where the mass below t stays under the limit (``_largest_bits``): every value below
-        # t, and as many of those tied at t as the limit leaves room for.
-        # (A limit above the total gives t = inf, every candidate below it; tau 0 gives t = 0 and no room.)
-        offs = tl.arange(0, BLOCK)
-        kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep
-        if not FORCED:
-            limit = _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE)
-            cut = _largest_bits(Averaged, candidates, limit, BLOCK, True).to(tl.float32, bitcast=True)
-            below_mass = tl.zeros([BLOCK], tl.float32)
-            below_count = tl.zeros([BLOCK], tl.int32)
-            tied = tl.zeros([BLOCK], tl.int32)
-            for start in range(0, candidates, BLOCK):
-                x = tl.load(Averaged + start + offs, mask=start + offs < candidates, other=float("inf"))
-                below_mass += tl.where(x < cut, x, 0.0)
-                below_count += (x < cut).to(tl.int32)
-                tied += (x == cut).to(tl.int32)
-            below_mass = tl.sum(below_mass, 0)
-            tied = tl.sum(tied, 0)
-            # the j-th value tied at the cut ends a tail of mass below_mass + j * cut
-            room = tl.ceil((limit - below_mass) / tl.maximum(cut, 1e-38)) - 1
-            below = tl.sum(below_count, 0) + tl.minimum(tl.maximum(room, 0.0), tied.to(tl.float32)).to(tl.int32)
-            kept = _kept_after_tail(below, candidates, DROP_NEXT)
-        return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit
     def _radix_select_kernel(Averaged, Pooled, Count, Kept, stride_p, stride_k, candidates, seq_len, tau, floor,
@@ -178,7 +173,7 @@ if HAS_TRITON:
         # One head: the layer's count (every program derives the same one), its K-th largest score by the radix
         # search, then the write-out
         head = tl.program_id(0)
-        keep = _radix_kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, False)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         row = Pooled + head * stride_p
         cut = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False).to(tl.float32, bitcast=True)
