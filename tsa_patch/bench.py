@@ -43,7 +43,7 @@ MODEL_CONFIGS = {
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=131072,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-# Benchmark name -> policy dense_backend name (kernels/dense.py).
+# Benchmark name -> policy dense_backend name (tsa_patch/kernels/dense.py).
 DENSE_BACKENDS = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "sdpa-efficient": "efficient"}
 # The paper's TSA defaults (window 128, pooling 7, at least 1024 kept tokens): TsaPolicy's own defaults.
 _DEFAULTS = knob_defaults()

@@ -25,7 +25,8 @@ DEFAULT_MODEL_LICENSE = "apache-2.0"
 
 
 def supported_architectures() -> dict[str, str]:
-    """``model_type`` of config.json -> name of the class that runs TSA on it (``kernels/modeling_tsa.py``)."""
+    """``model_type`` of config.json -> name of the class that runs TSA on it
+    (``tsa_patch/kernels/modeling_tsa.py``)."""
     from tsa_patch.kernels.modeling_tsa import TSA_CLASSES  # imports transformers' model classes: only when needed
 
     return {model_type: cls.__name__ for model_type, cls in TSA_CLASSES.items()}

@@ -1,4 +1,5 @@
-"""Brute-force float64 definitions of what the TSA kernels compute, written independently of kernels/reference.py."""
+"""Brute-force float64 definitions of what the TSA kernels compute, written independently of
+tsa_patch/kernels/reference.py."""
 
 from __future__ import annotations
 

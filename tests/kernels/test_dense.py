@@ -1,4 +1,4 @@
-"""kernels/dense.py: bottom-right causal SDPA, the flash-attn path's layout, and the backend fallback."""
+"""tsa_patch/kernels/dense.py: bottom-right causal SDPA, the flash-attn path's layout, and the backend fallback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PyTorch stages of kernels/reference.py against brute-force float64 definitions, on fresh random inputs.
+"""The PyTorch stages of tsa_patch/kernels/reference.py against brute-force float64 definitions, on fresh random inputs.
 
 Bound: float32 stages must be within ``numerics.ATTENTION_RELATIVE[float32]`` (128 eps) relative error of
 float64 (fp32 arithmetic lands far below that at these sizes). NaN fails.

@@ -1,5 +1,5 @@
-"""The sync-free TSA path (kernels/tsa.py ``tsa_attention_sync_free``): the same tokens and output as the synced
-path, and, on a GPU, not one host synchronisation in a whole sparse layer, nor in a block-sparse one.
+"""The sync-free TSA path (tsa_patch/kernels/tsa.py ``tsa_attention_sync_free``): the same tokens and output as the
+synced path, and, on a GPU, not one host synchronisation in a whole sparse layer, nor in a block-sparse one.
 
 Bounds: the two paths compute the same attention on the same kept tokens, in another order; relative error
 against float64 at most ``numerics.ATTENTION_RELATIVE`` (fp32: 128 eps).

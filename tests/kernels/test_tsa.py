@@ -1,4 +1,4 @@
-"""The composite tsa_attention (kernels/tsa.py) on both backends, against brute-force float64.
+"""The composite tsa_attention (tsa_patch/kernels/tsa.py) on both backends, against brute-force float64.
 
 torch backend: float32 within ``numerics.ATTENTION_RELATIVE`` (128 eps) relative error; bf16 within 2x the error plain torch makes on the same bf16
 inputs. triton backend on CPU runs under TRITON_INTERPRET=1 (fp32, fp16: Triton 3.6's interpreter computes

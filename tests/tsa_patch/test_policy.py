@@ -1,4 +1,4 @@
-"""TsaPolicy schema (kernels/policy.py) and policy files (tsa_patch/policy_file.py)."""
+"""TsaPolicy schema (tsa_patch/kernels/policy.py) and policy files (tsa_patch/policy_file.py)."""
 
 from __future__ import annotations
 
