@@ -77,9 +77,10 @@ class CalibrationConfig:
         activation_length: prompts shorter than this run dense. None (the default): the paper's
             ``min_tokens + window + 1`` for the drift method; for the budget method, per layer, the shortest length
             from which that sparse layer's device time, timed against dense on this machine, is never above
-            dense's, raised past any length where the whole model's prefill was slower (on CUDA,
+            dense's, raised past any length where the whole model's prefill was not 2 % faster (on CUDA,
             ``calibration.speed``), or ``CONSERVATIVE_ACTIVATION_LENGTH`` without a CUDA GPU (CPU timings say
-            nothing about a GPU's).
+            nothing about a GPU's); then checked end to end at every length it serves below ``seq_len``, a layer
+            raised past a length where the policy so served misses the budget (``calibration.served``).
         window ... block_js_threshold: the policy's other knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
             ``TsaPolicy``), copied into the policy.
     """
@@ -278,10 +279,18 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
         report.block_sparse = {**block_check, "layers": list(block_layers)}
     activation, own = config.activation_length, {}
     if activation is None:
+        del judge  # its stored traces make room for the checks below
         report.speed = _speed(model, config, lambda own: _policy(taus, config, source_model, {}, block_layers, own),
                               calibration[0], start)
         activation = report.speed["activation_length"]
         own = {int(i): n for i, n in report.speed.get("layer_activation", {}).items()}
+        sparse = [i for i, tau in enumerate(taus) if tau > 0 or i in block_layers]
+        served = {i: own.get(i, activation) for i in sparse}
+        guarded, report.served = _check_served(
+            model, tokenizer, config, calibration, report.budget, taus, block_layers, served,
+            lambda taus, blocks, own: _policy(taus, config, source_model, {}, blocks, own), start)
+        if guarded != served:
+            own, activation = guarded, min(guarded.values())
     report = report.to_dict()
     policy = _policy(taus, config, source_model, report, block_layers, own, activation_length=activation)
     return CalibrationResult(policy=policy, drift=drift, report=report)
@@ -325,13 +334,13 @@ def _speed(model, config: CalibrationConfig, make_policy: Callable[[dict | None]
            start) -> dict:
     """On CUDA, time the sparse layers against dense at a ladder of lengths and take each layer's activation length
     from its own device times, then time the whole model's prefill so engaged against dense and raise every layer
-    past any length where it is slower (the policy's activation length is the shortest of the layers'); elsewhere
-    the conservative default (a CPU's timings say nothing about a GPU's). ``make_policy(layer_activation)`` gives
-    the chosen policy with those per-layer activation lengths."""
+    past any length where it is not ``MIN_PREFILL_GAIN`` faster (the policy's activation length is the shortest of
+    the layers'); elsewhere the conservative default (a CPU's timings say nothing about a GPU's).
+    ``make_policy(layer_activation)`` gives the chosen policy with those per-layer activation lengths."""
     import torch
 
-    from tsa_patch.calibration.speed import (activation_from, ladder, layer_activations, measure_speed, prefill_floor,
-                                             time_prefills)
+    from tsa_patch.calibration.speed import (MIN_PREFILL_GAIN, activation_from, ladder, layer_activations,
+                                             measure_speed, prefill_floor, time_prefills)
 
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -358,7 +367,33 @@ def _speed(model, config: CalibrationConfig, make_policy: Callable[[dict | None]
             "layer_activation": {str(i): n for i, n in sorted(own.items())},
             "activation_length": min(own.values(), default=config.seq_len + 1),
             "rule": "per layer: the shortest ladder length from which the layer's device time is never above "
-                    "dense; raised past any length where the whole model's prefill so engaged was slower"}
+                    f"dense; raised past any length where the whole model's prefill so engaged was not "
+                    f"{MIN_PREFILL_GAIN:.0%} faster"}
+
+
+def _check_served(model, tokenizer, config: CalibrationConfig, calibration, budget, taus, block_layers,
+                  activation: dict[int, int], make_policy: Callable[..., TsaPolicy], start
+                  ) -> tuple[dict[int, int], list[dict]]:
+    """The chosen policy (``taus``, ``block_layers``) end to end on the calibration samples cut to every length it
+    serves below ``seq_len``, each layer engaged from its ``activation`` length; layers engaged where it misses
+    ``budget`` are raised (``calibration.served``). ``make_policy(taus, block_layers, activation)`` gives a policy
+    with those per-layer activation lengths."""
+    from tsa_patch.calibration.endtoend import EndToEnd
+    from tsa_patch.calibration.served import guard_served_lengths, served_lengths
+
+    lengths = served_lengths(activation, config.seq_len)
+    step = start(f"Checking the policy end to end at the lengths it serves ({', '.join(map(str, lengths))})",
+                 len(lengths)) if lengths else None
+    def measure(length: int, current: dict[int, int]) -> dict:
+        texts = [ids[: length + config.continuation] for ids in calibration]
+        judge = EndToEnd(model, {"calibration": texts}, length, tokenizer, config.seed,
+                         lambda t, blocks, **knobs: make_policy(t, blocks, current), lambda description, total: None)
+        metrics = judge.metrics(taus, "calibration", block_layers)
+        if step is not None:
+            step()
+        return {**{k: metrics[k] for k in ("kl", "top1_agreement", "attention_cost")}, "met": budget.met(metrics)}
+
+    return guard_served_lengths(activation, config.seq_len, measure)
 
 
 def _search(model, config: CalibrationConfig, measurements, front, drift, judge, start):

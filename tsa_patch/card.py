@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from tsa_patch.calibration.speed import MIN_PREFILL_GAIN
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
 from tsa_patch.models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME, ModelSource
 
@@ -45,15 +46,16 @@ def activation_basis(policy: TsaPolicy) -> str:
         return "the paper's: prompts longer than min tokens + window"
     if not speed:
         return "set at calibration (--activation-length)" if calibration else "set by hand"
+    served = _served_sentence(calibration.get("served"))
     if speed.get("device") == "cpu":
-        return "conservative default: calibrated without a CUDA GPU to time the sparse layers on"
+        return "conservative default: calibrated without a CUDA GPU to time the sparse layers on" + served
     lengths = speed.get("lengths") or []
     timed = ", ".join(f"{n:,}" for n in lengths)
     if "layer_activation" in speed:
         beyond = lengths[-1] + 1 if lengths else None
         groups: dict[int, list[str]] = {}
-        for index, length in speed["layer_activation"].items():
-            groups.setdefault(length, []).append(index)
+        for index in speed["layer_activation"]:  # as served: the policy's, after the end-to-end checks
+            groups.setdefault(policy.activation_of(policy.layers[int(index)]), []).append(index)
         parts = [f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} "
                  + ("slower than dense at every length timed, engaging only beyond it" if length == beyond
                     else f"from {length:,} tokens") for length, layers in sorted(groups.items())]
@@ -62,17 +64,30 @@ def activation_basis(policy: TsaPolicy) -> str:
                     f"from which it was never slower than dense (timed at {timed}): "
                     f"{'; '.join(parts) or 'no sparse layer'}")
         floor = speed.get("prefill_floor")
-        check = (f"; the whole model so engaged was slower than dense below {floor:,} tokens, so no layer engages "
-                 "below that" if floor else "; the whole model so engaged was never slower than dense at a timed length")
+        check = (f"; the whole model so engaged was not {MIN_PREFILL_GAIN:.0%} faster than dense below {floor:,} "
+                 "tokens, so no layer engages below that" if floor
+                 else "; the whole model so engaged was never slower than dense at a timed length")
         return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length from "
                 f"which its device time was never above dense's (timed at {timed}): "
-                f"{'; '.join(parts) or 'no sparse layer'}{check}")
+                f"{'; '.join(parts) or 'no sparse layer'}{check}{served}")
     measured = speed.get("measured_activation_length")  # a policy written before per-layer activation lengths
     if measured is None:
         return (f"measured on {speed['device']}: the sparse layers were slower than dense at every length timed "
                 f"({timed}), so TSA does not engage")
     return (f"measured on {speed['device']}: the sparse layers together were never slower than dense from "
             f"{measured:,} tokens on (timed at {timed})")
+
+
+def _served_sentence(checks: list[dict] | None) -> str:
+    """The end-to-end checks at the shorter lengths served (``calibration.served``), in words; "" without any."""
+    if not checks:
+        return ""
+    checked = ", ".join(f"{c['length']:,}" for c in checks)
+    missed = ", ".join(f"{c['length']:,}" for c in checks if not c["met"])
+    if not missed:
+        return f"; the policy so served was within the accuracy budget end to end at {checked} tokens"
+    return (f"; checked end to end at {checked} tokens, it missed the accuracy budget at {missed}, so the layers "
+            "engaged there engage from the next length checked")
 
 
 def _block_kernel_sentence(policy: TsaPolicy) -> str:

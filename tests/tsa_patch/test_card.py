@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tsa_patch.card import _metrics_row
 
 
@@ -13,9 +15,14 @@ def test_metrics_row_skips_a_part_that_was_not_measured():
 
 
 def _policy(**calibration):
-    from tsa_patch.kernels.policy import TsaPolicy
+    """Four layers, layer 3 sparse, and each layer the speed timings name sparse from its own length (as
+    ``calibrate`` writes them)."""
+    from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
 
-    return TsaPolicy.from_dict({**TsaPolicy.uniform(4, 0.01, [3]).to_dict(), "calibration": calibration})
+    own = {int(i): n for i, n in calibration.get("speed", {}).get("layer_activation", {}).items()}
+    layers = tuple(LayerPolicy(enabled=True, tau=0.01, activation_length=own.get(i)) if i in own or i == 3
+                   else LayerPolicy() for i in range(4))
+    return TsaPolicy(layers=layers, calibration=calibration)
 
 
 def test_activation_basis_says_where_the_activation_length_comes_from():
@@ -43,7 +50,20 @@ def test_activation_basis_says_where_the_activation_length_comes_from():
         "so engaged was never slower than dense at a timed length")
     checked["prefill_floor"] = 32000
     assert activation_basis(_policy(method="accuracy-budget", speed=checked)).endswith(
-        "slower than dense below 32,000 tokens, so no layer engages below that")
+        "not 2% faster than dense below 32,000 tokens, so no layer engages below that")
+    # the checks at the shorter lengths served (``calibration.served``)
+    timed = {**checked, "layer_activation": {"1": 2048}, "prefill_floor": None}
+    within = [{"length": 2048, "layers": [1], "kl": 0.01, "met": True}]
+    assert activation_basis(_policy(method="accuracy-budget", speed=timed, served=within)).endswith(
+        "layer 1 from 2,048 tokens; the whole model so engaged was never slower than dense at a timed length; the "
+        "policy so served was within the accuracy budget end to end at 2,048 tokens")
+    raised = _policy(method="accuracy-budget", speed=timed, served=[{**within[0], "met": False}])
+    raised = dataclasses.replace(raised, layers=tuple(dataclasses.replace(layer, activation_length=32000)
+                                                      if i == 1 else layer for i, layer in enumerate(raised.layers)))
+    assert activation_basis(raised).endswith(
+        "layer 1 from 32,000 tokens; the whole model so engaged was never slower than dense at a timed length; "
+        "checked end to end at 2,048 tokens, it missed the accuracy budget at 2,048, so the layers engaged there "
+        "engage from the next length checked")
     cpu = {"device": "cpu", "activation_length": 8192}
     assert activation_basis(_policy(method="accuracy-budget", speed=cpu)).startswith("conservative default")
     assert activation_basis(_policy(method="accuracy-budget")) == "set at calibration (--activation-length)"

@@ -71,6 +71,7 @@ class CalibrationReport:
     block_sparse: dict | None = field(default=None)  # each layer alone block-sparse, the layers chosen
     speed: dict | None = field(default=None)  # the sparse layers timed against dense (``speed.measure_speed``)
     layer_check: list[dict] | None = field(default=None)  # each layer alone, end to end (``layer_check``)
+    served: list[dict] | None = field(default=None)  # the policy at the shorter lengths it serves (``served``)
 
     def layer_table(self) -> list[dict]:
         """Per layer: the chosen tau, its mean kept fraction, its kernel and its predicted error."""
@@ -99,4 +100,6 @@ class CalibrationReport:
             report["speed"] = self.speed
         if self.layer_check is not None:
             report["layer_check"] = self.layer_check
+        if self.served is not None:
+            report["served"] = self.served
         return report
