@@ -6,8 +6,9 @@ one device call (benchmarks/real_model_gpu.sh runs them):
     python benchmarks/real_model_gpu.py eval --gguf FILE --work DIR --out DIR        # accuracy
     python benchmarks/real_model_gpu.py layers --gguf FILE --work DIR --out DIR      # each layer alone
 
-``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, and TSA with the
-block-sparse kernel, at the default budget and at half of it), each policy exported. ``speed``: every export timed
+``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, TSA with one token
+set per KV head, and TSA with the block-sparse kernel, at the default budget and at half of it), each policy
+exported. ``speed``: every export timed
 as a user loads it (trust_remote_code) at
 1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
 default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
@@ -49,6 +50,7 @@ SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-tok
 CALIBRATIONS = {  # name -> CalibrationConfig changes
     "tsa-paper-coverage": {},
     "tsa-normalized-coverage": {"coverage": "normalized"},
+    "tsa-kv-group": {"selection": "kv_group"},  # the query heads of a KV head choose one token set together
     "tsa-block-sparse": {"block_sparse": True},
     "tsa-block-sparse-kl-0.01": {"block_sparse": True, "max_kl": 0.01},  # half the default budget
 }

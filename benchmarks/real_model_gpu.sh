@@ -2,7 +2,7 @@
 # The real-model ground truth on a staged GPU machine (see benchmarks/README.md, "Real model"): one phase per
 # device call, each well inside the 10-minute limit; ~/work keeps the exports and policies between calls.
 #
-#   bash benchmarks/real_model_gpu.sh calibrate     # three calibrations at 32K, exports
+#   bash benchmarks/real_model_gpu.sh calibrate     # the calibrations at 32K (--only: some), exports
 #   bash benchmarks/real_model_gpu.sh speed         # prefill of each export at 1K-32K against dense, block densities
 #   bash benchmarks/real_model_gpu.sh eval          # the suite at 8K/16K/32K for every policy
 #   bash benchmarks/real_model_gpu.sh layers        # each layer alone made sparse, end to end at 32K
