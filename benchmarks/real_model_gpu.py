@@ -201,7 +201,8 @@ def phase_eval(args) -> None:
     model, tokenizer = load_model(source, device=args.device)
     policies = _comparison_policies(args, model.config.num_hidden_layers)
     apply_policy_(model, TsaPolicy.from_dict(next(iter(policies.values()))))
-    lengths = (args.seq_len // 4, args.seq_len // 2, args.seq_len)  # 8K, 16K, 32K
+    lengths = (tuple(int(n) for n in args.eval_lengths.split(",")) if args.eval_lengths
+               else (args.seq_len // 4, args.seq_len // 2, args.seq_len))  # 8K, 16K, 32K
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=lengths, samples=args.eval_samples,
                         batch_size=args.batch_size, perplexity_samples=2)
     begin = time.perf_counter()
@@ -304,6 +305,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="smaller for a dry run on a CPU")
     parser.add_argument("--tasks", default=",".join(TASKS), help="fewer for a dry run on a CPU")
+    parser.add_argument("--eval-lengths", default="", help="eval: comma-separated prompt lengths (default: a quarter, "
+                        "half and all of --seq-len; 8,000 and 16,000 sit just below the 8,192 and 16,384 rungs that "
+                        "layers engage from, so lengths such as 12500,16500,24600 reach those layers)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
                         "on (NAME@engaged), instead of as calibrated; speed: also time each export so engaged")
