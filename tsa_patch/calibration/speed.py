@@ -46,7 +46,9 @@ MIN_PREFILL_GAIN = 0.02
 """How much faster than dense the whole prefill must be at a length for the policy to engage there. A smaller gain is
 within the scatter of a launch-bound prefill between one timing and the next, and buys next to nothing: on the H200
 the joint Qwen2.5-Coder-0.5B policy's 8K prefill timed ×1.005 of dense inside ``calibrate`` and ×0.87 (fastest
-rounds ×0.90) when its export was timed right after, while at 12K-32K the two timings agreed within 4 %."""
+rounds ×0.90) when its export was timed right after, while at 12K-32K the two timings agreed within 4 %. A margin
+does not make a launch-bound length portable: the host's launch cost varies from machine to machine (the same
+layers ran ×0.99 there on another day's machine)."""
 
 
 def ladder(seq_len: int, shortest: int = 1024) -> list[int]:
