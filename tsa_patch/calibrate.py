@@ -363,7 +363,7 @@ def _speed(model, config: CalibrationConfig, make_policy: Callable[[dict | None]
     if step is not None:
         step()
     return {**speed, "device": torch.cuda.get_device_name(device), "measured_activation_length": measured,
-            "prefills": prefills, "prefill_floor": floor,
+            "prefills": prefills, "prefill_floor": floor, "min_prefill_gain": MIN_PREFILL_GAIN,
             "layer_activation": {str(i): n for i, n in sorted(own.items())},
             "activation_length": min(own.values(), default=config.seq_len + 1),
             "rule": "per layer: the shortest ladder length from which the layer's device time is never above "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-from tsa_patch.calibration.speed import MIN_PREFILL_GAIN
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, TsaPolicy
 from tsa_patch.models import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME, ModelSource
 
@@ -63,9 +62,10 @@ def activation_basis(policy: TsaPolicy) -> str:
             return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length "
                     f"from which it was never slower than dense (timed at {timed}): "
                     f"{'; '.join(parts) or 'no sparse layer'}")
-        floor = speed.get("prefill_floor")
-        check = (f"; the whole model so engaged was not {MIN_PREFILL_GAIN:.0%} faster than dense below {floor:,} "
-                 "tokens, so no layer engages below that" if floor
+        floor, gain = speed.get("prefill_floor"), speed.get("min_prefill_gain")  # no gain: calibrated before it
+        short_of = f"not {gain:.0%} faster than" if gain else "slower than"
+        check = (f"; the whole model so engaged was {short_of} dense below {floor:,} tokens, so no layer engages "
+                 "below that" if floor
                  else "; the whole model so engaged was never slower than dense at a timed length")
         return (f"measured on {speed['device']}, per layer: each sparse layer engages from the shortest length from "
                 f"which its device time was never above dense's (timed at {timed}): "

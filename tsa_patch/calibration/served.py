@@ -19,7 +19,7 @@ def served_lengths(activation: dict[int, int], seq_len: int) -> list[int]:
     """The lengths shorter than ``seq_len`` at which the policy is checked: the ladder's lengths and the layers'
     activation lengths, from the shortest activation length on."""
     shortest = min(activation.values(), default=seq_len)
-    points = {n for n in ladder(seq_len)} | set(activation.values())
+    points = set(ladder(seq_len)) | set(activation.values())
     return sorted(n for n in points if shortest <= n < seq_len)
 
 
