@@ -401,7 +401,7 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
     from tsa_patch.calibration.drift import drift_rule_layers
     from tsa_patch.calibration.front import attention_removed
     from tsa_patch.calibration.report import CalibrationReport, Chosen, PaperRule
-    from tsa_patch.calibration.search import DENSE_METRICS, MAX_SEARCH_EVALUATIONS, back_off, search_front
+    from tsa_patch.calibration.search import MAX_SEARCH_EVALUATIONS, back_off, search_front
 
     paper_layers = sorted(set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config))
     paper_taus = [PAPER_TAU if i in paper_layers else 0.0 for i in range(len(drift))]
@@ -429,9 +429,9 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
     paper.held_out = judge.metrics(paper_taus, "held_out", **paper_knobs)
     if config.match_paper:  # equal accuracy means equal on the held-out text too, not the calibration text's KL
         budget = budget.with_held_out(paper.held_out["kl"])
-    chosen, held, held_evaluations = back_off(
-        front, chosen, budget, lambda i: judge.metrics(front[i].taus, "held_out", front[i].block_layers), measure)
-    calibration_metrics = measure(chosen) if chosen else DENSE_METRICS
+    chosen, held, held_evaluations = back_off(front, chosen, budget,
+                                              lambda i: judge.metrics(front[i].taus, "held_out", front[i].block_layers))
+    calibration_metrics = measure(chosen) if chosen else {"kl": 0.0, "top1_agreement": 1.0, "attention_cost": 1.0}
     return CalibrationReport(
         data=config.data_record(), holdout=config.holdout, continuation=config.continuation, budget=budget,
         chosen=Chosen(candidate=front[chosen], calibration=calibration_metrics, held_out=held,
