@@ -142,7 +142,7 @@ def evaluate_policies(model, tokenizer, config: EvalConfig, policies: dict[str, 
         if context is not None and length + max(64, config.continuation) > context:
             raise DataError(f"--lengths: {length} tokens plus the answer exceed the model's context ({context}).")
     start = progress or (lambda description, total: None)
-    samples = _suite_samples(tokenizer, config)
+    samples = suite_samples(tokenizer, config)
     dense = _generations(model, tokenizer, config, samples, dense_implementation(model),
                          start("Suite: dense generations", len(samples)))
     reports = {}
@@ -161,7 +161,7 @@ def evaluate_policies(model, tokenizer, config: EvalConfig, policies: dict[str, 
     return reports
 
 
-def _suite_samples(tokenizer, config: EvalConfig) -> dict[tuple[str, int], list]:
+def suite_samples(tokenizer, config: EvalConfig) -> dict[tuple[str, int], list]:
     """(task, length) -> the suite's samples with their prompt token ids."""
     builder = SuiteBuilder(tokenizer, seed=config.seed)
     samples = {}
