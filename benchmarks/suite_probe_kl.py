@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tsa_patch.bench import environment
-from tsa_patch.calibration.continuation import dense_implementation, prefill_then_continue
+from tsa_patch.calibration.continuation import dense_implementation, position_kl, prefill_then_continue
 from tsa_patch.evaluate import EvalConfig, suite_samples
 from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY
 from tsa_patch.models import load_model, resolve_model
@@ -73,8 +73,7 @@ def main() -> None:
     for name, (policy, report) in runs.items():
         setattr(model.config, CONFIG_KEY, policy)
         model.set_attn_implementation(ATTENTION_KEY)
-        kls = [(d.exp() * (d - t)).sum(-1).mean().item()
-               for d, t in zip(dense, answer_logprobs(model, prompts, ATTENTION_KEY))]
+        kls = [position_kl(d, t).mean().item() for d, t in zip(dense, answer_logprobs(model, prompts, ATTENTION_KEY))]
         changed, unchanged, rows = [], [], []
         for (task, length, index), kl in zip(cells, kls):
             output = report["outputs"][f"{task}/{length}"][index]
@@ -83,7 +82,8 @@ def main() -> None:
             rows.append({"task": task, "length": length, "index": index, "answer_kl": kl,
                          "dense_score": output["dense_score"], "tsa_score": output["tsa_score"]})
         result[name] = {"mean_answer_kl": statistics.fmean(kls), "median_answer_kl": statistics.median(kls),
-                        "prompts_changed": len(changed), "mean_kl_changed": statistics.fmean(changed) if changed else None,
+                        "prompts_changed": len(changed),
+                        "mean_kl_changed": statistics.fmean(changed) if changed else None,
                         "mean_kl_unchanged": statistics.fmean(unchanged), "auc_changed": auc(changed, unchanged),
                         "prompts": rows}
         print(name, json.dumps({k: v for k, v in result[name].items() if k != "prompts"}), flush=True)

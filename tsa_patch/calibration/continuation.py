@@ -134,6 +134,11 @@ def prefill_then_continue(model, prompt: torch.Tensor, continuation: torch.Tenso
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def position_kl(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """KL(dense || TSA) at each position (Lc,), from the two log-probabilities (Lc, V)."""
+    return (dense.exp() * (dense - sparse)).sum(-1)
+
+
 class Comparison:
     """Running sums of TSA-vs-dense continuation metrics over samples (``ContinuationMetrics`` at the end)."""
 
@@ -143,7 +148,7 @@ class Comparison:
 
     def add(self, dense: torch.Tensor, sparse: torch.Tensor, continuation: torch.Tensor, attention_cost: float):
         """One sample: dense and TSA log-probabilities (Lc, V) of the continuation tokens (Lc,)."""
-        per_position_kl = (dense.exp() * (dense - sparse)).sum(-1)  # (Lc,)
+        per_position_kl = position_kl(dense, sparse)
         target = continuation[:, None]
         self.kl += per_position_kl.sum().item()
         self.last_kl += per_position_kl[0].item()
