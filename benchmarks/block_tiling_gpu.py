@@ -6,7 +6,13 @@ stages) on a full causal block map and on a 20 % map, against dense cuDNN in the
 Shapes: Qwen2.5-Coder-0.5B (14 query / 2 KV heads, d 64) and Llama-3.1-8B (32 / 8, d 128) attention, bf16, random
 inputs, block 128. The full map measures the kernel's throughput against cuDNN's (the same FLOPs); the 20 % map
 (each query block keeps a random fifth of its causal key blocks, and the sink and diagonal blocks) what a sparse
-layer runs. The fastest tiling per shape is what ``triton_block.default_tiling`` should return.
+layer runs. Each tiling runs on both of the kernel's paths (``descriptors``: the tensor-descriptor kernel that
+Hopper-class GPUs take for 16-bit inputs, and the portable one), checked against each other on the same inputs. The
+fastest tiling per shape, on the path the card takes, is what ``triton_block.default_tiling`` should return.
+
+The descriptor kernel was first measured as a candidate, beside a pointer-load kernel in FlashAttention-2's order and
+a warp-specialised one, by ``benchmarks/block_kernel_variants_gpu.py`` (commit 497e3ef, since folded into this
+script; ``results/block-kernel-variants-H200-20261204.json``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ def random_map(heads: int, blocks: int, density: float) -> tuple[torch.Tensor, t
     return block_lists(mask & (rows[None, :] <= rows[:, None]))
 
 
+def relative(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y|| / ||y|| in fp32; NaN if either holds a NaN."""
+    return float((x.float() - y.float()).norm() / y.float().norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,131072")
@@ -51,20 +62,27 @@ def main() -> None:
         blocks = -(-length // BLOCK)
         maps = {density: random_map(hq, blocks, density) for density in (1.0, 0.2)}
         default = default_tiling(BLOCK, d, q.dtype)
-        for tiling in TILINGS:
-            row = {"shape": name, "length": length, "tiling": tiling._asdict(), "default": tiling == default,
-                   "dense_cudnn_ms": round(dense_ms, 4)}
+        portable = {density: block_sparse_attention(q, k, v, *m, BLOCK, d**-0.5, descriptors=False)
+                    for density, m in maps.items()}
+        for descriptors, tiling in itertools.product((False, True), TILINGS):
+            row = {"shape": name, "length": length, "descriptors": descriptors, "tiling": tiling._asdict(),
+                   "default": tiling == default, "dense_cudnn_ms": round(dense_ms, 4)}
             for density, (index, count) in maps.items():
+
+                def run():
+                    return block_sparse_attention(q, k, v, index, count, BLOCK, d**-0.5, tiling, descriptors)
+
                 try:
-                    ms = time_cuda(lambda: block_sparse_attention(q, k, v, index, count, BLOCK, d**-0.5, tiling),
-                                   budget_s=0.3).median_ms
+                    error = relative(run(), portable[density])
+                    ms = time_cuda(run, budget_s=0.3).median_ms
                 except Exception as err:  # noqa: BLE001 - a tiling that does not fit the card is recorded, not fatal
                     row[f"density_{density}"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
                     continue
-                row[f"density_{density}"] = {"ms": round(ms, 4), "vs_dense": round(dense_ms / ms, 3)}
+                row[f"density_{density}"] = {"ms": round(ms, 4), "vs_dense": round(dense_ms / ms, 3),
+                                             "error_vs_portable": error}
             print(json.dumps(row), flush=True)
             rows.append(row)
-        del q, k, v, maps
+        del q, k, v, maps, portable
         torch.cuda.empty_cache()
     record = {**environment(), "command": " ".join(["python"] + sys.argv), "block": BLOCK, "rows": rows}
     with open(args.output, "w") as f:

@@ -16,7 +16,7 @@ import torch
 from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, _keep_top, _last_block_masses_ref,
                                             block_lists, block_pattern, block_sparse_prefill,
                                             block_sparse_attention_ref)
-from tsa_patch.kernels.triton_block import Tiling, block_sparse_attention
+from tsa_patch.kernels.triton_block import Tiling, block_sparse_attention, uses_descriptors
 from tsa_patch.kernels.triton_block_select import block_masses, select_blocks
 from numerics import ATTENTION_RELATIVE, eps
 
@@ -81,6 +81,28 @@ def test_triton_kernel_matches_brute_force_under_the_same_block_mask(shape, dtyp
         ref = brute_block_attention(q, k, v, pattern.mask(), block)
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out, ref) < BOUND[dtype], (density, relative_error(out, ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2] if DEVICE == "cuda" else DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[3] & (s[3] - 1) == 0], ids=shape_id)
+def test_both_kernels_match_brute_force(shape, dtype):
+    """The tensor-descriptor kernel (taken on Hopper-class GPUs for 16-bit inputs) and the portable one, each forced,
+    against the float64 brute force with the same bound, and the automatic choice against the forced one (fp32 on
+    a GPU stays on the portable kernel: two fp32 tiles per stage overflow shared memory)."""
+    (q, k, v), generator = inputs(shape, dtype, seed=11)
+    block = shape[4]
+    pattern = random_pattern(shape[0], shape[2], block, 0.4, generator)
+    ref = brute_block_attention(q, k, v, pattern.mask(), block)
+    outs = {}
+    for descriptors in (False, True):
+        outs[descriptors] = block_sparse_attention(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5,
+                                                   descriptors=descriptors)
+        error = relative_error(outs[descriptors], ref)
+        assert error < BOUND[dtype], (descriptors, error)
+    chosen = uses_descriptors(q, k, v)
+    assert chosen == (DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+    assert torch.equal(block_sparse_attention(q, k, v, pattern.index, pattern.count, block, shape[3] ** -0.5),
+                       outs[chosen])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

@@ -8,8 +8,9 @@ checkpoint's remote-code requirements.
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:
-    triton = tl = None
+    triton = tl = TensorDescriptor = None
     HAS_TRITON = False
