@@ -10,7 +10,7 @@ The variant measured here, ``all rows``, keeps the first effect only: every quer
 keys (rows before the first kept key get 0, as the paper's dropped rows). It computes ``L x K'`` logits instead
 of ``K' x K'``, so at kept fraction ``k`` it saves about ``1 - k`` of the attention instead of ``1 - k**2``.
 
-For every layer alone at each ``--taus`` value (the authors' coverage rule, every other layer dense), the
+For every layer alone (``--together``: the chosen layers at once) at each ``--taus`` value (the authors' coverage rule, every other layer dense), the
 calibration's end-to-end probes (natural continuations, long-range recall, aggregation; KL of the continuation
 against dense) with the paper's compression and with every query row kept, and the attention each computes. If
 the recall damage comes from the dropped rows, the ``all rows`` variant makes the early layers harmless. A plain
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--taus", default="0.02,0.1")
     parser.add_argument("--layers", default="", help="comma-separated layers (default: all)")
+    parser.add_argument("--together", action="store_true", help="the layers of --layers sparse at once, not alone")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -117,11 +118,11 @@ def main() -> None:
             # a judge per variant: its stored traces are keyed by the policy, which the two variants share
             judge = EndToEnd(model, {"calibration": samples}, args.seq_len, tokenizer, config.seed, make_policy,
                              lambda description, total: None)
-            for layer in layers:
+            for chosen in [layers] if args.together else [[layer] for layer in layers]:
                 for tau in taus:
                     record.clear()
-                    metrics = judge.metrics([tau if i == layer else 0.0 for i in range(num_layers)], "calibration")
-                    row = {"variant": variant, "layer": layer, "tau": tau,
+                    metrics = judge.metrics([tau if i in chosen else 0.0 for i in range(num_layers)], "calibration")
+                    row = {"variant": variant, "layers": chosen, "tau": tau,
                            "kl": {kind: metrics[kind]["kl"] for kind in ("natural", "recall", "aggregation")},
                            "top1_agreement": metrics["top1_agreement"],
                            "layer_attention_computed": round(sum(record) / len(record), 4) if record else 1.0}
