@@ -14,16 +14,19 @@ For every layer alone (``--together``: the chosen layers at once) at each ``--ta
 calibration's end-to-end probes (natural continuations, long-range recall, aggregation; KL of the continuation
 against dense) with the paper's compression and with every query row kept, and the attention each computes. If
 the recall damage comes from the dropped rows, the ``all rows`` variant makes the early layers harmless. A plain
-PyTorch experiment (an explicit mask over ``L x K'``), not a kernel: on a CPU, small models only.
+PyTorch experiment (an explicit mask over ``L x K'``, in slices of query rows), not a kernel: small models on a CPU,
+or ``--device cuda`` for the real model at 32K.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,8 @@ from tsa_patch.data import load_documents, token_samples
 from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
 from tsa_patch.kernels.tsa import STAGES, token_scores
 from tsa_patch.models import load_model, resolve_model
+
+ROWS_PER_STEP = 2048  # query rows per step of the plain-torch "all rows" attention
 
 
 def all_rows_attention(query, key, value, *, tau, window, pool_kernel, min_tokens, selection, scaling,
@@ -55,12 +60,16 @@ def all_rows_attention(query, key, value, *, tau, window, pool_kernel, min_token
     kv_head = torch.arange(num_heads, device=query.device) // group
     key_c = key[kv_head[:, None], per_head].float()  # (Hq, K', D)
     value_c = value[kv_head[:, None], per_head].float()
-    logits = torch.einsum("hqd,hkd->hqk", query.float(), key_c) * scaling
-    visible = per_head[:, None, :] <= torch.arange(q_len, device=query.device)[None, :, None]  # (Hq, L, K')
-    weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = torch.einsum("hqk,hkd->hqd", weights, value_c).to(query.dtype)
+    out = torch.empty_like(query)
+    for start in range(0, q_len, ROWS_PER_STEP):  # in slices of query rows: (Hq, rows, K') fits at 32K
+        rows = torch.arange(start, min(start + ROWS_PER_STEP, q_len), device=query.device)
+        logits = torch.einsum("hqd,hkd->hqk", query[:, rows].float(), key_c) * scaling
+        visible = per_head[:, None, :] <= rows[None, :, None]  # (Hq, rows, K')
+        weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[:, rows] = torch.einsum("hqk,hkd->hqd", weights, value_c).to(query.dtype)
     if record is not None:  # computed logits against dense causal attention's
-        record.append(float(visible.sum()) / (num_heads * q_len * (q_len + 1) / 2))
+        visible_pairs = (q_len - per_head).sum()  # kept key at position p is seen by the rows p ... L - 1
+        record.append(float(visible_pairs) / (num_heads * q_len * (q_len + 1) / 2))
     return out.transpose(0, 1), kept
 
 
@@ -87,6 +96,13 @@ def tsa_layers_run(variant: str, record: list):
         runtime.tsa_attention = original
 
 
+def _sha256(path: str | None) -> str | None:
+    """The SHA-256 of a model given as one file (a GGUF), which names the exact weights measured."""
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a model spec (default: the embedded SmolLM2)")
@@ -95,10 +111,12 @@ def main() -> None:
     parser.add_argument("--taus", default="0.02,0.1")
     parser.add_argument("--layers", default="", help="comma-separated layers (default: all)")
     parser.add_argument("--together", action="store_true", help="the layers of --layers sparse at once, not alone")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_model(resolve_model(args.model))
+    source = resolve_model(args.model)
+    model, tokenizer = load_model(source, device=args.device)
     num_layers = model.config.num_hidden_layers
     config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, holdout=0, coverage="paper")
     samples = token_samples(tokenizer, load_documents(config.data), args.samples, args.seq_len + config.continuation,
@@ -129,7 +147,8 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     result = {**environment(), "command": " ".join(["python"] + sys.argv), "seconds": time.perf_counter() - begin,
-              "seq_len": args.seq_len, "samples": args.samples, "rows": rows}
+              "model": source.spec, "sha256": _sha256(args.model), "seq_len": args.seq_len, "samples": args.samples,
+              "rows": rows}
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
 
