@@ -53,6 +53,7 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes
     "tsa-kv-group": {"selection": "kv_group"},  # the query heads of a KV head choose one token set together
     "tsa-block-sparse": {"block_sparse": True},
     "tsa-block-sparse-kl-0.01": {"block_sparse": True, "max_kl": 0.01},  # half the default budget
+    "tsa-all-rows": {"rows": "all"},  # keys dropped only: every query row attends to the kept keys
 }
 
 
@@ -217,13 +218,12 @@ def phase_eval(args) -> None:
     _write(args.out, "eval.json", _record(args, seconds=seconds, policies=policies, summary=summary, reports=reports))
 
 
-LAYER_TAUS = (0.005, 0.02)  # the paper's tau, and a stronger one
-
-
 def phase_layers(args) -> None:
     """Each layer alone made sparse, end to end on the calibration samples at ``--seq-len`` (the authors' coverage):
-    TSA at each of ``LAYER_TAUS`` and the block-sparse kernel alone, with the natural, recall and aggregation KL, and
-    the calibration's per-layer estimate for the same TSA choice (kept fraction, residual error)."""
+    TSA at each of ``--layer-taus`` computing each of ``--layer-rows`` (the paper's kept rows, or all rows) and,
+    unless ``--no-layer-block``, the block-sparse kernel alone, with the natural, recall and aggregation KL, the
+    share of the model's attention computed, and the calibration's per-layer estimate for the same TSA choice
+    (kept fraction, residual error; rows as the paper)."""
     from tsa_patch.calibration.endtoend import EndToEnd
     from tsa_patch.calibration.measure import TAU_GRID, measuring, new_measurements
 
@@ -243,13 +243,16 @@ def phase_layers(args) -> None:
     begin = time.perf_counter()
     judge = EndToEnd(model, {"calibration": samples, "held_out": []}, args.seq_len, tokenizer, config.seed, make_policy,
                      lambda description, total: None, measure=lambda: measuring(model, measurements, template))
+    layer_taus = [float(t) for t in args.layer_taus.split(",")]
     rows = []
     for layer in range(num_layers):
         alone = [0.0] * num_layers
-        variants = [(f"tsa tau {tau}", [tau if i == layer else 0.0 for i in range(num_layers)], set())
-                    for tau in LAYER_TAUS] + [("block-sparse", alone, {layer})]
-        for name, taus, blocks in variants:
-            metrics = judge.metrics(taus, "calibration", blocks)
+        variants = [(f"tsa rows {mode} tau {tau}", [tau if i == layer else 0.0 for i in range(num_layers)], set(),
+                     mode) for mode in args.layer_rows.split(",") for tau in layer_taus]
+        if args.layer_block:
+            variants.append(("block-sparse", alone, {layer}, "kept"))
+        for name, taus, blocks, mode in variants:
+            metrics = judge.metrics(taus, "calibration", blocks, rows=mode)
             row = {"layer": layer, "variant": name, "kl_natural": metrics["natural"]["kl"],
                    "kl_recall": metrics["recall"]["kl"], "kl_aggregation": metrics["aggregation"]["kl"],
                    "top1_agreement": metrics["top1_agreement"],
@@ -260,7 +263,7 @@ def phase_layers(args) -> None:
                            estimated_error=round(measurements[layer].mean_error(index), 6))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    _write(args.out, "layers-alone.json", _record(args, seconds=time.perf_counter() - begin, taus=LAYER_TAUS,
+    _write(args.out, "layers-alone.json", _record(args, seconds=time.perf_counter() - begin, taus=layer_taus,
                                                   seq_len=args.seq_len, samples=args.samples, rows=rows))
 
 
@@ -311,6 +314,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
                         "on (NAME@engaged), instead of as calibrated; speed: also time each export so engaged")
+    parser.add_argument("--layer-taus", default="0.005,0.02", help="layers: the taus of each layer alone")
+    parser.add_argument("--layer-rows", default="kept", help="layers: comma-separated rows modes (kept, all)")
+    parser.add_argument("--no-layer-block", dest="layer_block", action="store_false",
+                        help="layers: leave out the block-sparse kernel alone")
     parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "
                         "FlexPrefill alone (measured before on the same prompts)")
     args = parser.parse_args()

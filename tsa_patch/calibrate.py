@@ -106,6 +106,7 @@ class CalibrationConfig:
     activation_length: int | None = None
     selection: str = _KNOBS["selection"]
     coverage: str = _KNOBS["coverage"]
+    rows: str = _KNOBS["rows"]
     dense_backend: str = _KNOBS["dense_backend"]
     block_size: int = _KNOBS["block_size"]
     block_gamma: float = _KNOBS["block_gamma"]
@@ -254,7 +255,7 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
 
     calibration, held_out = samples[: config.samples], samples[config.samples :]
     template = TsaPolicy.uniform(model.config.num_hidden_layers, 0.0, **config.policy_options())
-    measurements = new_measurements(model.config.num_hidden_layers)
+    measurements = new_measurements(model.config.num_hidden_layers, rows=config.rows)
     drift_recorder = DriftRecorder(model.config.num_hidden_layers)
 
     @contextlib.contextmanager
@@ -405,7 +406,8 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
 
     paper_layers = sorted(set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config))
     paper_taus = [PAPER_TAU if i in paper_layers else 0.0 for i in range(len(drift))]
-    paper_knobs = dict(coverage="paper", activation_length=config.paper_activation_length())  # the authors' rule
+    paper_knobs = dict(coverage="paper", rows="kept",
+                       activation_length=config.paper_activation_length())  # the authors' rule
     paper = PaperRule(tau=PAPER_TAU, delta=PAPER_DELTA, layers=paper_layers,
                       attention_removed=attention_removed(measurements, paper_taus),
                       calibration=judge.metrics(paper_taus, "calibration", **paper_knobs), held_out={})

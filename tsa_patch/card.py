@@ -29,7 +29,7 @@ def render_model_card(source: ModelSource, policy: TsaPolicy, provenance: dict, 
         sparse=policy.sparse_layers, num_layers=policy.num_layers, format_version=policy.format_version,
         window=policy.window, pool_kernel=policy.pool_kernel, min_tokens=policy.min_tokens,
         activation_length=policy.activation_length, activation_basis=activation_basis(policy),
-        selection=policy.selection, dense_backend=policy.dense_backend,
+        selection=policy.selection, dense_backend=policy.dense_backend, rows_line=_rows_sentence(policy),
         block_line=_block_kernel_sentence(policy), rows=rows, siblings=siblings, attention_key=ATTENTION_KEY,
         config_key=CONFIG_KEY, calibration_lines=_calibration_section(policy.calibration or {}),
         evaluation_lines=_evaluation_section(evaluation), command=provenance.get("command") or "(library call)",
@@ -90,6 +90,14 @@ def _served_sentence(checks: list[dict] | None) -> str:
             "engaged there engage from the next length checked")
 
 
+def _rows_sentence(policy: TsaPolicy) -> str:
+    """Which query rows a sparse layer computes, in words."""
+    if policy.rows == "all":
+        return (" Rows `all` (a variant of the paper's compression): a sparse layer drops keys only, every query row "
+                "attending to its head's kept keys, so no token's output is left 0.")
+    return " Rows `kept` (the paper's): a sparse layer computes only its kept tokens' query rows."
+
+
 def _block_kernel_sentence(policy: TsaPolicy) -> str:
     blocks = policy.block_sparse_layers
     if not blocks:
@@ -135,7 +143,7 @@ Pass `attn_implementation="sdpa"` to get the original dense model for comparison
 Stored in `config.json` under `{config_key}` (format version {format_version}).
 Window {window}, pooling kernel {pool_kernel}, min tokens {min_tokens},
 prompts shorter than {activation_length} tokens run dense ({activation_basis}), selection `{selection}`,
-dense kernel `{dense_backend}`. Sparse layers: {sparse}.{block_line}
+dense kernel `{dense_backend}`.{rows_line} Sparse layers: {sparse}.{block_line}
 
 | layer | attention | tau | kernel | from tokens |
 | --- | --- | --- | --- | --- |

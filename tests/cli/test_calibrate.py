@@ -55,10 +55,11 @@ def _unsupported_model(tmp_path):
         (["--seq-len", "100000"], "--seq-len must be between 1 and 8184"),
         (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
         (["--selection", "per_token"], "selection = 'per_token'"),
+        (["--rows", "some"], "rows = 'some'; use one of ['kept', 'all']"),
         (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     ],
     ids=["missing-folder", "missing-hub-id", "unsupported-arch", "tau-high", "tau-negative", "two-budgets", "seq-len",
-         "missing-data", "selection", "device"],
+         "missing-data", "selection", "rows", "device"],
 )
 def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment, smollm2):
     args = [str(_unsupported_model(tmp_path)) if a == "UNSUPPORTED" else a for a in args]

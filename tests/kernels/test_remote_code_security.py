@@ -47,5 +47,6 @@ def test_remote_code_does_no_io(path):
     # 2,783 lines with the sync-free path (its kernel and PyTorch twin), the native path for inputs no layer can
     # reduce, and the block selection and TSA's token selection in Triton (the sorts and the radix search) beside
     # their PyTorch twins; 2,872 with the block-sparse kernel's tensor-descriptor path for Hopper-class GPUs (1.04-1.07
-    # times the portable kernel's throughput on an H200); a reader takes it in in an afternoon
-    assert sum(len(p.read_text().splitlines()) for p in remote_code_files()) < 2900, "keep the shipped code small"
+    # times the portable kernel's throughput on an H200); 3,155 with kept-keys attention (``rows="all"``: its kernel,
+    # PyTorch twin and path); a reader takes it in in an afternoon
+    assert sum(len(p.read_text().splitlines()) for p in remote_code_files()) < 3200, "keep the shipped code small"

@@ -263,3 +263,26 @@ def test_the_paper_rule_is_measured_with_the_authors_knobs(budget_run, smollm2_f
         delattr(model.config, "tsa_policy")
     # the same fp32 forwards recomputed: equal up to rounding (1e-4 of the KL, or 1e-6 nats near 0)
     assert natural.kl == pytest.approx(paper["calibration"]["natural"]["kl"], rel=1e-4, abs=1e-6)
+
+
+def test_all_rows_calibration_prices_what_it_computes(budget_run, smollm2_fp32):
+    """``--rows all``: the per-layer savings are the measured share of attention that kept-keys attention skips (not
+    the paper's ``1 - kept ** 2``), the chosen policy meets the budget as measured independently, and the paper's
+    rule beside it is the authors' (rows kept): the same figures as in a ``rows="kept"`` calibration."""
+    model, tokenizer = smollm2_fp32
+    config = dataclasses.replace(SMALL, rows="all")
+    result = calibrate(model, tokenizer, config, source_model="SmolLM2-135M-Instruct")
+    assert result.policy.rows == "all"
+    chosen = result.report["chosen"]
+    assert chosen["calibration"]["kl"] <= config.max_kl
+    measured = measured_independently(model, tokenizer, result.policy, config)
+    for kind, metrics in measured.items():  # the same fp32 forwards recomputed (bound as above)
+        assert metrics.kl == pytest.approx(chosen["calibration"][kind]["kl"], rel=1e-4, abs=1e-6), kind
+    assert result.report["paper_rule"] == budget_run.report["paper_rule"]
+    assert result.report["drift"] == budget_run.report["drift"]  # the same dense measurement forwards
+
+
+def test_a_layers_saving_is_priced_by_what_its_rows_mode_computes():
+    m = LayerMeasurement(taus=(0.01,), kept=[1.6], error=[0.0], samples=2, computed=[1.2])  # kept 0.8, computed 0.6
+    assert m.saving(0, "kept") == pytest.approx(1 - 0.8**2)
+    assert m.saving(0, "all") == pytest.approx(1 - 0.6)

@@ -15,6 +15,7 @@ EXAMPLES = {
     "paper-rule": TsaPolicy.uniform(30, 0.005, list(range(15, 30))),
     "all-dense": TsaPolicy.uniform(4, 0.0),
     "kv-group-cudnn": TsaPolicy.uniform(8, 0.02, [2, 3], selection="kv_group", dense_backend="cudnn", window=64),
+    "all-rows": TsaPolicy.uniform(4, 0.02, [1, 3], rows="all"),
     "provenance": TsaPolicy.uniform(2, 0.01, tool_version="0.1.0", source_model="org/name",
                                     calibration={"method": "representation-drift", "samples": 4}),
 }
@@ -47,6 +48,7 @@ BAD = {
     "pool-even": ({"pool_kernel": 4}, r"pool_kernel = 4"),
     "activation-short": ({"activation_length": 16, "window": 32}, r"activation_length = 16"),
     "selection": ({"selection": "per_token"}, r"selection = 'per_token'"),
+    "rows": ({"rows": "some"}, r"rows = 'some'; use one of \['kept', 'all'\]"),
     "backend": ({"dense_backend": "xformers"}, r"dense_backend = 'xformers'"),
 }
 
@@ -93,6 +95,15 @@ def test_a_version_2_policy_is_read_unchanged():
     policy = TsaPolicy.from_dict(old)
     assert policy.format_version == POLICY_FORMAT_VERSION
     assert [policy.activation_of(layer) for layer in policy.layers] == [4096] * 4
+
+
+def test_a_version_3_policy_computes_the_papers_rows():
+    """Version 3 had no ``rows``: its sparse layers computed only the kept tokens' query rows."""
+    old = {**TsaPolicy.uniform(4, 0.01).to_dict(), "format_version": 3}
+    del old["rows"]
+    policy = TsaPolicy.from_dict(old)
+    assert policy.format_version == POLICY_FORMAT_VERSION and policy.rows == "kept"
+    assert TsaPolicy.from_dict(TsaPolicy.uniform(4, 0.01, rows="all").to_dict()).rows == "all"
 
 
 def test_a_layer_may_have_its_own_activation_length():

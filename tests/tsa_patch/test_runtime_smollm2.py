@@ -98,3 +98,34 @@ def test_sparse_layers_drop_tokens_and_generate_works(patched):
         if s["path"] == "sparse":
             kept = s["kept"][0]
             assert len(kept) == 9 and SMALL["min_tokens"] + SMALL["window"] <= kept[0] < 400
+
+
+def test_all_rows_drop_keys_only_and_generate_works(patched):
+    """``rows="all"``: a sparse layer selects the same tokens as the paper's compression (the first sparse layer sees
+    the same input either way), computes every query row over them, and its measured share of the attention lies
+    between the paper's ``kept ** 2`` and 1; padded batches and ``generate()`` work."""
+    apply, model, tokenizer = patched
+    ids = torch.tensor([_essay_ids(tokenizer, 400)])
+    first = SPARSE_LAYERS[0]
+    with torch.no_grad():
+        apply(TsaPolicy.uniform(30, 0.05, SPARSE_LAYERS, **SMALL))
+        model(ids)
+        paper = tsa_statistics(model)
+        apply(TsaPolicy.uniform(30, 0.05, SPARSE_LAYERS, rows="all", **SMALL))
+        model(ids)
+        stats = tsa_statistics(model)
+    assert stats[first]["kept"] == paper[first]["kept"] and paper[first]["kept"][0][0] < 400
+    for s in stats:
+        if s["path"] == "sparse":
+            kept = sum(s["kept"][0]) / len(s["kept"][0]) / 400
+            assert kept**2 < s["attention_cost"][0] < 1.0
+    sequences = [_essay_ids(tokenizer, 300), _essay_ids(tokenizer, 180, offset=1000)]
+    padded, mask, positions = _left_padded(tokenizer, sequences)
+    with torch.no_grad():
+        model(padded, attention_mask=mask, position_ids=positions)
+        batch = tsa_statistics(model)
+        model(torch.tensor([sequences[1]]))
+        alone = tsa_statistics(model)
+    assert batch[first]["kept"][1] == alone[first]["kept"][0]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 405)

@@ -1,7 +1,8 @@
 """The predicted Pareto front of per-layer policies, from the per-layer measurements (``measure.py``).
 
 For a price lambda, each layer picks the option that maximises ``saving - lambda * error``: dense, TSA at one of
-the measured taus (saving = 1 - kept^2, the share of the layer's attention FLOPs removed), or, where it was
+the measured taus (saving: the share of the layer's attention FLOPs removed, 1 - kept^2 with the paper's
+compression, the measured share where every query row is computed), or, where it was
 measured, the block-sparse kernel alone (its measured saving and end-to-end error). Sweeping lambda from infinity
 to 0 gives a sequence of policies from all-dense to the sparsest, each the best trade-off for its predicted error
 under an additive error model. The search (``search.py``) then measures candidates end to end, which captures
@@ -38,8 +39,9 @@ def _options(m: LayerMeasurement) -> list[_Option]:
     """The options of one layer, dense first; only dense for a layer never measured (a sliding-window layer)."""
     if not m.samples:
         return [_Option(0.0, 0.0, 0.0)]
+    rows = "all" if m.computed is not None else "kept"
     options = [_Option(0.0, 0.0, 0.0)]
-    options += [_Option(tau, 1.0 - m.mean_kept(i) ** 2, m.mean_error(i)) for i, tau in enumerate(m.taus)]
+    options += [_Option(tau, m.saving(i, rows), m.mean_error(i)) for i, tau in enumerate(m.taus)]
     if m.block_saving is not None and m.block_error is not None:
         options.append(_Option(0.0, m.block_saving, m.block_error, block_sparse=True))
     return options
@@ -82,9 +84,10 @@ def pareto_policies(measurements: list[LayerMeasurement]) -> list[Candidate]:
     return sorted(candidates.values(), key=lambda c: (c.predicted_error, c.attention_removed))
 
 
-def attention_removed(measurements: list[LayerMeasurement], taus) -> float:
-    """Predicted share of the model's attention FLOPs that the per-layer ``taus`` remove (mean of 1 - kept^2)."""
+def attention_removed(measurements: list[LayerMeasurement], taus, rows: str = "kept") -> float:
+    """Predicted share of the model's attention FLOPs that the per-layer ``taus`` remove when sparse layers compute
+    ``rows`` (the paper's compression, "kept": the mean of 1 - kept^2)."""
     total = 0.0
     for m, tau in zip(measurements, taus):
-        total += 0.0 if tau == 0 else 1.0 - m.mean_kept(m.taus.index(tau)) ** 2
+        total += 0.0 if tau == 0 else m.saving(m.taus.index(tau), rows)
     return total / len(measurements)

@@ -20,8 +20,8 @@ import torch
 from tsa_patch.calibration.drift import decoder_layers
 from tsa_patch.kernels.attention import DENSE, STATS_ATTR, dense_forward, layer_statistics, register_attention
 from tsa_patch.kernels.policy import TsaPolicy
-from tsa_patch.kernels.reference import kept_count_ref
-from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, token_scores
+from tsa_patch.kernels.reference import kept_count_ref, kept_keys_cost
+from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, sparse_attention_kept_keys, token_scores
 
 # Candidate coverage thresholds (0 = dense is always an option too).
 TAU_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -33,6 +33,9 @@ _MEASURE_KEY = "tsa_calibration_measure"
 class LayerMeasurement:
     """Sums over samples for one decoder layer; ``kept[i]`` and ``error[i]`` belong to ``taus[i]``.
 
+    ``computed[i]``: where the policy's sparse layers compute every query row (``rows="all"``), the sum over
+    samples of the share of dense causal attention that ``taus[i]`` computes; None otherwise (the paper's compression
+    computes ``kept ** 2`` of it).
     ``block_saving`` and ``block_error``: the share of the layer's attention FLOPs that the block-sparse kernel alone
     removed and the KL it cost, measured end to end with the layer alone block-sparse (``layer_check``); None
     where that option was not measured.
@@ -42,6 +45,7 @@ class LayerMeasurement:
     kept: list[float]
     error: list[float]
     samples: int = 0
+    computed: list[float] | None = None
     block_saving: float | None = None
     block_error: float | None = None
 
@@ -51,10 +55,18 @@ class LayerMeasurement:
     def mean_error(self, i: int) -> float:
         return self.error[i] / self.samples
 
+    def saving(self, i: int, rows: str = "kept") -> float:
+        """The share of the layer's attention FLOPs that ``taus[i]`` removes when sparse layers compute ``rows``."""
+        if rows == "all":
+            return 1.0 - self.computed[i] / self.samples
+        return 1.0 - self.mean_kept(i) ** 2
 
-def new_measurements(num_layers: int, taus: tuple[float, ...] = TAU_GRID) -> list[LayerMeasurement]:
-    """Empty per-layer sums, to be filled by forwards inside ``measuring``."""
-    return [LayerMeasurement(taus=tuple(taus), kept=[0.0] * len(taus), error=[0.0] * len(taus))
+
+def new_measurements(num_layers: int, taus: tuple[float, ...] = TAU_GRID, rows: str = "kept"
+                     ) -> list[LayerMeasurement]:
+    """Empty per-layer sums, to be filled by forwards inside ``measuring`` (``rows`` as the policy's)."""
+    return [LayerMeasurement(taus=tuple(taus), kept=[0.0] * len(taus), error=[0.0] * len(taus),
+                             computed=[0.0] * len(taus) if rows == "all" else None)
             for _ in range(num_layers)]
 
 
@@ -99,24 +111,32 @@ def measuring(model, measurements: list[LayerMeasurement], policy: TsaPolicy) ->
 @torch.no_grad()
 def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, softcap, policy: TsaPolicy,
                    backend: str, into: LayerMeasurement) -> None:
-    """Kept fraction and weighted residual perturbation of this layer for every tau (one sequence)."""
+    """Kept fraction, weighted residual perturbation and (every row computed) attention share of this layer for
+    every tau (one sequence)."""
     seq_len = key.shape[1]
     pooled = token_scores(query, key, window=policy.window, pool_kernel=policy.pool_kernel,
                           selection=policy.selection, scaling=scaling, softcap=softcap, backend=backend)  # (Hs, C)
     o_proj = module.o_proj.weight.float()  # (hidden, Hq*D)
     into.samples += 1
-    previous_count, previous_error = None, 0.0
+    previous_count, previous_error, previous_computed = None, 0.0, 1.0
+    options = dict(min_tokens=policy.min_tokens, scaling=scaling, coverage=policy.coverage, softcap=softcap,
+                   backend=backend)
     for i, tau in enumerate(into.taus):
         count = int(kept_count_ref(pooled, tau, policy.min_tokens, policy.coverage))
         if count != previous_count:  # the same count keeps the same top tokens: the same output, not run again
-            out, _ = sparse_attention(query, key, value, pooled, tau=tau, min_tokens=policy.min_tokens,
-                                      scaling=scaling, coverage=policy.coverage, softcap=softcap,
-                                      dense_backend=policy.dense_backend, backend=backend)
+            if policy.rows == "all":
+                out, kept, counts = sparse_attention_kept_keys(query, key, value, pooled, tau=tau, **options)
+                previous_computed = kept_keys_cost(kept, counts, seq_len).item()
+            else:
+                out, _ = sparse_attention(query, key, value, pooled, tau=tau, dense_backend=policy.dense_backend,
+                                          **options)
             delta = (out.float() - dense.float()).reshape(seq_len, -1) @ o_proj.T  # (L, hidden)
             previous_error = (delta.pow(2).sum(-1) / residual_norm2.clamp_min(1e-12)).mean().item()
             previous_count = count
         into.kept[i] += (count + seq_len - pooled.shape[1]) / seq_len
         into.error[i] += previous_error
+        if into.computed is not None:
+            into.computed[i] += previous_computed
 
 
 @torch.no_grad()  # the dense forward must not keep every layer's activations for a backward pass

@@ -23,7 +23,8 @@ from transformers.masking_utils import sdpa_mask
 from .block_sparse import block_sparse_prefill
 from .dense import dense_attention, sdpa_backend, softcapped_attention
 from .policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, TsaPolicy
-from .tsa import HAS_TRITON, tsa_attention, tsa_attention_sync_free
+from .reference import kept_keys_cost
+from .tsa import HAS_TRITON, tsa_attention, tsa_attention_kept_keys, tsa_attention_sync_free
 
 # Attribute of the attention module that holds the statistics of its last forward (``tsa_statistics``).
 STATS_ATTR = "_tsa_last_forward"
@@ -161,46 +162,51 @@ def tsa_attention_forward(
     call = _Call(policy=policy, layer=layer, scaling=scaling, softcap=softcap, block_backend=block_backend,
                  keep_fraction=kwargs.get("tsa_keep_fraction"), block_density=kwargs.get("tsa_block_density"),
                  sync_free=kwargs.get("tsa_sync_free"))
-    outputs, kept, densities = [], [], []
+    outputs, kept, densities, costs = [], [], [], []
     with sdpa_backend(policy.dense_backend, query.device), _launch_device(query):
         # Each sequence is processed alone: it picks its own kept count, as it would outside the batch.
         for q, k, v, rows in _unpadded_sequences(query, key, value, attention_mask):
-            out, counts, density = _sequence_forward(call, q, k, v)  # out (Lq_b, Hq, D)
+            out, counts, density, cost = _sequence_forward(call, q, k, v)  # out (Lq_b, Hq, D)
             if rows is not None:  # padded: place the real rows; padded query rows stay 0
                 out = out.new_zeros(q_len, *out.shape[1:]).index_copy_(0, rows, out)
             outputs.append(out)
             kept.append(counts)
             densities.append(density)
-    module.__dict__[STATS_ATTR] = layer_statistics(module, path, q_len, kv_len, kept, densities)
+            costs.append(cost)
+    module.__dict__[STATS_ATTR] = layer_statistics(module, path, q_len, kv_len, kept, densities, costs)
     out = outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)  # (B, Lq, Hq, D)
     return out.contiguous(), None
 
 
 def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
-                      ) -> tuple[Tensor, list[int] | Tensor | None, Tensor | None]:
+                      ) -> tuple[Tensor, list[int] | Tensor | None, Tensor | None, Tensor | None]:
     """One unpadded sequence, query (Hq, Lq, D), key/value (Hkv, Lk, D): its output (Lq, Hq, D), the kept count of
-    each selecting head (None unless TSA ran; a device tensor on the sync-free path) and the block density (a 0-dim
-    device tensor; None unless the block-sparse kernel ran)."""
+    each selecting head (None unless TSA ran; a device tensor on the sync-free paths), the block density (a 0-dim
+    device tensor; None unless the block-sparse kernel ran) and the share of dense attention computed (a 0-dim
+    device tensor where every row attended to the kept keys; None elsewhere)."""
     path = layer_path(call.policy, call.layer, query.shape[1], key.shape[1], call.block_backend)
     block_density: list[Tensor] = []
     attend = None
     if call.layer.block_sparse and call.block_backend is not None and query.shape[1] == key.shape[1]:
         attend = _block_sparse_attend(call, block_density)
     if path == DENSE:
-        return dense_attention(query, key, value, call.scaling, call.policy.dense_backend, call.softcap).transpose(0, 1), \
-            None, None
+        dense = dense_attention(query, key, value, call.scaling, call.policy.dense_backend, call.softcap)
+        return dense.transpose(0, 1), None, None, None
     if path == BLOCK_SPARSE:
-        return attend(query, key, value).transpose(0, 1), None, block_density[0]
+        return attend(query, key, value).transpose(0, 1), None, block_density[0], None
     policy, backend = call.policy, _stage_backend(query)
     options = dict(tau=call.layer.tau, window=policy.window, pool_kernel=policy.pool_kernel,
                    min_tokens=policy.min_tokens, selection=policy.selection, scaling=call.scaling,
                    coverage=policy.coverage, softcap=call.softcap, keep_fraction=call.keep_fraction, backend=backend)
     full_prefill = query.shape[1] == key.shape[1]
+    if attend is None and full_prefill and policy.rows == "all":
+        out, kept, count = tsa_attention_kept_keys(query, key, value, **options)
+        return out, count, None, kept_keys_cost(kept, count, query.shape[1])  # on the device, read when asked
     if attend is None and backend == "triton" and full_prefill and _sync_free(call):
         out, _, count = tsa_attention_sync_free(query, key, value, **options)
-        return out, count, None  # the counts stay on the device; tsa_statistics reads them when asked
+        return out, count, None, None  # the counts stay on the device; tsa_statistics reads them when asked
     out, kept = tsa_attention(query, key, value, dense_backend=policy.dense_backend, attend=attend, **options)
-    return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None
+    return out, [kept.shape[1]] * kept.shape[0], block_density[0] if block_density else None, None
 
 
 def _sync_free(call: _Call) -> bool:
@@ -358,10 +364,10 @@ def _block_sparse_attend(call: _Call, record: list):
 
 
 def layer_statistics(module, path: str, q_len: int, kv_len: int, kept: list | None = None,
-                     block_density: list | None = None) -> dict:
+                     block_density: list | None = None, attention_cost: list | None = None) -> dict:
     """The statistics entry of one layer's forward (what ``tsa_statistics`` lists)."""
     return {"layer": module.layer_idx, "path": path, "query_len": q_len, "kv_len": kv_len, "kept": kept,
-            "block_density": block_density}
+            "block_density": block_density, "attention_cost": attention_cost}
 
 
 def record_dense_forward(modules: list[torch.nn.Module], q_len: int, kv_len: int) -> None:
@@ -378,14 +384,17 @@ def tsa_statistics(model: torch.nn.Module) -> list[dict]:
     "dense"), ``query_len``, ``kv_len``, ``kept``: for a TSA
     layer a list (one per sequence of the batch) of per-head kept-token counts, ``None`` for a sequence that was
     too short or not reduced; ``None`` for a dense layer; and ``block_density``: for a block-sparse layer a list
-    (one per sequence) of the kept fraction of the causal block map, ``None`` where the kernel did not run.
+    (one per sequence) of the kept fraction of the causal block map, ``None`` where the kernel did not run;
+    ``attention_cost``: a list (one per sequence) of the share of dense causal attention the layer computed where
+    every query row attended to the kept keys (``rows="all"``), ``None`` elsewhere.
     """
     found = [getattr(m, STATS_ATTR) for m in model.modules() if hasattr(m, STATS_ATTR)]
     for stats in found:  # the sync-free paths leave their counts and densities on the device: read them now
         if stats["kept"] is not None:
             stats["kept"] = [c.tolist() if isinstance(c, Tensor) else c for c in stats["kept"]]
-        if stats["block_density"] is not None:
-            stats["block_density"] = [float(d) if isinstance(d, Tensor) else d for d in stats["block_density"]]
+        for name in ("block_density", "attention_cost"):
+            if stats.get(name) is not None:
+                stats[name] = [float(d) if isinstance(d, Tensor) else d for d in stats[name]]
     return sorted(found, key=lambda s: s["layer"])
 
 
@@ -395,7 +404,8 @@ def attention_summary(statistics: list[dict], sequence: int = 0) -> dict:
     Returns a dict with ``tsa_layers`` and ``block_sparse_layers`` (how many layers reduced the sequence),
     ``kept_fraction`` (mean kept fraction of tokens over the TSA layers, 1.0 without any), ``block_density``
     (mean over the block-sparse layers, 1.0 without any) and ``attention_cost`` (the computed fraction of dense
-    causal attention FLOPs, averaged over all layers: ``kept_fraction ** 2 * block_density`` per layer).
+    causal attention FLOPs, averaged over all layers: ``kept_fraction ** 2 * block_density`` per layer, or the
+    measured share where every query row attended to the kept keys).
     """
     kept, densities, costs = [], [], []
     for s in statistics:
@@ -406,7 +416,8 @@ def attention_summary(statistics: list[dict], sequence: int = 0) -> dict:
             kept.append(fraction)
         if density is not None:
             densities.append(density)
-        costs.append(fraction**2 * (1.0 if density is None else density))
+        measured = s["attention_cost"][sequence] if s.get("attention_cost") else None
+        costs.append(measured if measured is not None else fraction**2 * (1.0 if density is None else density))
     return {"tsa_layers": len(kept), "block_sparse_layers": len(densities),
             "kept_fraction": sum(kept) / len(kept) if kept else 1.0,
             "block_density": sum(densities) / len(densities) if densities else 1.0,

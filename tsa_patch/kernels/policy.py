@@ -7,8 +7,8 @@ It imports nothing beyond the standard library.
 A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone JSON file written by
 ``tsa-patch calibrate``::
 
-    {"format_version": 3, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
-     "selection": "query_head", "coverage": "paper", "dense_backend": "auto",
+    {"format_version": 4, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
+     "selection": "query_head", "coverage": "paper", "rows": "kept", "dense_backend": "auto",
      "block_size": 128, "block_gamma": 0.95, "block_min_budget": 1024, "block_js_threshold": 0.1,
      "layers": [{"enabled": false, "tau": 0.0, "kernel": "dense"},
                 {"enabled": true, "tau": 0.005, "kernel": "block_sparse", "activation_length": 16384}, ...],
@@ -21,8 +21,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 # Version 2 added ``coverage`` (version 1 policies are read with the rule their runtime used, "normalized");
-# version 3 a layer's own ``activation_length`` (version 2 policies are read unchanged: they have none).
-POLICY_FORMAT_VERSION = 3
+# version 3 a layer's own ``activation_length`` (version 2 policies are read unchanged: they have none);
+# version 4 ``rows`` (version 3 policies are read with the paper's "kept").
+POLICY_FORMAT_VERSION = 4
 # Attention and mask functions are registered under this key. The registry is process-global, so the key
 # carries the format version: two checkpoints with incompatible runtimes never overwrite each other.
 ATTENTION_KEY = f"tsa_v{POLICY_FORMAT_VERSION}"
@@ -35,6 +36,12 @@ SELECTION_MODES = ("query_head", "kv_group")
 # (the mean of the heads' raw pooled scores, normalised; the tail below tau plus one token); "normalized" is a
 # variant of ours (the mean of per-head normalised distributions; the tail below tau).
 COVERAGE_RULES = ("paper", "normalized")
+# Which query rows a sparse layer's full prefill computes. "kept" (the paper): only the kept tokens' rows, so a
+# dropped token gets output 0 from that head. "all" (a variant of ours): every row attends to the head's kept keys,
+# so only keys are dropped (``tsa.tsa_attention_kept_keys``); it computes more (a kept key at position p is seen
+# by L - p rows) and perturbs the dropped tokens' hidden states less. Layers that also run the block-sparse kernel
+# keep "kept" (the kernel runs on the compact tensors).
+ROWS_MODES = ("kept", "all")
 # Dense attention kernel used on the compressed tensors (and on dense layers). "auto" prefers cuDNN, then
 # flash, then memory-efficient SDPA on CUDA (the order measured fastest on H200); "flash_attn" uses the
 # flash-attn package when installed. On CPU every value means PyTorch's default choice.
@@ -47,7 +54,7 @@ KERNELS = ("dense", "block_sparse")
 
 # The policy's knobs besides its layers: what calibration copies into every policy it writes, and what the CLI
 # offers as options (their defaults are TsaPolicy's).
-POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "coverage",
+POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "coverage", "rows",
                 "dense_backend", "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
 
 
@@ -94,6 +101,7 @@ class TsaPolicy:
         activation_length: sequences shorter than this run dense; TSA's scoring cost is not repaid on them.
         selection: one of ``SELECTION_MODES`` (how GQA heads choose tokens).
         coverage: one of ``COVERAGE_RULES`` (how many tokens a layer drops for its tau).
+        rows: one of ``ROWS_MODES`` (which query rows a sparse layer computes).
         dense_backend: one of ``DENSE_BACKENDS``.
         block_size: block-sparse layers: tokens per block (a power of two, at least 16; FlexPrefill: 128).
         block_gamma: block-sparse layers: attention mass the kept blocks cover, in (0, 1] (paper: 0.95).
@@ -113,6 +121,7 @@ class TsaPolicy:
     activation_length: int = 2048
     selection: str = "query_head"
     coverage: str = "paper"
+    rows: str = "kept"
     dense_backend: str = "auto"
     block_size: int = 128
     block_gamma: float = 0.95
@@ -147,6 +156,7 @@ class TsaPolicy:
                self.activation_length, f"use an integer larger than window ({self.window})")
         _check(self.selection in SELECTION_MODES, "selection", self.selection, f"use one of {list(SELECTION_MODES)}")
         _check(self.coverage in COVERAGE_RULES, "coverage", self.coverage, f"use one of {list(COVERAGE_RULES)}")
+        _check(self.rows in ROWS_MODES, "rows", self.rows, f"use one of {list(ROWS_MODES)}")
         _check(self.dense_backend in DENSE_BACKENDS, "dense_backend", self.dense_backend,
                f"use one of {list(DENSE_BACKENDS)}")
         _check(_is_int(self.block_size) and self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
@@ -204,7 +214,7 @@ class TsaPolicy:
         if data["format_version"] == 1:  # version 1 had no coverage field; its runtime used the "normalized" rule
             _check("coverage" not in data, "coverage", data.get("coverage"), "format_version 1 has no coverage field")
             data = {**data, "format_version": 2, "coverage": "normalized"}
-        if data["format_version"] == 2:  # version 2 had no per-layer activation length: nothing to translate
+        if data["format_version"] in (2, 3):  # no per-layer activation length (2), no rows (3): the defaults hold
             data = {**data, "format_version": POLICY_FORMAT_VERSION}
         _check("layers" in data, "layers", "missing", "give one {\"enabled\", \"tau\"} entry per decoder layer")
         _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")

@@ -180,15 +180,17 @@ def compress_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, rows: 
     Returns:
         query_c (Hq, Lq', D), key_c and value_c (Hs, K', D), all contiguous.
     """
+    key_c, value_c = gather_kept(key, value, kept)
+    return torch.gather(query, 1, rows[:, :, None].expand(-1, -1, query.shape[-1])), key_c, value_c
+
+
+def gather_kept(key: Tensor, value: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept rows of K and V, per selecting head: key (Hkv, Lk, D), kept (Hs, K') -> key_c, value_c (Hs, K', D),
+    contiguous. ``Hs == Hq`` gathers them per query head from KV head ``h // G``; ``Hs == Hkv`` once per KV head."""
     kv_heads, _, head_dim = key.shape
-    per_kv_head = kept.reshape(kv_heads, -1)  # (Hkv, (Hs/Hkv)*K'): query heads of a group side by side
-
-    def gather(x: Tensor, index: Tensor) -> Tensor:
-        return torch.gather(x, 1, index[:, :, None].expand(-1, -1, head_dim))
-
-    key_c = gather(key, per_kv_head).view(kept.shape[0], kept.shape[1], head_dim)
-    value_c = gather(value, per_kv_head).view(kept.shape[0], kept.shape[1], head_dim)
-    return gather(query, rows), key_c, value_c
+    per_kv_head = kept.reshape(kv_heads, -1)[:, :, None].expand(-1, -1, head_dim)  # query heads of a group side by side
+    return (torch.gather(key, 1, per_kv_head).view(*kept.shape, head_dim),
+            torch.gather(value, 1, per_kv_head).view(*kept.shape, head_dim))
 
 
 def decompress_ref(out_c: Tensor, rows: Tensor, q_len: int) -> Tensor:
@@ -236,3 +238,55 @@ def gathered_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tens
         weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
         out[positions, h] = (weights @ v).to(out.dtype)
     return out
+
+
+def padded_positions(kept: Tensor, count: Tensor, seq_len: int) -> Tensor:
+    """kept (Hs, M) with ``count[s]`` positions in each row, count (Hs,) -> (Hs, M) with every entry past the count
+    set to ``seq_len``: still ascending, and never visible to a query (computed on the device)."""
+    slots = torch.arange(kept.shape[1], device=kept.device)
+    return torch.where(slots[None, :] < count[:, None], kept, seq_len)
+
+
+def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
+                            softcap: float | None = None, rows_per_step: int = 1024) -> Tensor:
+    """Every query row attends causally to its head's kept keys (``rows="all"``): the PyTorch twin of
+    ``triton_kept_keys.kept_keys_attention``.
+
+    Row ``m`` of query head h attends to the kept keys of its selecting head at positions ``<= m``; a row that sees
+    none is 0. Full prefills only (``Lq == Lk``). Computed ``rows_per_step`` query rows at a time, in float32, so
+    its memory is ``Hq * rows_per_step * M`` logits.
+
+    Args:
+        query: (Hq, L, D); key, value: (Hkv, L, D).
+        kept: (Hs, M) ascending positions per selecting head in the first ``count`` entries (``M >= count``).
+        count: (Hs,) int number of kept positions per selecting head, on the device.
+        scaling, softcap: as for ``score_keys_ref``.
+
+    Returns:
+        (L, Hq, D), the layout transformers expects.
+    """
+    num_heads, seq_len, _ = query.shape
+    group = num_heads // kept.shape[0]
+    positions = padded_positions(kept, count, seq_len)
+    key_c, value_c = (x.float() for x in gather_kept(key, value, kept))  # (Hs, M, D)
+    if group > 1:  # kv_group selection: the query heads of a group share their KV head's kept keys
+        positions, key_c, value_c = (x.repeat_interleave(group, dim=0) for x in (positions, key_c, value_c))
+    out = torch.empty_like(query)
+    for start in range(0, seq_len, rows_per_step):
+        rows = torch.arange(start, min(start + rows_per_step, seq_len), device=query.device)
+        logits = torch.einsum("hqd,hkd->hqk", query[:, rows].float(), key_c) * scaling  # (Hq, rows, M)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        visible = positions[:, None, :] <= rows[None, :, None]
+        weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[:, rows] = torch.einsum("hqk,hkd->hqd", weights, value_c).to(query.dtype)
+    return out.transpose(0, 1)
+
+
+def kept_keys_cost(kept: Tensor, count: Tensor, seq_len: int) -> Tensor:
+    """The share of dense causal attention's query-key pairs that kept-keys attention computes, averaged over the
+    selecting heads: a kept key at position ``p`` is seen by the ``seq_len - p`` rows from ``p`` on. A 0-dim
+    float32 tensor on the device."""
+    positions = padded_positions(kept, count, seq_len)
+    pairs = (seq_len - positions).sum(dim=-1, dtype=torch.float64)  # padding (= seq_len) adds nothing
+    return (pairs / (seq_len * (seq_len + 1) / 2)).mean().float()

@@ -93,21 +93,24 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2, MASKED: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        # one online-softmax step in FlashAttention-2's order; k: (HEAD_DIM, BLOCK_N), v: (BLOCK_N, HEAD_DIM)
+    def online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2, MASKED: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        # One online-softmax step in FlashAttention-2's order; k: (HEAD_DIM, BLOCK_N), v: (BLOCK_N, HEAD_DIM).
+        # MASKED: a key is visible to a row when its position (``keys``) is at most the row's and inside the
+        # sequence; a row that has seen nothing keeps its maximum at -inf (so any later key still counts in full).
         logits = tl.dot(q, k, input_precision=PRECISION)  # unscaled; the scale is positive, so the maximum commutes
         if MASKED:
             allowed = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < seq_len)
             logits = tl.where(allowed, logits * scale_log2, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
-            new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
-            logits = logits - new_max[:, None]
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
+            logits = logits - shift[:, None]
         else:
             new_max = tl.maximum(row_max, tl.max(logits, 1) * scale_log2)
+            shift = new_max
             logits = logits * scale_log2 - new_max[:, None]
         p = tl.math.exp2(logits)
-        correction = tl.math.exp2(row_max - new_max)
+        correction = tl.math.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
         return new_max, row_sum, acc
@@ -135,13 +138,13 @@ if HAS_TRITON:
             for n in tl.static_range(0, BLOCK, BLOCK_N):
                 k = desc_k.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
                 v = desc_v.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                row_max, row_sum, acc = _online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n,
+                row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n,
                                                      offs_m, seq_len, scale_log2, False, PRECISION)
         first_key = tl.load(listing + count - 1) * BLOCK  # the diagonal block; tiles past the end load as zeros
         for n in tl.static_range(0, BLOCK, BLOCK_N):
             k = desc_k.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = desc_v.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            row_max, row_sum, acc = _online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n, offs_m,
+            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n, offs_m,
                                                  seq_len, scale_log2, True, PRECISION)
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(Out + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(Out.dtype.element_ty),

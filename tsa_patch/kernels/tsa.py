@@ -8,6 +8,9 @@ Two paths give the same result (the same kept tokens; the attention up to roundi
   the policy's dense kernel on them (``dense.py``: SDPA with cuDNN first, or flash-attn) unless the caller passes
   another causal kernel as ``attend`` (the block-sparse kernel). In eager mode it is the faster path at every
   length measured on an H200: cuDNN on the compact copies outruns attention by index.
+- ``tsa_attention_kept_keys`` (a policy's ``rows="all"``, a variant of ours) drops keys only: the same tokens
+  are selected, and every query row attends to its head's kept keys (``triton_kept_keys.py``), so no row's output
+  is left 0. It never reads the count back either.
 - ``tsa_attention_sync_free`` keeps the count on the device: the selection writes the kept positions into a
   buffer sized for keeping every token, and one kernel attends by index over them and scatters its rows back
   (``triton_gather.py``). Nothing waits for the GPU, so a CUDA graph can capture it (a host sync cannot be
@@ -27,10 +30,11 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .dense import dense_attention
-from .reference import (compress_ref, decompress_ref, gathered_attention_ref, query_rows, score_keys_ref,
-                        select_tokens_padded_ref, smooth_scores_ref)
+from .reference import (compress_ref, decompress_ref, gathered_attention_ref, kept_keys_attention_ref, query_rows,
+                        score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
 from .triton_gather import gathered_attention
 from .triton_import import HAS_TRITON
+from .triton_kept_keys import kept_keys_attention
 from .triton_rows import compress, decompress
 from .triton_score import score_keys
 from .triton_select import select_tokens_padded
@@ -47,13 +51,15 @@ class Stages:
     compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
     decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
     gathered: Callable  # (query, key, value, kept, count, scaling, softcap) -> (L, Hq, D): the sync-free attention
+    kept_keys: Callable  # (query, key, value, kept, count, scaling) -> (L, Hq, D): every row over the kept keys
 
 
 STAGES = {
     "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, select=select_tokens_padded_ref,
-                    compress=compress_ref, decompress=decompress_ref, gathered=gathered_attention_ref),
+                    compress=compress_ref, decompress=decompress_ref, gathered=gathered_attention_ref,
+                    kept_keys=kept_keys_attention_ref),
     "triton": Stages(score=score_keys, smooth=smooth_scores, select=select_tokens_padded, compress=compress,
-                     decompress=decompress, gathered=gathered_attention),
+                     decompress=decompress, gathered=gathered_attention, kept_keys=kept_keys_attention),
 }
 
 
@@ -215,5 +221,59 @@ def tsa_attention_sync_free(
     return STAGES[backend].gathered(query, key, value, kept, count, scaling, softcap), kept, count
 
 
+def tsa_attention_kept_keys(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    tau: float,
+    window: int,
+    pool_kernel: int,
+    min_tokens: int,
+    selection: str,
+    scaling: float,
+    coverage: str = "paper",
+    softcap: float | None = None,
+    keep_fraction: float | None = None,
+    backend: str = "triton",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A full prefill (``Lq == Lk``) that drops keys only (``rows="all"``): the tokens ``tsa_attention`` keeps are
+    selected the same way, and every query row attends causally to its head's kept keys, so a dropped token still
+    gets this layer's attention output (computed over fewer keys) instead of 0. No host synchronisation. Same
+    arguments as ``tsa_attention``; a soft-capped layer runs the PyTorch twin (the kernel cannot cap logits).
+
+    Returns:
+        out: (L, Hq, D); kept: (Hs, L) int64 buffer, the kept positions ascending in the first ``count[h]``
+        entries of row h; count: (Hs,) int64 on the device.
+    """
+    pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
+                          scaling=scaling, softcap=softcap, backend=backend)
+    return sparse_attention_kept_keys(query, key, value, pooled, tau=tau, min_tokens=min_tokens, scaling=scaling,
+                                      coverage=coverage, softcap=softcap, keep_fraction=keep_fraction, backend=backend)
+
+
+def sparse_attention_kept_keys(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    pooled: Tensor,
+    *,
+    tau: float,
+    min_tokens: int,
+    scaling: float,
+    coverage: str = "paper",
+    softcap: float | None = None,
+    keep_fraction: float | None = None,
+    backend: str = "triton",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``tsa_attention_kept_keys`` after scoring: coverage, selection and kept-keys attention for one ``tau`` on
+    ``pooled`` (``token_scores``), as ``sparse_attention`` is for the paper's compression."""
+    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
+    kept, count = STAGES[backend].select(pooled, key.shape[1], tau, min_tokens, coverage, keep)
+    if softcap is not None:
+        return kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap), kept, count
+    return STAGES[backend].kept_keys(query, key, value, kept, count, scaling), kept, count
+
+
 __all__ = ["HAS_TRITON", "STAGES", "Stages", "sparse_attention", "token_scores", "tsa_attention",
-           "tsa_attention_sync_free"]
+           "sparse_attention_kept_keys", "tsa_attention_kept_keys", "tsa_attention_sync_free"]

@@ -1,0 +1,143 @@
+"""Kept-keys attention in Triton: every query row attends causally to its head's kept keys (``rows="all"``).
+
+The paper's compression computes only the kept tokens' query rows and leaves the others 0. With ``rows="all"`` a
+sparse layer drops keys only: every one of the ``L`` query rows attends to the kept keys at or before its own
+position. The kept keys and values are gathered into compact ``(Hs, M, D)`` tensors (``reference.gather_kept``);
+their positions are ascending, so the keys a query block sees are a prefix of the compact sequence: every key at
+or before the block's first row is visible to all of its rows (those tiles run without a mask) and only the keys
+inside the block's own span need the causal mask, a tile or two. ``torch.searchsorted`` finds both bounds on the
+device, so nothing is read back to the host and a CUDA graph can capture the call.
+
+The online softmax is ``triton_block.online_step`` (FlashAttention-2's order). On a Hopper-class GPU, for 16-bit
+inputs with a power-of-two head dim, K and V tiles are loaded through tensor descriptors, as the block-sparse
+kernel does. ``reference.kept_keys_attention_ref`` is the PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import gather_kept, padded_positions
+from .triton_block import Tiling, default_tiling, uses_descriptors
+from .triton_import import HAS_TRITON, TensorDescriptor, tl, triton
+
+_LOG2_E = 1.4426950408889634
+# Query rows per program; the searchsorted bounds are computed for this block size.
+BLOCK_M = 128
+
+if HAS_TRITON:
+    from .triton_block import online_step
+
+    @triton.jit
+    def _key_tile(K, V, selecting, n_start, keys, in_range, offs_d, d_valid, stride_kh, stride_kl,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr):
+        # k (BLOCK_D, BLOCK_N) and v (BLOCK_N, BLOCK_D) of the compact keys [n_start, n_start + BLOCK_N)
+        if DESCRIPTORS:  # tiles past the compact length load as zeros
+            k = K.load([selecting, n_start, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            v = V.load([selecting, n_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            k = tl.load(K + selecting * stride_kh + keys[None, :] * stride_kl + offs_d[:, None],
+                        mask=in_range[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(V + selecting * stride_kh + keys[:, None] * stride_kl + offs_d[None, :],
+                        mask=in_range[:, None] & d_valid[None, :], other=0.0)
+        return k, v
+
+    @triton.jit
+    def _kept_keys_kernel(Q, K, V, Pos, Out, Bounds, scale_log2, stride_qh, stride_ql, stride_kh, stride_kl,
+                          stride_ph, stride_ol, stride_oh, stride_bh, seq_len, sel_group, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          DESCRIPTORS: tl.constexpr, PRECISION: tl.constexpr):
+        # K and V: the compact (Hs, M, D) tensors by pointer (K's strides, which V shares), or (head, key, dim)
+        # tensor descriptors with DESCRIPTORS
+        query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
+        head = tl.program_id(1)
+        selecting = head // sel_group
+        offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        q = tl.load(Q + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                    mask=(offs_m[:, None] < seq_len) & d_valid[None, :], other=0.0)
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # keys [0, seen_by_all) are at or before the block's first row; [.., visible) end at its last row
+        seen_by_all = tl.load(Bounds + selecting * stride_bh + 2 * query_block)
+        visible = tl.load(Bounds + selecting * stride_bh + 2 * query_block + 1)
+        unmasked_end = seen_by_all - seen_by_all % BLOCK_N
+        for n_start in range(0, unmasked_end, BLOCK_N):  # every row sees these keys: no mask
+            keys = n_start + offs_n
+            k, v = _key_tile(K, V, selecting, n_start, keys, keys < unmasked_end, offs_d, d_valid, stride_kh,
+                             stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
+            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
+                                                False, PRECISION)
+        for n_start in range(unmasked_end, visible, BLOCK_N):  # the last tile or two: causal mask by position
+            keys = n_start + offs_n
+            k, v = _key_tile(K, V, selecting, n_start, keys, keys < visible, offs_d, d_valid, stride_kh, stride_kl,
+                             BLOCK_N, HEAD_DIM, DESCRIPTORS)
+            positions = tl.load(Pos + selecting * stride_ph + keys, mask=keys < visible, other=seq_len)
+            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, positions, offs_m, seq_len,
+                                                scale_log2, True, PRECISION)
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a row that sees no kept key stays 0
+        tl.store(Out + offs_m[:, None] * stride_ol + head * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < seq_len) & d_valid[None, :])
+
+
+def block_bounds(positions: Tensor, seq_len: int, block_m: int = BLOCK_M) -> Tensor:
+    """Per selecting head and query block of ``block_m`` rows: how many kept keys lie at or before the block's first
+    row (every row of the block sees them) and at or before its last row (some row sees them).
+
+    positions (Hs, M) ascending, padding past the count at ``seq_len`` -> (Hs, 2 * Nb) int32, the two bounds of
+    each block side by side; computed on the device.
+    """
+    starts = torch.arange(0, seq_len, block_m, device=positions.device, dtype=positions.dtype)
+    edges = torch.stack([starts, (starts + block_m - 1).clamp_max(seq_len - 1)], dim=1).reshape(1, -1)
+    return torch.searchsorted(positions, edges.expand(positions.shape[0], -1).contiguous(), right=True).to(torch.int32)
+
+
+def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
+                        block_m: int = BLOCK_M, tiling: Tiling | None = None,
+                        descriptors: bool | None = None) -> Tensor:
+    """Triton twin of ``reference.kept_keys_attention_ref`` (same arguments and result up to rounding), with no
+    host synchronisation: ``count`` stays on the device.
+
+    Args:
+        query: (Hq, L, D); key, value: (Hkv, L, D); head dim unit-stride; fp16, bf16 or fp32. Full prefills only.
+        kept: (Hs, M) int positions, ascending in the first ``count[s]`` entries of each row, ``Hs`` in {Hq, Hkv}.
+        count: (Hs,) int kept positions per selecting head.
+        scaling: softmax scale.
+        block_m: query rows per program (a power of two, at least 16).
+        tiling: keys per inner step (at most ``block_m``), warps and stages; None: ``triton_block.default_tiling``.
+        descriptors: load K and V through tensor descriptors; None decides by ``triton_block.uses_descriptors``,
+            True forces it (power-of-two head dims only; the tests run it under the interpreter).
+
+    Returns:
+        (L, Hq, D) in the dtype of ``query``: row ``m`` of head ``h`` is causal attention over the kept keys of
+        ``h`` at positions ``<= m`` (0 where there is none). fp32 inputs are multiplied in full fp32 (no TF32).
+    """
+    if query.stride(-1) != 1:
+        raise ValueError("kept_keys_attention: the head dim of query must be contiguous")
+    num_heads, seq_len, head_dim = query.shape
+    selecting = kept.shape[0]
+    positions = padded_positions(kept, count, seq_len).to(torch.int32).contiguous()  # (Hs, M)
+    key_c, value_c = gather_kept(key, value, kept)  # (Hs, M, D) each, contiguous
+    bounds = block_bounds(positions, seq_len, block_m)
+    out = torch.empty(seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
+    tiling = tiling or default_tiling(block_m, head_dim, query.dtype)
+    grid = (triton.cdiv(seq_len, block_m), num_heads)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    common = dict(BLOCK_M=block_m, BLOCK_N=min(tiling.block_n, block_m), PRECISION=precision,
+                  num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    strides = key_c.stride()  # value_c's too: both contiguous, of one shape
+    use_descriptors = uses_descriptors(query, key_c, value_c) if descriptors is None else descriptors
+    if use_descriptors:
+        tile = [1, common["BLOCK_N"], head_dim]
+        key_c = TensorDescriptor(key_c, list(key_c.shape), list(strides), tile)
+        value_c = TensorDescriptor(value_c, list(value_c.shape), list(strides), tile)
+    _kept_keys_kernel[grid](
+        query, key_c, value_c, positions, out, bounds, scaling * _LOG2_E, query.stride(0), query.stride(1),
+        strides[0], strides[1], positions.stride(0), out.stride(0), out.stride(1), bounds.stride(0), seq_len,
+        num_heads // selecting, BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors, **common)
+    return out
