@@ -141,3 +141,32 @@ def _replayed(module, static: list, warm_up=None) -> tuple:
         buffer.copy_(x)
     graph.replay()
     return captured, fresh
+
+
+def _all_rows(module) -> None:
+    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
+    setattr(module.config, CONFIG_KEY, replace(policy, rows="all").to_dict())
+
+
+@pytest.mark.gpu
+def test_an_all_rows_layer_on_cuda_makes_no_host_sync_and_replays_from_a_cuda_graph():
+    """``rows="all"`` in eager mode: selection, the K/V gather, the query blocks' key bounds and the kept-keys
+    kernel run without a host sync (the computed share stays on the device until the statistics are read); so a
+    CUDA graph holds it, and a replay on new inputs equals the eager path on them (the same kernels)."""
+    module, (q, k, v) = _sparse_layer_inputs(8192)
+    _all_rows(module)
+    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = attention.tsa_statistics(torch.nn.ModuleList([module]))
+    assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < 8192
+    assert 0 < stats[0]["attention_cost"][0] < 1 and torch.isfinite(out).all()
+    module, static = _sparse_layer_inputs(4096)
+    _all_rows(module)
+    captured, fresh = _replayed(module, static)
+    eager, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
+    assert torch.isfinite(captured).all() and torch.equal(captured, eager)
