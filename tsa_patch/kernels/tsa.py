@@ -8,16 +8,17 @@ Two paths give the same result (the same kept tokens; the attention up to roundi
   the policy's dense kernel on them (``dense.py``: SDPA with cuDNN first, or flash-attn) unless the caller passes
   another causal kernel as ``attend`` (the block-sparse kernel). In eager mode it is the faster path at every
   length measured on an H200: cuDNN on the compact copies outruns attention by index.
-- ``tsa_attention_kept_keys`` (a policy's ``rows="all"``, a variant of ours) drops keys only: the same tokens
-  are selected, and every query row attends to its head's kept keys (``triton_kept_keys.py``), so no row's output
-  is left 0. It never reads the count back either.
 - ``tsa_attention_sync_free`` keeps the count on the device: the selection writes the kept positions into a
   buffer sized for keeping every token, and one kernel attends by index over them and scatters its rows back
   (``triton_gather.py``). Nothing waits for the GPU, so a CUDA graph can capture it (a host sync cannot be
   captured), which removes the launches that set a short prompt's time.
 
+A third path computes more: ``tsa_attention_kept_keys`` (a policy's ``rows="all"``, a variant of ours) drops keys
+only. The same tokens are selected, and every query row attends to its head's kept keys (``triton_kept_keys.py``),
+so a dropped token's row gets attention over the kept keys instead of 0. It never reads the count back either.
+
 The "torch" backend runs the stages of ``reference.py`` (any device); the "triton" backend swaps in their Triton
-twins (CUDA). Both paths share the selection, which leaves the kept count on the device
+twins (CUDA). All paths share the selection, which leaves the kept count on the device
 (``select_tokens_padded_ref`` or ``triton_select.select_tokens_padded``).
 """
 
