@@ -409,7 +409,7 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
     paper_knobs = dict(coverage="paper", rows="kept",
                        activation_length=config.paper_activation_length())  # the authors' rule
     paper = PaperRule(tau=PAPER_TAU, delta=PAPER_DELTA, layers=paper_layers,
-                      attention_removed=attention_removed(measurements, paper_taus),
+                      attention_removed=attention_removed(measurements, paper_taus, rows="kept"),
                       calibration=judge.metrics(paper_taus, "calibration", **paper_knobs), held_out={})
     budget = (Budget.matching(paper.calibration["kl"]) if config.match_paper
               else Budget.from_options(config.max_kl, config.min_agreement, config.target_speedup))

@@ -94,7 +94,7 @@ def _rows_sentence(policy: TsaPolicy) -> str:
     """Which query rows a sparse layer computes, in words."""
     if policy.rows == "all":
         return (" Rows `all` (a variant of the paper's compression): a sparse layer drops keys only, every query row "
-                "attending to its head's kept keys, so no token's output is left 0.")
+                "attending to its head's kept keys, so a dropped token's row gets attention over them instead of 0.")
     return " Rows `kept` (the paper's): a sparse layer computes only its kept tokens' query rows."
 
 

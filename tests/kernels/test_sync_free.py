@@ -60,13 +60,7 @@ def _sparse_layer_inputs(length: int):
 def test_a_sparse_layer_on_cuda_makes_no_host_sync(length):
     """A whole sparse layer through the attention function, sync-free path, under sync debugging."""
     module, (q, k, v) = _sparse_layer_inputs(length)
-    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=True)  # compile, tune
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, tsa_sync_free=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    out = _without_host_sync(module, q, k, v, tsa_sync_free=True)
     stats = attention.tsa_statistics(torch.nn.ModuleList([module]))  # reading the counts syncs: after the check
     assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < length
     assert torch.isfinite(out).all()
@@ -77,15 +71,8 @@ def test_a_block_sparse_layer_on_cuda_makes_no_host_sync():
     """The block-sparse kernel alone: the block selection and the kernel run without a host sync; the density
     stays on the device until the statistics are read."""
     module, (q, k, v) = _sparse_layer_inputs(8192)
-    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
-    setattr(module.config, CONFIG_KEY, replace(policy, layers=(LayerPolicy(kernel="block_sparse"),)).to_dict())
-    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile, tune
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _with_policy(module, layers=(LayerPolicy(kernel="block_sparse"),))
+    out = _without_host_sync(module, q, k, v)
     stats = attention.tsa_statistics(torch.nn.ModuleList([module]))
     assert stats[0]["path"] == "block_sparse" and 0 < stats[0]["block_density"][0] <= 1
     assert torch.isfinite(out).all()
@@ -115,8 +102,7 @@ def test_a_block_sparse_layer_replays_from_a_cuda_graph():
     masses are summed with atomics in any order: a block could flip only where a cover's cumulative mass falls
     within an ulp of its cut.)"""
     module, static = _sparse_layer_inputs(8192)
-    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
-    setattr(module.config, CONFIG_KEY, replace(policy, layers=(LayerPolicy(kernel="block_sparse"),)).to_dict())
+    _with_policy(module, layers=(LayerPolicy(kernel="block_sparse"),))
     captured, fresh = _replayed(module, static)
     eager, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
     assert torch.isfinite(captured).all()
@@ -143,30 +129,37 @@ def _replayed(module, static: list, warm_up=None) -> tuple:
     return captured, fresh
 
 
-def _all_rows(module) -> None:
-    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
-    setattr(module.config, CONFIG_KEY, replace(policy, rows="all").to_dict())
-
-
 @pytest.mark.gpu
 def test_an_all_rows_layer_on_cuda_makes_no_host_sync_and_replays_from_a_cuda_graph():
     """``rows="all"`` in eager mode: selection, the K/V gather, the query blocks' key bounds and the kept-keys
     kernel run without a host sync (the computed share stays on the device until the statistics are read); so a
     CUDA graph holds it, and a replay on new inputs equals the eager path on them (the same kernels)."""
     module, (q, k, v) = _sparse_layer_inputs(8192)
-    _all_rows(module)
-    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)  # compile
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, _ = attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _with_policy(module, rows="all")
+    out = _without_host_sync(module, q, k, v)
     stats = attention.tsa_statistics(torch.nn.ModuleList([module]))
     assert stats[0]["path"] == "sparse" and stats[0]["kept"][0][0] < 8192
     assert 0 < stats[0]["attention_cost"][0] < 1 and torch.isfinite(out).all()
     module, static = _sparse_layer_inputs(4096)
-    _all_rows(module)
+    _with_policy(module, rows="all")
     captured, fresh = _replayed(module, static)
     eager, _ = attention.tsa_attention_forward(module, *fresh, None, scaling=128**-0.5)
     assert torch.isfinite(captured).all() and torch.equal(captured, eager)
+
+
+def _with_policy(module, **changes) -> None:
+    """Replace fields of the layer's policy (in its config)."""
+    policy = TsaPolicy.from_dict(getattr(module.config, CONFIG_KEY))
+    setattr(module.config, CONFIG_KEY, replace(policy, **changes).to_dict())
+
+
+def _without_host_sync(module, q, k, v, **kwargs):
+    """The layer's attention output, run once to compile and tune, then again under sync debugging (any host
+    synchronisation raises)."""
+    attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, **kwargs)  # compile, tune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return attention.tsa_attention_forward(module, q, k, v, None, scaling=128**-0.5, **kwargs)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -39,9 +39,8 @@ def _options(m: LayerMeasurement) -> list[_Option]:
     """The options of one layer, dense first; only dense for a layer never measured (a sliding-window layer)."""
     if not m.samples:
         return [_Option(0.0, 0.0, 0.0)]
-    rows = "all" if m.computed is not None else "kept"
     options = [_Option(0.0, 0.0, 0.0)]
-    options += [_Option(tau, m.saving(i, rows), m.mean_error(i)) for i, tau in enumerate(m.taus)]
+    options += [_Option(tau, m.saving(i), m.mean_error(i)) for i, tau in enumerate(m.taus)]
     if m.block_saving is not None and m.block_error is not None:
         options.append(_Option(0.0, m.block_saving, m.block_error, block_sparse=True))
     return options
@@ -84,9 +83,9 @@ def pareto_policies(measurements: list[LayerMeasurement]) -> list[Candidate]:
     return sorted(candidates.values(), key=lambda c: (c.predicted_error, c.attention_removed))
 
 
-def attention_removed(measurements: list[LayerMeasurement], taus, rows: str = "kept") -> float:
+def attention_removed(measurements: list[LayerMeasurement], taus, rows: str | None = None) -> float:
     """Predicted share of the model's attention FLOPs that the per-layer ``taus`` remove when sparse layers compute
-    ``rows`` (the paper's compression, "kept": the mean of 1 - kept^2)."""
+    ``rows`` (``LayerMeasurement.saving``; None: as measured)."""
     total = 0.0
     for m, tau in zip(measurements, taus):
         total += 0.0 if tau == 0 else m.saving(m.taus.index(tau), rows)

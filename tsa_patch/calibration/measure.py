@@ -55,9 +55,11 @@ class LayerMeasurement:
     def mean_error(self, i: int) -> float:
         return self.error[i] / self.samples
 
-    def saving(self, i: int, rows: str = "kept") -> float:
-        """The share of the layer's attention FLOPs that ``taus[i]`` removes when sparse layers compute ``rows``."""
-        if rows == "all":
+    def saving(self, i: int, rows: str | None = None) -> float:
+        """The share of the layer's attention FLOPs that ``taus[i]`` removes when sparse layers compute ``rows``:
+        "kept" (the paper's compression, ``1 - kept ** 2``) or "all" (the measured share); None: the rows these
+        measurements were taken with."""
+        if rows == "all" or (rows is None and self.computed is not None):
             return 1.0 - self.computed[i] / self.samples
         return 1.0 - self.mean_kept(i) ** 2
 

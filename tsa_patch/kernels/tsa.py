@@ -97,6 +97,17 @@ def token_scores(
     return stages.smooth(scores, pool_kernel)
 
 
+def select_tokens(pooled: Tensor, kv_len: int, *, tau: float, min_tokens: int, coverage: str,
+                  keep_fraction: float | None, backend: str) -> tuple[Tensor, Tensor]:
+    """Steps 3-4, shared by every path: coverage (how many tokens) and selection (which ones), on the device.
+
+    Returns the (Hs, Lk) ascending kept positions, padded past the count, and the (Hs,) count
+    (``reference.select_tokens_padded_ref``); ``keep_fraction`` forces the count (benchmarks).
+    """
+    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
+    return STAGES[backend].select(pooled, kv_len, tau, min_tokens, coverage, keep)
+
+
 def sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -122,8 +133,8 @@ def sparse_attention(
     num_heads, q_len, _ = query.shape
     kv_len = key.shape[1]
     # 3-4. coverage (how many tokens) and selection (which ones), then the one host sync: K' sizes the compact copies.
-    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
-    kept, count = stages.select(pooled, kv_len, tau, min_tokens, coverage, keep)
+    kept, count = select_tokens(pooled, kv_len, tau=tau, min_tokens=min_tokens, coverage=coverage,
+                                keep_fraction=keep_fraction, backend=backend)
     kept = kept[:, : int(count[0])]  # (Hs, K')
     rows = query_rows(kept, num_heads, q_len, kv_len)  # (Hq, Lq')
     # 5. compress: shared sorted indices make the causal mask on the compact sequence exact.
@@ -217,8 +228,8 @@ def tsa_attention_sync_free(
     """
     pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
                           scaling=scaling, softcap=softcap, backend=backend)
-    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
-    kept, count = STAGES[backend].select(pooled, key.shape[1], tau, min_tokens, coverage, keep)
+    kept, count = select_tokens(pooled, key.shape[1], tau=tau, min_tokens=min_tokens, coverage=coverage,
+                                keep_fraction=keep_fraction, backend=backend)
     return STAGES[backend].gathered(query, key, value, kept, count, scaling, softcap), kept, count
 
 
@@ -269,12 +280,12 @@ def sparse_attention_kept_keys(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``tsa_attention_kept_keys`` after scoring: coverage, selection and kept-keys attention for one ``tau`` on
     ``pooled`` (``token_scores``), as ``sparse_attention`` is for the paper's compression."""
-    keep = None if keep_fraction is None else round(keep_fraction * pooled.shape[1])
-    kept, count = STAGES[backend].select(pooled, key.shape[1], tau, min_tokens, coverage, keep)
+    kept, count = select_tokens(pooled, key.shape[1], tau=tau, min_tokens=min_tokens, coverage=coverage,
+                                keep_fraction=keep_fraction, backend=backend)
     if softcap is not None:
         return kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap), kept, count
     return STAGES[backend].kept_keys(query, key, value, kept, count, scaling), kept, count
 
 
-__all__ = ["HAS_TRITON", "STAGES", "Stages", "sparse_attention", "token_scores", "tsa_attention",
+__all__ = ["HAS_TRITON", "STAGES", "Stages", "select_tokens", "sparse_attention", "token_scores", "tsa_attention",
            "sparse_attention_kept_keys", "tsa_attention_kept_keys", "tsa_attention_sync_free"]
