@@ -18,6 +18,8 @@ from tsa_patch.kernels.policy import CONFIG_KEY, LayerPolicy, TsaPolicy
 from tsa_patch.kernels.tsa import tsa_attention, tsa_attention_sync_free
 
 OPTIONS = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16)
+# The Triton backend runs its kernels on the GPU when there is one, else under the interpreter (conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("coverage", ["paper", "normalized"])
@@ -26,7 +28,7 @@ OPTIONS = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16)
 def test_sync_free_path_keeps_the_same_tokens_and_computes_the_same_output(backend, selection, coverage, brute):
     torch.manual_seed(7)
     hq, hkv, length, d = 6, 2, 131, 32
-    q, k, v = torch.randn(hq, length, d), torch.randn(hkv, length, d), torch.randn(hkv, length, d)
+    q, k, v = (torch.randn(h, length, d).to(DEVICE) for h in (hq, hkv, hkv))
     options = dict(OPTIONS, selection=selection, coverage=coverage, scaling=d**-0.5)
     synced, kept = tsa_attention(q, k, v, backend="torch", **options)
     out, buffer, count = tsa_attention_sync_free(q, k, v, backend=backend, **options)
