@@ -242,9 +242,18 @@ def test_every_policy_knob_has_one_source():
     options = python_inspect.signature(calibrate_command).parameters
     for knob in POLICY_KNOBS:
         assert knob in options, f"calibrate has no option for {knob}"
-        if knob != "activation_length":  # decided by calibration unless given (measured, paper's, conservative)
+        if knob not in ("activation_length", "rows"):  # activation: measured, paper's or conservative unless given
             assert getattr(config, knob) == defaults[knob]
     assert config.policy_options()["activation_length"] == config.min_tokens + config.window + 1
+
+
+def test_rows_default_to_all_for_the_budget_and_to_the_papers_for_drift():
+    """Unless told, the budget method keeps every query row (measured more accurate at the same savings) and the
+    drift method, the paper's rule, computes the kept rows only, as the paper does."""
+    assert CalibrationConfig().policy_options()["rows"] == "all"
+    assert CalibrationConfig(method="drift").policy_options()["rows"] == "kept"
+    assert CalibrationConfig(rows="kept").policy_options()["rows"] == "kept"
+    assert CalibrationConfig(method="drift", rows="all").policy_options()["rows"] == "all"
 
 
 def test_the_paper_rule_is_measured_with_the_authors_knobs(budget_run, smollm2_fp32):

@@ -29,7 +29,7 @@ Examples:
 
   tsa-patch calibrate --seq-len 4096 --block-sparse --block-size 64  # also choose block-sparse layers
 
-  tsa-patch calibrate --seq-len 4096 --rows all        # drop keys only: every query row attends to the kept keys
+  tsa-patch calibrate --seq-len 4096 --rows kept       # the paper's compression: only kept tokens' rows computed
 """
 _DEFAULTS = CalibrationConfig()
 
@@ -56,7 +56,7 @@ def calibrate_command(
     activation_length: Annotated[int | None, typer.Option("--activation-length", help=f"Shorter prompts run dense. Default: measured on a CUDA GPU (never slower than dense), the paper's min-tokens + window + 1 for --method drift, a conservative {CONSERVATIVE_ACTIVATION_LENGTH} without a GPU.")] = None,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
-    rows: Annotated[str, typer.Option(help="kept (the paper: a sparse layer computes only its kept tokens' query rows) or all (ours: every query row attends to the kept keys).")] = _DEFAULTS.rows,
+    rows: Annotated[str | None, typer.Option(help="all (ours; default: every query row attends to the kept keys) or kept (the paper's compression: a sparse layer computes only its kept tokens' query rows; default of --method drift).")] = None,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     check_layers: Annotated[bool, typer.Option("--check-layers/--no-check-layers", help="Budget: run each layer alone at tau 0.005 and 0.02 end to end and rescale its error estimate by what it measured.")] = _DEFAULTS.check_layers,
     block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: the block-sparse kernel (FlexPrefill-style) alone becomes one more option of every layer, each layer checked alone on it end to end.")] = False,

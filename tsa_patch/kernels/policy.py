@@ -37,10 +37,11 @@ SELECTION_MODES = ("query_head", "kv_group")
 # variant of ours (the mean of per-head normalised distributions; the tail below tau).
 COVERAGE_RULES = ("paper", "normalized")
 # Which query rows a sparse layer's full prefill computes. "kept" (the paper): only the kept tokens' rows, so a
-# dropped token gets output 0 from that head. "all" (a variant of ours): every row attends to the head's kept keys,
-# so only keys are dropped (``tsa.tsa_attention_kept_keys``); it computes more (a kept key at position p is seen
-# by L - p rows) and perturbs the dropped tokens' hidden states less. Layers that also run the block-sparse kernel
-# keep "kept" (the kernel runs on the compact tensors).
+# dropped token gets output 0 from that head; a policy without the key gets it. "all" (a variant of ours, what
+# calibration chooses unless told): every row attends to the head's kept keys, so only keys are dropped
+# (``tsa.tsa_attention_kept_keys``); it computes more (a kept key at position p is seen by L - p rows) and
+# perturbs the dropped tokens' hidden states less. Layers that also run the block-sparse kernel keep "kept" (the
+# kernel runs on the compact tensors).
 ROWS_MODES = ("kept", "all")
 # Dense attention kernel used on the compressed tensors (and on dense layers). "auto" prefers cuDNN, then
 # flash, then memory-efficient SDPA on CUDA (the order measured fastest on H200); "flash_attn" uses the
