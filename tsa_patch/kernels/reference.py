@@ -248,13 +248,15 @@ def padded_positions(kept: Tensor, count: Tensor, seq_len: int) -> Tensor:
 
 
 def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
-                            softcap: float | None = None, rows_per_step: int = 1024) -> Tensor:
+                            softcap: float | None = None, rows_per_step: int = 256) -> Tensor:
     """Every query row attends causally to its head's kept keys (``rows="all"``): the PyTorch twin of
     ``triton_kept_keys.kept_keys_attention``.
 
     Row ``m`` of query head h attends to the kept keys of its selecting head at positions ``<= m``; a row that sees
-    none is 0. Full prefills only (``Lq == Lk``). Computed ``rows_per_step`` query rows at a time, in float32, so
-    its memory is ``Hq * rows_per_step * M`` logits.
+    none is 0. Full prefills only (``Lq == Lk``). Computed ``rows_per_step`` query rows at a time, each step over
+    only the kept keys its last row can see (the positions ascend, so they are a prefix; their lengths are read to
+    the host once), by SDPA with a mask (float32 logits inside SDPA; the soft-capped path in float32 explicitly):
+    memory ``Hq * rows_per_step * M``.
 
     Args:
         query: (Hq, L, D); key, value: (Hkv, L, D).
@@ -268,18 +270,26 @@ def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Ten
     num_heads, seq_len, _ = query.shape
     group = num_heads // kept.shape[0]
     positions = padded_positions(kept, count, seq_len)
-    key_c, value_c = (x.float() for x in gather_kept(key, value, kept))  # (Hs, M, D)
+    key_c, value_c = gather_kept(key, value, kept)  # (Hs, M, D)
     if group > 1:  # kv_group selection: the query heads of a group share their KV head's kept keys
         positions, key_c, value_c = (x.repeat_interleave(group, dim=0) for x in (positions, key_c, value_c))
-    out = torch.empty_like(query)
-    for start in range(0, seq_len, rows_per_step):
+    starts = range(0, seq_len, rows_per_step)
+    step_ends = torch.tensor([min(start + rows_per_step, seq_len) for start in starts], device=query.device)
+    ends = step_ends.expand(num_heads, -1).contiguous()
+    reaches = torch.searchsorted(positions, ends).amax(0).tolist()  # how many kept keys each step can see
+    out = torch.zeros_like(query)
+    for start, reach in zip(starts, reaches):
+        if reach == 0:
+            continue
         rows = torch.arange(start, min(start + rows_per_step, seq_len), device=query.device)
-        logits = torch.einsum("hqd,hkd->hqk", query[:, rows].float(), key_c) * scaling  # (Hq, rows, M)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        visible = positions[:, None, :] <= rows[None, :, None]
-        weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        out[:, rows] = torch.einsum("hqk,hkd->hqd", weights, value_c).to(query.dtype)
+        visible = positions[:, None, :reach] <= rows[None, :, None]  # (Hq, rows, reach)
+        q, k, v = query[:, rows], key_c[:, :reach], value_c[:, :reach]
+        if softcap is None:
+            step = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling)
+        else:
+            logits = softcap * torch.tanh(torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scaling / softcap)
+            step = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1) @ v.float()
+        out[:, rows] = torch.where(visible.any(-1, keepdim=True), step, 0.0).to(query.dtype)  # unseen rows: 0
     return out.transpose(0, 1)
 
 
