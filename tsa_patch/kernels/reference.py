@@ -253,10 +253,9 @@ def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Ten
     ``triton_kept_keys.kept_keys_attention``.
 
     Row ``m`` of query head h attends to the kept keys of its selecting head at positions ``<= m``; a row that sees
-    none is 0. Full prefills only (``Lq == Lk``). Computed ``rows_per_step`` query rows at a time, each step over
-    only the kept keys its last row can see (the positions ascend, so they are a prefix; their lengths are read to
-    the host once), by SDPA with a mask (float32 logits inside SDPA; the soft-capped path in float32 explicitly):
-    memory ``Hq * rows_per_step * M``.
+    none is 0. Full prefills only (``Lq == Lk``). Computed in float32, ``rows_per_step`` query rows at a time, each
+    step over only the kept keys its last row can see (the positions ascend, so they are a prefix; their lengths
+    are read to the host once), by SDPA with a mask: memory ``Hq * rows_per_step * M``.
 
     Args:
         query: (Hq, L, D); key, value: (Hkv, L, D).
@@ -270,26 +269,26 @@ def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Ten
     num_heads, seq_len, _ = query.shape
     group = num_heads // kept.shape[0]
     positions = padded_positions(kept, count, seq_len)
-    key_c, value_c = gather_kept(key, value, kept)  # (Hs, M, D)
+    key_c, value_c = (x.float() for x in gather_kept(key, value, kept))  # (Hs, M, D)
     if group > 1:  # kv_group selection: the query heads of a group share their KV head's kept keys
         positions, key_c, value_c = (x.repeat_interleave(group, dim=0) for x in (positions, key_c, value_c))
     starts = range(0, seq_len, rows_per_step)
-    step_ends = torch.tensor([min(start + rows_per_step, seq_len) for start in starts], device=query.device)
-    ends = step_ends.expand(num_heads, -1).contiguous()
-    reaches = torch.searchsorted(positions, ends).amax(0).tolist()  # how many kept keys each step can see
+    ends = [min(start + rows_per_step, seq_len) for start in starts]
+    step_ends = torch.tensor(ends, device=query.device).expand(num_heads, -1).contiguous()
+    reaches = torch.searchsorted(positions, step_ends).amax(0).tolist()  # how many kept keys each step can see
     out = torch.zeros_like(query)
-    for start, reach in zip(starts, reaches):
+    for start, end, reach in zip(starts, ends, reaches):
         if reach == 0:
             continue
-        rows = torch.arange(start, min(start + rows_per_step, seq_len), device=query.device)
+        rows = torch.arange(start, end, device=query.device)
         visible = positions[:, None, :reach] <= rows[None, :, None]  # (Hq, rows, reach)
-        q, k, v = query[:, rows], key_c[:, :reach], value_c[:, :reach]
+        q, k, v = query[:, start:end].float(), key_c[:, :reach], value_c[:, :reach]
         if softcap is None:
             step = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling)
         else:
-            logits = softcap * torch.tanh(torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scaling / softcap)
-            step = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1) @ v.float()
-        out[:, rows] = torch.where(visible.any(-1, keepdim=True), step, 0.0).to(query.dtype)  # unseen rows: 0
+            logits = softcap * torch.tanh(torch.einsum("hqd,hkd->hqk", q, k) * scaling / softcap)
+            step = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1) @ v
+        out[:, start:end] = torch.where(visible.any(-1, keepdim=True), step, 0.0).to(query.dtype)  # unseen rows: 0
     return out.transpose(0, 1)
 
 
