@@ -13,9 +13,10 @@ instead of ``1 - k**2``.
 
 For every layer alone (``--together``: the chosen layers at once) at each ``--taus`` value (the authors' coverage
 rule, every other layer dense), the calibration's end-to-end probes (natural continuations, long-range recall,
-aggregation; KL of the continuation against dense) with ``rows="kept"`` and ``rows="all"``, and the share of the
-layer's attention each computes. If the recall damage comes from the dropped rows, ``all`` makes the early layers
-harmless. Small models on a CPU; the real model at 32K runs the same comparison in ``real_model_gpu.py layers``.
+aggregation; KL of the continuation against dense) for each of ``--modes``: ``kept`` (``rows="kept"``), ``all``
+(``rows="all"``, the kept keys only) and ``local`` (``rows="all"`` with ``--local-keys``: each row also sees its
+latest keys), and the share of the layer's attention each computes. If the recall damage comes from the dropped
+rows, ``all`` makes the early layers harmless; if it comes from the tokens' own neighbourhoods, ``local`` does. Small models on a CPU; the real model at 32K runs the same comparison in ``real_model_gpu.py layers``.
 (Results before 2026-12-06 came from this script's own plain-PyTorch twin of the kept-keys attention.)
 """
 
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="comma-separated layers (default: all)")
     parser.add_argument("--together", action="store_true", help="the layers of --layers sparse at once, not alone")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16)")
+    parser.add_argument("--modes", default="kept,all", help="comma-separated: kept, all, local")
+    parser.add_argument("--local-keys", type=int, default=128, help="the local keys of the local mode")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -75,14 +78,17 @@ def main() -> None:
     # one judge: its stored traces are keyed by each layer's policy, rows included
     judge = EndToEnd(model, {"calibration": samples}, args.seq_len, tokenizer, config.seed, make_policy,
                      lambda description, total: None)
-    for mode in ("kept", "all"):
+    knobs = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0},
+             "local": {"rows": "all", "local_keys": args.local_keys}}
+    names = {"kept": "paper", "all": "all rows", "local": f"all rows, {args.local_keys} local keys"}
+    for mode in args.modes.split(","):
         for chosen in [layers] if args.together else [[layer] for layer in layers]:
             for tau in taus:
                 metrics = judge.metrics([tau if i in chosen else 0.0 for i in range(num_layers)], "calibration",
-                                        rows=mode)
+                                        **knobs[mode])
                 # the model's attention cost is the mean over layers, the others computing all of theirs
                 computed = 1.0 - num_layers * (1.0 - metrics["attention_cost"]) / len(chosen)
-                row = {"variant": "paper" if mode == "kept" else "all rows", "layers": chosen, "tau": tau,
+                row = {"variant": names[mode], "layers": chosen, "tau": tau,
                        "kl": {kind: metrics[kind]["kl"] for kind in ("natural", "recall", "aggregation")},
                        "top1_agreement": metrics["top1_agreement"], "layer_attention_computed": round(computed, 4)}
                 print(json.dumps(row), flush=True)

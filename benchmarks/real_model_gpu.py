@@ -47,14 +47,17 @@ from tsa_patch.suite import TASKS
 
 ROUNDS = 5  # timing rounds per prompt length in ``speed``, variants interleaved
 SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-token context
-CALIBRATIONS = {  # name -> CalibrationConfig changes (rows: calibrate's default, "all" since 2026-12-06)
+CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: rows "all", 128 local keys)
     "tsa-paper-coverage": {"rows": "kept"},  # TSA as the paper computes it; the default before 2026-12-06
     "tsa-normalized-coverage": {"coverage": "normalized"},
     "tsa-kv-group": {"selection": "kv_group"},  # the query heads of a KV head choose one token set together
     "tsa-block-sparse": {"block_sparse": True},
     "tsa-block-sparse-kl-0.01": {"block_sparse": True, "max_kl": 0.01},  # half the default budget
-    "tsa-all-rows": {"rows": "all"},  # keys dropped only: every query row attends to the kept keys (the default)
+    "tsa-all-rows": {"rows": "all", "local_keys": 0},  # every row over the kept keys only: the default of 2026-12-06
+    "tsa-local-keys": {"rows": "all"},  # and each row over its 128 latest keys too (the default)
 }
+# ``layers --layer-rows``: what each mode computes (rows, local keys)
+ROWS_VARIANTS = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0}, "local": {"rows": "all"}}
 
 
 def _record(args, **fields) -> dict:
@@ -252,7 +255,7 @@ def phase_layers(args) -> None:
         if args.layer_block:
             variants.append(("block-sparse", alone, {layer}, "kept"))
         for name, taus, blocks, mode in variants:
-            metrics = judge.metrics(taus, "calibration", blocks, rows=mode)
+            metrics = judge.metrics(taus, "calibration", blocks, **ROWS_VARIANTS[mode])
             row = {"layer": layer, "variant": name, "kl_natural": metrics["natural"]["kl"],
                    "kl_recall": metrics["recall"]["kl"], "kl_aggregation": metrics["aggregation"]["kl"],
                    "top1_agreement": metrics["top1_agreement"],
@@ -315,7 +318,8 @@ def main() -> None:
     parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
                         "on (NAME@engaged), instead of as calibrated; speed: also time each export so engaged")
     parser.add_argument("--layer-taus", default="0.005,0.02", help="layers: the taus of each layer alone")
-    parser.add_argument("--layer-rows", default="kept", help="layers: comma-separated rows modes (kept, all)")
+    parser.add_argument("--layer-rows", default="kept", help="layers: comma-separated rows modes: kept, all (every "
+                        "row over the kept keys), local (and over its 128 latest keys)")
     parser.add_argument("--no-layer-block", dest="layer_block", action="store_false",
                         help="layers: leave out the block-sparse kernel alone")
     parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "

@@ -43,6 +43,9 @@ PAPER_TAU, PAPER_DELTA = 0.005, 0.5
 # or 16,384, its export with every layer engaged ran x0.89 at 8K, x1.02 at 12K, x1.06 at 16K; one
 # Llama-3.1-8B-shaped TSA layer x0.93 at 8K, x1.66 at 16K).
 CONSERVATIVE_ACTIVATION_LENGTH = 16384
+# Keys just before each query that a kept-keys layer always attends to, calibration's default with rows "all": the
+# paper's window (its last queries score the tokens; here each query keeps its own neighbourhood).
+DEFAULT_LOCAL_KEYS = 128
 _KNOBS = knob_defaults()
 
 __all__ = ["DEFAULT_MAX_KL", "CalibrationConfig", "CalibrationResult", "calibrate"]
@@ -82,7 +85,8 @@ class CalibrationConfig:
             nothing about a GPU's); then checked end to end at every length it serves below ``seq_len``, a layer
             raised past a length where the policy so served misses the budget (``calibration.served``).
         window ... block_js_threshold: the policy's other knobs (``kernels.policy.POLICY_KNOBS``, same defaults as
-            ``TsaPolicy`` but ``rows``: see ``rows_mode``), copied into the policy.
+            ``TsaPolicy`` but ``rows``, see ``rows_mode``, and ``local_keys``: unset, ``DEFAULT_LOCAL_KEYS`` where
+            every query row is computed, 0 where the paper's compression drops rows), copied into the policy.
     """
 
     data: str = DEFAULT_CALIBRATION_DATA
@@ -107,6 +111,7 @@ class CalibrationConfig:
     selection: str = _KNOBS["selection"]
     coverage: str = _KNOBS["coverage"]
     rows: str | None = None
+    local_keys: int | None = None
     dense_backend: str = _KNOBS["dense_backend"]
     block_size: int = _KNOBS["block_size"]
     block_gamma: float = _KNOBS["block_gamma"]
@@ -119,7 +124,10 @@ class CalibrationConfig:
         options = {name: getattr(self, name) for name in POLICY_KNOBS}
         options["activation_length"] = options["activation_length"] or self.paper_activation_length()
         options["rows"] = self.rows_mode()
-        return {**options, **knobs}
+        options = {**options, **knobs}
+        if options["local_keys"] is None:  # unset: by the rows finally computed
+            options["local_keys"] = DEFAULT_LOCAL_KEYS if options["rows"] == "all" else 0
+        return options
 
     def rows_mode(self) -> str:
         """``rows``; unset: "all" for the budget method (at the same savings it measured more accurate than the
@@ -413,7 +421,7 @@ def _search(model, config: CalibrationConfig, measurements, front, drift, judge,
 
     paper_layers = sorted(set(drift_rule_layers(drift, PAPER_DELTA)) - _windowed(model, config))
     paper_taus = [PAPER_TAU if i in paper_layers else 0.0 for i in range(len(drift))]
-    paper_knobs = dict(coverage="paper", rows="kept",
+    paper_knobs = dict(coverage="paper", rows="kept", local_keys=0,
                        activation_length=config.paper_activation_length())  # the authors' rule
     paper = PaperRule(tau=PAPER_TAU, delta=PAPER_DELTA, layers=paper_layers,
                       attention_removed=attention_removed(measurements, paper_taus, rows="kept"),

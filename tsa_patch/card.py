@@ -93,8 +93,11 @@ def _served_sentence(checks: list[dict] | None) -> str:
 def _rows_sentence(policy: TsaPolicy) -> str:
     """Which query rows a sparse layer computes, in words."""
     if policy.rows == "all":
+        local = (f", and to the {policy.local_keys} keys just before it whether kept or not"
+                 if policy.local_keys else "")
         return (" Rows `all` (a variant of the paper's compression): a sparse layer drops keys only, every query row "
-                "attending to its head's kept keys, so a dropped token's row gets attention over them instead of 0.")
+                f"attending to its head's kept keys{local}, so a dropped token's row gets attention over them instead "
+                "of 0.")
     return " Rows `kept` (the paper's): a sparse layer computes only its kept tokens' query rows."
 
 

@@ -56,10 +56,11 @@ def _unsupported_model(tmp_path):
         (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
         (["--selection", "per_token"], "selection = 'per_token'"),
         (["--rows", "some"], "rows = 'some'; use one of ['kept', 'all']"),
+        (["--rows", "kept", "--local-keys", "64"], "local_keys = 64; local keys need rows \"all\""),
         (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     ],
     ids=["missing-folder", "missing-hub-id", "unsupported-arch", "tau-high", "tau-negative", "two-budgets", "seq-len",
-         "missing-data", "selection", "rows", "device"],
+         "missing-data", "selection", "rows", "local-keys", "device"],
 )
 def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment, smollm2):
     args = [str(_unsupported_model(tmp_path)) if a == "UNSUPPORTED" else a for a in args]

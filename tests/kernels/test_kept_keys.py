@@ -1,6 +1,7 @@
-"""Kept-keys attention (``rows="all"``): every query row attends causally to its head's kept keys. The Triton kernel
-(both loaders) and the PyTorch twin against a float64 brute force written from the definition, on fresh random
-inputs and random kept sets; and the runtime's ``rows="all"`` path end to end.
+"""Kept-keys attention (``rows="all"``): every query row attends causally to its head's kept keys, and to its
+``local_keys`` latest keys whether kept or not. The Triton kernel (both loaders) and the PyTorch twin against a
+float64 brute force written from the definition, on fresh random inputs and random kept sets; and the runtime's
+``rows="all"`` path end to end.
 
 Bounds: relative error vs float64, ||out - ref|| / ||ref||, at most ``numerics.ATTENTION_RELATIVE[dtype]`` (fp32
 128 eps, fp16 5 eps, bf16 3 eps: softmax-weighted sums, see tests/numerics.py). NaN fails. On CPU the Triton kernel
@@ -35,19 +36,23 @@ def shape_id(shape):
     return "Hq{}-Hkv{}-L{}-D{}".format(*shape)
 
 
-def brute_kept_keys(query, key, value, kept, count):
-    """float64: row m of head h attends to the kept keys of its selecting head at positions <= m; 0 if none."""
+def brute_kept_keys(query, key, value, kept, count, local_keys=0):
+    """float64: row m of head h attends to the keys at positions p <= m that its selecting head kept or that lie
+    within its ``local_keys`` latest (m - p < local_keys); 0 if none."""
     num_heads, seq_len, head_dim = query.shape
     group, sel_group = num_heads // key.shape[0], num_heads // kept.shape[0]
     out = torch.zeros(seq_len, num_heads, head_dim, dtype=torch.float64, device=query.device)
     rows = torch.arange(seq_len, device=query.device)
+    causal = rows[None, :] <= rows[:, None]
+    local = rows[:, None] - rows[None, :] < local_keys
     for h in range(num_heads):
         s = h // sel_group
-        positions = kept[s, : int(count[s])]
-        logits = query[h].double() @ key[h // group, positions].double().T * head_dim**-0.5  # (L, K')
-        visible = positions[None, :] <= rows[:, None]
+        chosen = torch.zeros(seq_len, dtype=torch.bool, device=query.device)
+        chosen[kept[s, : int(count[s])]] = True
+        visible = causal & (chosen[None, :] | local)  # (L, L)
+        logits = query[h].double() @ key[h // group].double().T * head_dim**-0.5
         weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        out[:, h] = weights @ value[h // group, positions].double()
+        out[:, h] = weights @ value[h // group].double()
     return out
 
 
@@ -105,6 +110,23 @@ def test_both_loaders_compute_the_same_attention(shape):
         assert relative_error(out, ref) < ATTENTION_RELATIVE[dtype], descriptors
 
 
+@pytest.mark.parametrize("local_keys", [1, 40, 300], ids=lambda n: f"local{n}")
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["query_head", "kv_group"])
+def test_local_keys_match_brute_force(shape, local_keys, per_kv_head):
+    """Every row also sees its ``local_keys`` latest keys, kept or not (fewer than a query block, more than one,
+    and more than the whole CPU sequence): the kernel and the twin against the brute force; no row is empty."""
+    dtype = DTYPES[0]
+    (q, k, v), generator = inputs(shape, dtype, seed=hash((shape, local_keys, per_kv_head)) % 2**31)
+    kept, count = random_kept(shape[1] if per_kv_head else shape[0], shape[2], generator, fraction=0.2)
+    ref = brute_kept_keys(q, k, v, kept, count, local_keys)
+    out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, **TILES)
+    assert relative_error(out, ref) < ATTENTION_RELATIVE[dtype]
+    twin = kept_keys_attention_ref(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, rows_per_step=64)
+    assert relative_error(twin, ref) < ATTENTION_RELATIVE[dtype]
+    assert (ref.abs().sum(-1) > 0).all() and (out.abs().sum(-1) > 0).all()  # each row sees at least itself
+
+
 def test_every_kept_key_kept_is_dense_causal_attention():
     hq, hkv, seq_len, d = 4, 2, 100, 32
     q, k, v = (torch.randn(h, seq_len, d, device=DEVICE) for h in (hq, hkv, hkv))
@@ -132,6 +154,23 @@ def test_cost_counts_the_query_rows_each_kept_key_reaches():
     assert abs(kept_keys_cost(kept, count, 10).item() - expected) < 1e-6
 
 
+@pytest.mark.parametrize("local_keys", [0, 1, 3, 10, 25])
+def test_cost_counts_each_visible_pair_once(local_keys):
+    """With local keys, the cost is the visible (row, key) pairs of the brute force's mask, over L (L + 1) / 2."""
+    generator = torch.Generator().manual_seed(local_keys)
+    seq_len = 20
+    kept, count = random_kept(3, seq_len, generator, fraction=0.3)
+    rows = torch.arange(seq_len)
+    pairs = 0
+    for s in range(3):
+        chosen = torch.zeros(seq_len, dtype=torch.bool)
+        chosen[kept[s, : int(count[s])].cpu()] = True
+        pairs += ((rows[None, :] <= rows[:, None]) & (chosen[None, :] | (rows[:, None] - rows[None, :] < local_keys)))\
+            .sum().item()
+    expected = pairs / (3 * seq_len * (seq_len + 1) / 2)
+    assert abs(kept_keys_cost(kept.cpu(), count.cpu(), seq_len, local_keys).item() - expected) < 1e-6
+
+
 @pytest.mark.parametrize("selection", ["query_head", "kv_group"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_the_kept_keys_path_keeps_the_papers_tokens_and_every_row(backend, selection):
@@ -154,6 +193,19 @@ def test_the_kept_keys_path_keeps_the_papers_tokens_and_every_row(backend, selec
         assert (paper[dropped, h] == 0).all() and (out[dropped, h] != 0).any(-1).all()
         # a kept row sees the same keys either way: the two paths agree on it
         assert relative_error(out[head_rows[h], h], paper[head_rows[h], h].double()) < ATTENTION_RELATIVE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_kept_keys_path_adds_the_local_keys(backend):
+    """``tsa_attention_kept_keys(local_keys=...)``: the same kept tokens, and every row also over its local keys."""
+    torch.manual_seed(4)
+    hq, hkv, seq_len, d = 6, 2, 131, 32
+    q, k, v = (torch.randn(h, seq_len, d, device=DEVICE) for h in (hq, hkv, hkv))
+    options = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16, selection="query_head", scaling=d**-0.5)
+    _, plain_kept, plain_count = tsa_attention_kept_keys(q, k, v, backend=backend, **options)
+    out, kept, count = tsa_attention_kept_keys(q, k, v, backend=backend, local_keys=8, **options)
+    assert torch.equal(count, plain_count) and torch.equal(kept, plain_kept) and int(count.min()) < seq_len
+    assert relative_error(out, brute_kept_keys(q, k, v, kept, count, 8)) < ATTENTION_RELATIVE[torch.float32]
 
 
 def test_selection_pads_with_a_position_no_query_sees():

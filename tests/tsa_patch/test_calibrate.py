@@ -8,7 +8,7 @@ import pytest
 import torch
 from calibration_settings import SMALL, measured_independently
 
-from tsa_patch.calibrate import CalibrationConfig, calibrate
+from tsa_patch.calibrate import DEFAULT_LOCAL_KEYS, CalibrationConfig, calibrate
 from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregation_probe, continuation_metrics,
                                                 recall_probe)
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
@@ -242,7 +242,7 @@ def test_every_policy_knob_has_one_source():
     options = python_inspect.signature(calibrate_command).parameters
     for knob in POLICY_KNOBS:
         assert knob in options, f"calibrate has no option for {knob}"
-        if knob not in ("activation_length", "rows"):  # activation: measured, paper's or conservative unless given
+        if knob not in ("activation_length", "rows", "local_keys"):  # these three: resolved unless given
             assert getattr(config, knob) == defaults[knob]
     assert config.policy_options()["activation_length"] == config.min_tokens + config.window + 1
 
@@ -254,6 +254,16 @@ def test_rows_default_to_all_for_the_budget_and_to_the_papers_for_drift():
     assert CalibrationConfig(method="drift").policy_options()["rows"] == "kept"
     assert CalibrationConfig(rows="kept").policy_options()["rows"] == "kept"
     assert CalibrationConfig(method="drift", rows="all").policy_options()["rows"] == "all"
+
+
+def test_local_keys_default_to_the_window_where_every_row_is_computed():
+    """Unless told, a kept-keys policy lets each row see its 128 latest keys; the paper's compression none (it
+    drops whole rows), also where a caller overrides the rows (the paper's rule beside a budget calibration)."""
+    assert CalibrationConfig().policy_options()["local_keys"] == DEFAULT_LOCAL_KEYS == 128
+    assert CalibrationConfig(method="drift").policy_options()["local_keys"] == 0
+    assert CalibrationConfig().policy_options(rows="kept")["local_keys"] == 0
+    assert CalibrationConfig(local_keys=0).policy_options()["local_keys"] == 0
+    assert CalibrationConfig(local_keys=32, rows="all").policy_options()["local_keys"] == 32
 
 
 def test_the_paper_rule_is_measured_with_the_authors_knobs(budget_run, smollm2_fp32):

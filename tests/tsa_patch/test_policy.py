@@ -106,6 +106,24 @@ def test_a_version_3_policy_computes_the_papers_rows():
     assert TsaPolicy.from_dict(TsaPolicy.uniform(4, 0.01, rows="all").to_dict()).rows == "all"
 
 
+def test_a_version_4_policy_has_no_local_keys():
+    """Version 4 had no ``local_keys``: its kept-keys layers saw the kept keys only."""
+    old = {**TsaPolicy.uniform(4, 0.01, rows="all").to_dict(), "format_version": 4}
+    del old["local_keys"]
+    policy = TsaPolicy.from_dict(old)
+    assert policy.format_version == POLICY_FORMAT_VERSION and policy.rows == "all" and policy.local_keys == 0
+    assert TsaPolicy.from_dict(TsaPolicy.uniform(4, 0.01, rows="all", local_keys=64).to_dict()).local_keys == 64
+
+
+@pytest.mark.parametrize("knobs, named", [(dict(rows="kept", local_keys=128), "rows \"all\""),
+                                          (dict(rows="all", local_keys=-1), "non-negative"),
+                                          (dict(rows="all", local_keys=1.5), "non-negative")])
+def test_local_keys_are_checked(knobs, named):
+    with pytest.raises(ValueError, match="local_keys") as error:
+        TsaPolicy.uniform(4, 0.01, **knobs)
+    assert named in str(error.value)
+
+
 def test_a_layer_may_have_its_own_activation_length():
     layers = (LayerPolicy(), LayerPolicy(enabled=True, tau=0.01, activation_length=32000),
               LayerPolicy(enabled=True, tau=0.02))

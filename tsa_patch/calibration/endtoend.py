@@ -136,7 +136,7 @@ class EndToEnd:
     def _signature(self, policy: TsaPolicy) -> tuple:
         """What each layer computes in a prefill of ``prompt_len`` tokens under ``policy``: two policies with equal
         leading entries compute the same leading layers."""
-        return tuple((layer.tau, layer.kernel, policy.coverage, policy.selection, policy.rows)
+        return tuple((layer.tau, layer.kernel, policy.coverage, policy.selection, policy.rows, policy.local_keys)
                      if self.prompt_len >= policy.activation_of(layer) and (layer.active or layer.block_sparse)
                      else "dense" for layer in policy.layers)
 

@@ -127,8 +127,9 @@ def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, so
         count = int(kept_count_ref(pooled, tau, policy.min_tokens, policy.coverage))
         if count != previous_count:  # the same count keeps the same top tokens: the same output, not run again
             if policy.rows == "all":
-                out, kept, counts = sparse_attention_kept_keys(query, key, value, pooled, tau=tau, **options)
-                previous_computed = kept_keys_cost(kept, counts, seq_len).item()
+                out, kept, counts = sparse_attention_kept_keys(query, key, value, pooled, tau=tau,
+                                                               local_keys=policy.local_keys, **options)
+                previous_computed = kept_keys_cost(kept, counts, seq_len, policy.local_keys).item()
             else:
                 out, _ = sparse_attention(query, key, value, pooled, tau=tau, dense_backend=policy.dense_backend,
                                           **options)

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tsa_patch.calibrate import CONSERVATIVE_ACTIVATION_LENGTH, DEFAULT_MAX_KL, CalibrationConfig, calibrate
+from tsa_patch.calibrate import (CONSERVATIVE_ACTIVATION_LENGTH, DEFAULT_LOCAL_KEYS, DEFAULT_MAX_KL, CalibrationConfig,
+                                 calibrate)
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.plots import plot_calibration
 from tsa_patch.policy_file import write_policy
@@ -57,6 +58,7 @@ def calibrate_command(
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
     rows: Annotated[str | None, typer.Option(help="all (ours; default: every query row attends to the kept keys) or kept (the paper's compression: a sparse layer computes only its kept tokens' query rows; default of --method drift).")] = None,
+    local_keys: Annotated[int | None, typer.Option("--local-keys", help=f"Rows all: keys just before each query that it always attends to, kept or not (default {DEFAULT_LOCAL_KEYS}; 0: kept keys only; must be 0 with --rows kept).")] = None,
     dense_backend: Annotated[str, typer.Option("--dense-backend", help="auto (cuDNN first), cudnn, flash, efficient, math, or flash_attn (the flash-attn package, when installed).")] = _DEFAULTS.dense_backend,
     check_layers: Annotated[bool, typer.Option("--check-layers/--no-check-layers", help="Budget: run each layer alone at tau 0.005 and 0.02 end to end and rescale its error estimate by what it measured.")] = _DEFAULTS.check_layers,
     block_sparse: Annotated[bool, typer.Option("--block-sparse", help="Budget: the block-sparse kernel (FlexPrefill-style) alone becomes one more option of every layer, each layer checked alone on it end to end.")] = False,
@@ -77,7 +79,7 @@ def calibrate_command(
         min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
         continuation=continuation, tau=tau, delta=delta, check_layers=check_layers, block_sparse=block_sparse,
         window=window, pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length,
-        selection=selection, coverage=coverage, rows=rows, dense_backend=dense_backend, block_size=block_size,
+        selection=selection, coverage=coverage, rows=rows, local_keys=local_keys, dense_backend=dense_backend, block_size=block_size,
         block_gamma=block_gamma, block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):

@@ -67,6 +67,6 @@ def _policy_line(policy) -> str:
     return (f"policy: {len(policy.sparse_layers)} of {policy.num_layers} layers sparse {policy.sparse_layers}, "
             f"window {policy.window}, min tokens {policy.min_tokens}, activation length {policy.activation_length} "
             f"({activation_basis(policy)}), "
-            f"selection {policy.selection}, rows {policy.rows}; block-sparse kernel in "
+            f"selection {policy.selection}, rows {policy.rows}, local keys {policy.local_keys}; block-sparse kernel in "
             f"{len(policy.block_sparse_layers)} layers {policy.block_sparse_layers}; "
             f"calibration: {policy.calibration.get('method', 'none')}")

@@ -200,8 +200,9 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
                    coverage=policy.coverage, softcap=call.softcap, keep_fraction=call.keep_fraction, backend=backend)
     full_prefill = query.shape[1] == key.shape[1]
     if attend is None and full_prefill and policy.rows == "all":
-        out, kept, count = tsa_attention_kept_keys(query, key, value, **options)
-        return out, count, None, kept_keys_cost(kept, count, query.shape[1])  # on the device, read when asked
+        out, kept, count = tsa_attention_kept_keys(query, key, value, local_keys=policy.local_keys, **options)
+        cost = kept_keys_cost(kept, count, query.shape[1], policy.local_keys)  # on the device, read when asked
+        return out, count, None, cost
     if attend is None and backend == "triton" and full_prefill and _sync_free(call):
         out, _, count = tsa_attention_sync_free(query, key, value, **options)
         return out, count, None, None  # the counts stay on the device; tsa_statistics reads them when asked

@@ -7,8 +7,8 @@ It imports nothing beyond the standard library.
 A policy is stored in ``config.json`` under ``CONFIG_KEY`` and as a standalone JSON file written by
 ``tsa-patch calibrate``::
 
-    {"format_version": 4, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
-     "selection": "query_head", "coverage": "paper", "rows": "kept", "dense_backend": "auto",
+    {"format_version": 5, "window": 128, "pool_kernel": 7, "min_tokens": 1024, "activation_length": 2048,
+     "selection": "query_head", "coverage": "paper", "rows": "all", "local_keys": 128, "dense_backend": "auto",
      "block_size": 128, "block_gamma": 0.95, "block_min_budget": 1024, "block_js_threshold": 0.1,
      "layers": [{"enabled": false, "tau": 0.0, "kernel": "dense"},
                 {"enabled": true, "tau": 0.005, "kernel": "block_sparse", "activation_length": 16384}, ...],
@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 # Version 2 added ``coverage`` (version 1 policies are read with the rule their runtime used, "normalized");
 # version 3 a layer's own ``activation_length`` (version 2 policies are read unchanged: they have none);
-# version 4 ``rows`` (version 3 policies are read with the paper's "kept").
-POLICY_FORMAT_VERSION = 4
+# version 4 ``rows`` (version 3 policies are read with the paper's "kept"); version 5 ``local_keys`` (version 4
+# policies are read with 0).
+POLICY_FORMAT_VERSION = 5
 # Attention and mask functions are registered under this key. The registry is process-global, so the key
 # carries the format version: two checkpoints with incompatible runtimes never overwrite each other.
 ATTENTION_KEY = f"tsa_v{POLICY_FORMAT_VERSION}"
@@ -41,7 +42,9 @@ COVERAGE_RULES = ("paper", "normalized")
 # calibration chooses unless told): every row attends to the head's kept keys, so only keys are dropped
 # (``tsa.tsa_attention_kept_keys``); it computes more (a kept key at position p is seen by L - p rows) and
 # perturbs the dropped tokens' hidden states less. Layers that also run the block-sparse kernel keep "kept" (the
-# kernel runs on the compact tensors).
+# kernel runs on the compact tensors). With "all", ``local_keys`` (a variant of ours; 0 in policies without the
+# key) lets every row also see the keys just before it, kept or not: the selection scores tokens by the last
+# queries' attention, but each token's own neighbourhood is what its row needs most in early layers.
 ROWS_MODES = ("kept", "all")
 # Dense attention kernel used on the compressed tensors (and on dense layers). "auto" prefers cuDNN, then
 # flash, then memory-efficient SDPA on CUDA (the order measured fastest on H200); "flash_attn" uses the
@@ -56,7 +59,7 @@ KERNELS = ("dense", "block_sparse")
 # The policy's knobs besides its layers: what calibration copies into every policy it writes, and what the CLI
 # offers as options (their defaults are TsaPolicy's).
 POLICY_KNOBS = ("window", "pool_kernel", "min_tokens", "activation_length", "selection", "coverage", "rows",
-                "dense_backend", "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
+                "local_keys", "dense_backend", "block_size", "block_gamma", "block_min_budget", "block_js_threshold")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class TsaPolicy:
         selection: one of ``SELECTION_MODES`` (how GQA heads choose tokens).
         coverage: one of ``COVERAGE_RULES`` (how many tokens a layer drops for its tau).
         rows: one of ``ROWS_MODES`` (which query rows a sparse layer computes).
+        local_keys: with ``rows="all"``, every query row of a sparse layer also attends to the ``local_keys`` keys
+            ending at its own position, kept or not (0: the kept keys only; must be 0 with ``rows="kept"``).
         dense_backend: one of ``DENSE_BACKENDS``.
         block_size: block-sparse layers: tokens per block (a power of two, at least 16; FlexPrefill: 128).
         block_gamma: block-sparse layers: attention mass the kept blocks cover, in (0, 1] (paper: 0.95).
@@ -123,6 +128,7 @@ class TsaPolicy:
     selection: str = "query_head"
     coverage: str = "paper"
     rows: str = "kept"
+    local_keys: int = 0
     dense_backend: str = "auto"
     block_size: int = 128
     block_gamma: float = 0.95
@@ -158,6 +164,10 @@ class TsaPolicy:
         _check(self.selection in SELECTION_MODES, "selection", self.selection, f"use one of {list(SELECTION_MODES)}")
         _check(self.coverage in COVERAGE_RULES, "coverage", self.coverage, f"use one of {list(COVERAGE_RULES)}")
         _check(self.rows in ROWS_MODES, "rows", self.rows, f"use one of {list(ROWS_MODES)}")
+        _check(_is_int(self.local_keys) and self.local_keys >= 0, "local_keys", self.local_keys,
+               "use a non-negative integer such as 128")
+        _check(self.local_keys == 0 or self.rows == "all", "local_keys", self.local_keys,
+               "local keys need rows \"all\" (the paper's compression drops whole query rows); set it to 0")
         _check(self.dense_backend in DENSE_BACKENDS, "dense_backend", self.dense_backend,
                f"use one of {list(DENSE_BACKENDS)}")
         _check(_is_int(self.block_size) and self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0,
@@ -215,7 +225,7 @@ class TsaPolicy:
         if data["format_version"] == 1:  # version 1 had no coverage field; its runtime used the "normalized" rule
             _check("coverage" not in data, "coverage", data.get("coverage"), "format_version 1 has no coverage field")
             data = {**data, "format_version": 2, "coverage": "normalized"}
-        if data["format_version"] in (2, 3):  # no per-layer activation length (2), no rows (3): the defaults hold
+        if data["format_version"] in (2, 3, 4):  # no per-layer activation length (2), rows (3), local keys (4)
             data = {**data, "format_version": POLICY_FORMAT_VERSION}
         _check("layers" in data, "layers", "missing", "give one {\"enabled\", \"tau\"} entry per decoder layer")
         _check(isinstance(data["layers"], list), "layers", data["layers"], "layers is a JSON list")

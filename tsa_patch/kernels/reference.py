@@ -248,41 +248,49 @@ def padded_positions(kept: Tensor, count: Tensor, seq_len: int) -> Tensor:
 
 
 def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
-                            softcap: float | None = None, rows_per_step: int = 256) -> Tensor:
-    """Every query row attends causally to its head's kept keys (``rows="all"``): the PyTorch twin of
-    ``triton_kept_keys.kept_keys_attention``.
+                            softcap: float | None = None, local_keys: int = 0, rows_per_step: int = 256) -> Tensor:
+    """Every query row attends causally to its head's kept keys (``rows="all"``), and to the ``local_keys`` keys
+    ending at its own position, kept or not: the PyTorch twin of ``triton_kept_keys.kept_keys_attention``.
 
-    Row ``m`` of query head h attends to the kept keys of its selecting head at positions ``<= m``; a row that sees
-    none is 0. Full prefills only (``Lq == Lk``). Computed in float32, ``rows_per_step`` query rows at a time, each
-    step over only the kept keys its last row can see (the positions ascend, so they are a prefix; their lengths
-    are read to the host once), by SDPA with a mask: memory ``Hq * rows_per_step * M``.
+    Row ``m`` of query head h attends to the keys at positions ``m - local_keys < p <= m`` and to the kept keys of
+    its selecting head at positions ``p <= m - local_keys``; a row that sees none is 0 (possible only without local
+    keys). Full prefills only (``Lq == Lk``). Computed in float32, ``rows_per_step`` query rows at a time, each step
+    over only the kept keys its last row can see (the positions ascend, so they are a prefix; their lengths are read
+    to the host once) and its rows' local keys, by SDPA with a mask: memory ``Hq * rows_per_step * M``.
 
     Args:
         query: (Hq, L, D); key, value: (Hkv, L, D).
         kept: (Hs, M) ascending positions per selecting head in the first ``count`` entries (``M >= count``).
         count: (Hs,) int number of kept positions per selecting head, on the device.
         scaling, softcap: as for ``score_keys_ref``.
+        local_keys: how many of the latest keys every row sees whatever the selection (0: the kept keys only).
 
     Returns:
         (L, Hq, D), the layout transformers expects.
     """
     num_heads, seq_len, _ = query.shape
     group = num_heads // kept.shape[0]
-    positions = padded_positions(kept, count, seq_len)
+    kv_group = num_heads // key.shape[0]
+    first_rows = padded_positions(kept, count, seq_len) + local_keys  # the first row that sees each kept key
     key_c, value_c = (x.float() for x in gather_kept(key, value, kept))  # (Hs, M, D)
     if group > 1:  # kv_group selection: the query heads of a group share their KV head's kept keys
-        positions, key_c, value_c = (x.repeat_interleave(group, dim=0) for x in (positions, key_c, value_c))
+        first_rows, key_c, value_c = (x.repeat_interleave(group, dim=0) for x in (first_rows, key_c, value_c))
     starts = range(0, seq_len, rows_per_step)
     ends = [min(start + rows_per_step, seq_len) for start in starts]
     step_ends = torch.tensor(ends, device=query.device).expand(num_heads, -1).contiguous()
-    reaches = torch.searchsorted(positions, step_ends).amax(0).tolist()  # how many kept keys each step can see
+    reaches = torch.searchsorted(first_rows, step_ends).amax(0).tolist()  # how many kept keys each step can see
     out = torch.zeros_like(query)
     for start, end, reach in zip(starts, ends, reaches):
-        if reach == 0:
+        first_local = max(0, start - local_keys + 1) if local_keys else end  # the step's local keys: [first, end)
+        if reach == 0 and first_local == end:
             continue
-        rows = torch.arange(start, end, device=query.device)
-        visible = positions[:, None, :reach] <= rows[None, :, None]  # (Hq, rows, reach)
-        q, k, v = query[:, start:end].float(), key_c[:, :reach], value_c[:, :reach]
+        rows = torch.arange(start, end, device=query.device)[:, None]
+        local = torch.arange(first_local, end, device=query.device)[None, :]
+        visible = torch.cat([first_rows[:, None, :reach] <= rows[None],
+                             ((local <= rows) & (local > rows - local_keys)).expand(num_heads, -1, -1)], dim=-1)
+        q = query[:, start:end].float()
+        k, v = (torch.cat([compact[:, :reach], full[:, first_local:end].float().repeat_interleave(kv_group, dim=0)],
+                          dim=1) for compact, full in ((key_c, key), (value_c, value)))  # (Hq, reach + local, D)
         if softcap is None:
             step = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling)
         else:
@@ -292,10 +300,13 @@ def kept_keys_attention_ref(query: Tensor, key: Tensor, value: Tensor, kept: Ten
     return out.transpose(0, 1)
 
 
-def kept_keys_cost(kept: Tensor, count: Tensor, seq_len: int) -> Tensor:
+def kept_keys_cost(kept: Tensor, count: Tensor, seq_len: int, local_keys: int = 0) -> Tensor:
     """The share of dense causal attention's query-key pairs that kept-keys attention computes, averaged over the
-    selecting heads: a kept key at position ``p`` is seen by the ``seq_len - p`` rows from ``p`` on. A 0-dim
-    float32 tensor on the device."""
+    selecting heads: a kept key at position ``p`` is seen by the ``seq_len - p - local_keys`` rows from
+    ``p + local_keys`` on, and row ``m`` by ``min(local_keys, m + 1)`` local keys. A 0-dim float32 tensor on the
+    device."""
     positions = padded_positions(kept, count, seq_len)
-    pairs = (seq_len - positions).sum(dim=-1, dtype=torch.float64)  # padding (= seq_len) adds nothing
-    return (pairs / (seq_len * (seq_len + 1) / 2)).mean().float()
+    pairs = (seq_len - positions - local_keys).clamp_min(0).sum(dim=-1, dtype=torch.float64)  # padding: nothing
+    band = min(local_keys, seq_len)
+    local_pairs = band * (band + 1) / 2 + (seq_len - band) * band
+    return ((pairs + local_pairs) / (seq_len * (seq_len + 1) / 2)).mean().float()

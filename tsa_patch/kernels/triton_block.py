@@ -93,26 +93,35 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION: tl.constexpr):
+        # One online-softmax step over the keys ``allowed`` (BLOCK_M, BLOCK_N) lets each row see; a row that has
+        # seen nothing keeps its maximum at -inf (so any later key still counts in full).
+        logits = tl.dot(q, k, input_precision=PRECISION)  # unscaled; the scale is positive, so the maximum commutes
+        logits = tl.where(allowed, logits * scale_log2, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
+        p = tl.math.exp2(logits - shift[:, None])
+        correction = tl.math.exp2(row_max - shift)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+        return new_max, row_sum, acc
+
+    @triton.jit
     def online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2, MASKED: tl.constexpr,
                     PRECISION: tl.constexpr):
         # One online-softmax step in FlashAttention-2's order; k: (HEAD_DIM, BLOCK_N), v: (BLOCK_N, HEAD_DIM).
         # MASKED: a key is visible to a row when its position (``keys``) is at most the row's and inside the
-        # sequence; a row that has seen nothing keeps its maximum at -inf (so any later key still counts in full).
-        logits = tl.dot(q, k, input_precision=PRECISION)  # unscaled; the scale is positive, so the maximum commutes
+        # sequence (``allowed_step``).
         if MASKED:
             allowed = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < seq_len)
-            logits = tl.where(allowed, logits * scale_log2, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(logits, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
-            logits = logits - shift[:, None]
+            new_max, row_sum, acc = allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION)
         else:
+            logits = tl.dot(q, k, input_precision=PRECISION)
             new_max = tl.maximum(row_max, tl.max(logits, 1) * scale_log2)
-            shift = new_max
-            logits = logits * scale_log2 - new_max[:, None]
-        p = tl.math.exp2(logits)
-        correction = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+            p = tl.math.exp2(logits * scale_log2 - new_max[:, None])
+            correction = tl.math.exp2(row_max - new_max)
+            row_sum = row_sum * correction + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
         return new_max, row_sum, acc
 
     @triton.jit

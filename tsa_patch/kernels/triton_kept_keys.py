@@ -8,6 +8,11 @@ or before the block's first row is visible to all of its rows (those tiles run w
 inside the block's own span need the causal mask, a tile or two. ``torch.searchsorted`` finds both bounds on the
 device, so nothing is read back to the host and a CUDA graph can capture the call.
 
+With ``local_keys`` (a policy's ``local_keys``), row ``m`` also sees the ``local_keys`` keys ending at its own
+position, kept or not, read from the layer's full K and V: the kept keys inside that band are skipped (each kept
+key counts from row ``p + local_keys`` on), so no key is counted twice. A query block needs its band's tiles only,
+``(local_keys + BLOCK_M) / BLOCK_N`` of them.
+
 The online softmax is ``triton_block.online_step`` (FlashAttention-2's order). On a Hopper-class GPU, for 16-bit
 inputs with a power-of-two head dim, K and V tiles are loaded through tensor descriptors, as the block-sparse
 kernel does. ``reference.kept_keys_attention_ref`` is the PyTorch twin.
@@ -27,7 +32,7 @@ _LOG2_E = 1.4426950408889634
 BLOCK_M = 128
 
 if HAS_TRITON:
-    from .triton_block import online_step
+    from .triton_block import allowed_step, online_step
 
     @triton.jit
     def _key_tile(K, V, selecting, n_start, keys, in_range, offs_d, d_valid, stride_kh, stride_kl,
@@ -44,12 +49,14 @@ if HAS_TRITON:
         return k, v
 
     @triton.jit
-    def _kept_keys_kernel(Q, K, V, Pos, Out, Bounds, scale_log2, stride_qh, stride_ql, stride_kh, stride_kl,
-                          stride_ph, stride_ol, stride_oh, stride_bh, seq_len, sel_group, BLOCK_M: tl.constexpr,
+    def _kept_keys_kernel(Q, K, V, Pos, Out, Bounds, KeyFull, ValueFull, scale_log2, stride_qh, stride_ql,
+                          stride_kh, stride_kl, stride_ph, stride_ol, stride_oh, stride_bh, stride_fkh, stride_fkl,
+                          stride_fvh, stride_fvl, seq_len, sel_group, kv_group, local_keys, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                           DESCRIPTORS: tl.constexpr, PRECISION: tl.constexpr):
         # K and V: the compact (Hs, M, D) tensors by pointer (K's strides, which V shares), or (head, key, dim)
-        # tensor descriptors with DESCRIPTORS
+        # tensor descriptors with DESCRIPTORS. Pos: the first row that sees each kept key (its position plus
+        # local_keys). KeyFull, ValueFull: the layer's (Hkv, L, D) keys and values, for the local keys.
         query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
         head = tl.program_id(1)
         selecting = head // sel_group
@@ -62,7 +69,7 @@ if HAS_TRITON:
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # keys [0, seen_by_all) are at or before the block's first row; [.., visible) end at its last row
+        # kept keys [0, seen_by_all) are seen by the block's first row (so by all); [.., visible) by its last
         seen_by_all = tl.load(Bounds + selecting * stride_bh + 2 * query_block)
         visible = tl.load(Bounds + selecting * stride_bh + 2 * query_block + 1)
         unmasked_end = seen_by_all - seen_by_all % BLOCK_N
@@ -72,32 +79,47 @@ if HAS_TRITON:
                              stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
                                                 False, PRECISION)
-        for n_start in range(unmasked_end, visible, BLOCK_N):  # the last tile or two: causal mask by position
+        for n_start in range(unmasked_end, visible, BLOCK_N):  # the last tile or two: masked by first row
             keys = n_start + offs_n
             k, v = _key_tile(K, V, selecting, n_start, keys, keys < visible, offs_d, d_valid, stride_kh, stride_kl,
                              BLOCK_N, HEAD_DIM, DESCRIPTORS)
-            positions = tl.load(Pos + selecting * stride_ph + keys, mask=keys < visible, other=seq_len)
-            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, positions, offs_m, seq_len,
+            first_rows = tl.load(Pos + selecting * stride_ph + keys, mask=keys < visible, other=seq_len)
+            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, first_rows, offs_m, seq_len,
                                                 scale_log2, True, PRECISION)
-        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a row that sees no kept key stays 0
+        # the local keys: row m sees positions (m - local_keys, m], kept or not
+        kv_head = head // kv_group
+        first_local = tl.maximum(query_block * BLOCK_M - local_keys + 1, 0)
+        local_end = tl.where(local_keys > 0, tl.minimum(query_block * BLOCK_M + BLOCK_M, seq_len), first_local)
+        for n_start in range(first_local, local_end, BLOCK_N):
+            keys = n_start + offs_n
+            in_range = keys < local_end
+            k = tl.load(KeyFull + kv_head * stride_fkh + keys[None, :] * stride_fkl + offs_d[:, None],
+                        mask=in_range[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(ValueFull + kv_head * stride_fvh + keys[:, None] * stride_fvl + offs_d[None, :],
+                        mask=in_range[:, None] & d_valid[None, :], other=0.0)
+            allowed = ((keys[None, :] <= offs_m[:, None]) & (keys[None, :] + local_keys > offs_m[:, None])
+                       & in_range[None, :])
+            row_max, row_sum, acc = allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION)
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a row that sees no key stays 0
         tl.store(Out + offs_m[:, None] * stride_ol + head * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=(offs_m[:, None] < seq_len) & d_valid[None, :])
 
 
-def block_bounds(positions: Tensor, seq_len: int, block_m: int = BLOCK_M) -> Tensor:
-    """Per selecting head and query block of ``block_m`` rows: how many kept keys lie at or before the block's first
-    row (every row of the block sees them) and at or before its last row (some row sees them).
+def block_bounds(first_rows: Tensor, seq_len: int, block_m: int = BLOCK_M) -> Tensor:
+    """Per selecting head and query block of ``block_m`` rows: how many kept keys are first seen at or before the
+    block's first row (every row of the block sees them) and at or before its last row (some row sees them).
 
-    positions (Hs, M) ascending, padding past the count at ``seq_len`` -> (Hs, 2 * Nb) int32, the two bounds of
-    each block side by side; computed on the device.
+    first_rows (Hs, M) ascending, the first row that sees each kept key (padding at ``seq_len`` or later) ->
+    (Hs, 2 * Nb) int32, the two bounds of each block side by side; computed on the device.
     """
-    starts = torch.arange(0, seq_len, block_m, device=positions.device, dtype=positions.dtype)
+    starts = torch.arange(0, seq_len, block_m, device=first_rows.device, dtype=first_rows.dtype)
     edges = torch.stack([starts, (starts + block_m - 1).clamp_max(seq_len - 1)], dim=1).reshape(1, -1)
-    return torch.searchsorted(positions, edges.expand(positions.shape[0], -1).contiguous(), right=True).to(torch.int32)
+    edges = edges.expand(first_rows.shape[0], -1).contiguous()
+    return torch.searchsorted(first_rows, edges, right=True).to(torch.int32)
 
 
 def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
-                        block_m: int = BLOCK_M, tiling: Tiling | None = None,
+                        local_keys: int = 0, block_m: int = BLOCK_M, tiling: Tiling | None = None,
                         descriptors: bool | None = None) -> Tensor:
     """Triton twin of ``reference.kept_keys_attention_ref`` (same arguments and result up to rounding), with no
     host synchronisation: ``count`` stays on the device.
@@ -107,22 +129,26 @@ def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor,
         kept: (Hs, M) int positions, ascending in the first ``count[s]`` entries of each row, ``Hs`` in {Hq, Hkv}.
         count: (Hs,) int kept positions per selecting head.
         scaling: softmax scale.
+        local_keys: how many of the latest keys every row sees whatever the selection (0: the kept keys only).
         block_m: query rows per program (a power of two, at least 16).
         tiling: keys per inner step (at most ``block_m``), warps and stages; None: ``triton_block.default_tiling``.
         descriptors: load K and V through tensor descriptors; None decides by ``triton_block.uses_descriptors``,
             True forces it (power-of-two head dims only; the tests run it under the interpreter).
 
     Returns:
-        (L, Hq, D) in the dtype of ``query``: row ``m`` of head ``h`` is causal attention over the kept keys of
-        ``h`` at positions ``<= m`` (0 where there is none). fp32 inputs are multiplied in full fp32 (no TF32).
+        (L, Hq, D) in the dtype of ``query``: row ``m`` of head ``h`` is causal attention over the keys at positions
+        ``m - local_keys < p <= m`` and the kept keys of ``h`` at positions ``p <= m - local_keys`` (0 where there is
+        none). fp32 inputs are multiplied in full fp32 (no TF32).
     """
-    if query.stride(-1) != 1:
-        raise ValueError("kept_keys_attention: the head dim of query must be contiguous")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"kept_keys_attention: the head dim of {name} must be contiguous")
     num_heads, seq_len, head_dim = query.shape
     selecting = kept.shape[0]
-    positions = padded_positions(kept, count, seq_len).to(torch.int32).contiguous()  # (Hs, M)
+    # the first row that sees each kept key, ascending; padding (seq_len + local_keys) is seen by none
+    first_rows = (padded_positions(kept, count, seq_len) + local_keys).to(torch.int32).contiguous()  # (Hs, M)
     key_c, value_c = gather_kept(key, value, kept)  # (Hs, M, D) each, contiguous
-    bounds = block_bounds(positions, seq_len, block_m)
+    bounds = block_bounds(first_rows, seq_len, block_m)
     out = torch.empty(seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
     tiling = tiling or default_tiling(block_m, head_dim, query.dtype)
     grid = (triton.cdiv(seq_len, block_m), num_heads)
@@ -136,8 +162,9 @@ def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor,
         key_c = TensorDescriptor(key_c, list(key_c.shape), list(strides), tile)
         value_c = TensorDescriptor(value_c, list(value_c.shape), list(strides), tile)
     _kept_keys_kernel[grid](
-        query, key_c, value_c, positions, out, bounds, scaling * _LOG2_E, query.stride(0), query.stride(1),
-        strides[0], strides[1], positions.stride(0), out.stride(0), out.stride(1), bounds.stride(0), seq_len,
-        num_heads // selecting, BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)),
-        HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors, **common)
+        query, key_c, value_c, first_rows, out, bounds, key, value, scaling * _LOG2_E, query.stride(0),
+        query.stride(1), strides[0], strides[1], first_rows.stride(0), out.stride(0), out.stride(1), bounds.stride(0),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), seq_len, num_heads // selecting,
+        num_heads // key.shape[0], local_keys, HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors,
+        BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)), **common)
     return out

@@ -52,7 +52,8 @@ class Stages:
     compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
     decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
     gathered: Callable  # (query, key, value, kept, count, scaling, softcap) -> (L, Hq, D): the sync-free attention
-    kept_keys: Callable  # (query, key, value, kept, count, scaling) -> (L, Hq, D): every row over the kept keys
+    kept_keys: Callable  # (query, key, value, kept, count, scaling, local_keys=) -> (L, Hq, D): every row over the
+    # kept keys and its own local keys
 
 
 STAGES = {
@@ -247,12 +248,14 @@ def tsa_attention_kept_keys(
     coverage: str = "paper",
     softcap: float | None = None,
     keep_fraction: float | None = None,
+    local_keys: int = 0,
     backend: str = "triton",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A full prefill (``Lq == Lk``) that drops keys only (``rows="all"``): the tokens ``tsa_attention`` keeps are
-    selected the same way, and every query row attends causally to its head's kept keys, so a dropped token still
-    gets this layer's attention output (computed over fewer keys) instead of 0. No host synchronisation. Same
-    arguments as ``tsa_attention``; a soft-capped layer runs the PyTorch twin (the kernel cannot cap logits).
+    selected the same way, and every query row attends causally to its head's kept keys and to the ``local_keys``
+    keys ending at its own position, so a dropped token still gets this layer's attention output (computed over
+    fewer keys) instead of 0. No host synchronisation. Same arguments as ``tsa_attention``; a soft-capped layer
+    runs the PyTorch twin (the kernel cannot cap logits).
 
     Returns:
         out: (L, Hq, D); kept: (Hs, L) int64 buffer, the kept positions ascending in the first ``count[h]``
@@ -261,7 +264,8 @@ def tsa_attention_kept_keys(
     pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
                           scaling=scaling, softcap=softcap, backend=backend)
     return sparse_attention_kept_keys(query, key, value, pooled, tau=tau, min_tokens=min_tokens, scaling=scaling,
-                                      coverage=coverage, softcap=softcap, keep_fraction=keep_fraction, backend=backend)
+                                      coverage=coverage, softcap=softcap, keep_fraction=keep_fraction,
+                                      local_keys=local_keys, backend=backend)
 
 
 def sparse_attention_kept_keys(
@@ -276,6 +280,7 @@ def sparse_attention_kept_keys(
     coverage: str = "paper",
     softcap: float | None = None,
     keep_fraction: float | None = None,
+    local_keys: int = 0,
     backend: str = "triton",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``tsa_attention_kept_keys`` after scoring: coverage, selection and kept-keys attention for one ``tau`` on
@@ -283,8 +288,8 @@ def sparse_attention_kept_keys(
     kept, count = select_tokens(pooled, key.shape[1], tau=tau, min_tokens=min_tokens, coverage=coverage,
                                 keep_fraction=keep_fraction, backend=backend)
     if softcap is not None:
-        return kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap), kept, count
-    return STAGES[backend].kept_keys(query, key, value, kept, count, scaling), kept, count
+        return kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap, local_keys), kept, count
+    return STAGES[backend].kept_keys(query, key, value, kept, count, scaling, local_keys=local_keys), kept, count
 
 
 __all__ = ["HAS_TRITON", "STAGES", "Stages", "select_tokens", "sparse_attention", "token_scores", "tsa_attention",
