@@ -265,7 +265,7 @@ def _drift_rule(model, config, samples, source_model, start) -> CalibrationResul
 def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, source_model, start) -> CalibrationResult:
     from tsa_patch.calibration.drift import DriftRecorder, recording_drift
     from tsa_patch.calibration.endtoend import EndToEnd
-    from tsa_patch.calibration.front import pareto_policies
+    from tsa_patch.calibration.front import attention_removed, pareto_policies
     from tsa_patch.calibration.measure import measuring, new_measurements
 
     calibration, held_out = samples[: config.samples], samples[config.samples :]
@@ -308,6 +308,11 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
         if guarded != served:
             own, activation = guarded, min(guarded.values())
     report = report.to_dict()
+    sparse = [i for i, tau in enumerate(taus) if tau > 0 or i in block_layers]
+    engaged = [i for i in sparse if own.get(i, activation) <= config.seq_len]
+    report["chosen"]["served_at_seq_len"] = {  # the layers that engage at seq_len: the others run dense there
+        "layers": engaged, "attention_removed": round(
+            attention_removed(measurements, taus, block_layers=block_layers, engaged=set(engaged)), 4)}
     policy = _policy(taus, config, source_model, report, block_layers, own, activation_length=activation)
     return CalibrationResult(policy=policy, drift=drift, report=report)
 

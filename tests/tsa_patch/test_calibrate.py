@@ -12,7 +12,7 @@ from tsa_patch.calibrate import DEFAULT_LOCAL_KEYS, CalibrationConfig, calibrate
 from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregation_probe, continuation_metrics,
                                                 recall_probe)
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
-from tsa_patch.calibration.front import Candidate, pareto_policies
+from tsa_patch.calibration.front import Candidate, attention_removed, pareto_policies
 from tsa_patch.calibration.measure import TAU_GRID, LayerMeasurement, measure_layers
 from tsa_patch.calibration.search import search_kl
 from tsa_patch.data import load_documents, token_samples
@@ -57,6 +57,9 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
     assert report["method"] == "accuracy-budget" and report["budget"] == {"kind": "max_kl", "value": 0.05}
     assert chosen["calibration"]["kl"] <= 0.05 and chosen["attention_removed"] > 0.05
     assert chosen["meets_budget_held_out"] and chosen["held_out"]["kl"] <= 0.05
+    # every sparse layer engages at the calibration length here (activation length 96 < 320)
+    assert chosen["served_at_seq_len"] == {"layers": budget_run.policy.sparse_layers,
+                                           "attention_removed": chosen["attention_removed"]}
     assert {layer.tau for layer in budget_run.policy.layers} <= {0.0, *TAU_GRID}
     assert budget_run.policy.calibration == report  # the report travels with the policy (and into exports)
     # the same seed gives the same policy
@@ -164,6 +167,11 @@ def test_the_block_sparse_option_competes_with_the_taus_on_the_front():
                                                         ((0.0, 0.01), (0,)), ((0.0, 0.1), (0,))]
     assert front[2].attention_removed == pytest.approx((0.8 + 1 - 0.8**2) / 2)
     assert front[2].predicted_error == pytest.approx(0.002 + 0.001)
+    # the same saving recomputed, and with only the engaged layers counted (the others run dense)
+    both = [tsa_costly, tsa_cheap]
+    assert attention_removed(both, front[2].taus, block_layers=(0,)) == pytest.approx(front[2].attention_removed)
+    assert attention_removed(both, front[2].taus, block_layers=(0,), engaged={1}) == pytest.approx((1 - 0.8**2) / 2)
+    assert attention_removed(both, front[2].taus, block_layers=(0,), engaged=set()) == 0.0
 
 
 def test_kl_search_finds_the_sparsest_feasible_policy():

@@ -83,10 +83,17 @@ def pareto_policies(measurements: list[LayerMeasurement]) -> list[Candidate]:
     return sorted(candidates.values(), key=lambda c: (c.predicted_error, c.attention_removed))
 
 
-def attention_removed(measurements: list[LayerMeasurement], taus, rows: str | None = None) -> float:
-    """Predicted share of the model's attention FLOPs that the per-layer ``taus`` remove when sparse layers compute
-    ``rows`` (``LayerMeasurement.saving``; None: as measured)."""
+def attention_removed(measurements: list[LayerMeasurement], taus, rows: str | None = None, block_layers=(),
+                      engaged=None) -> float:
+    """Predicted share of the model's attention FLOPs that the per-layer ``taus`` (and the block-sparse kernel in
+    ``block_layers``) remove when sparse layers compute ``rows`` (``LayerMeasurement.saving``; None: as measured);
+    ``engaged``: only these layers count, the others running dense (None: all)."""
     total = 0.0
-    for m, tau in zip(measurements, taus):
-        total += 0.0 if tau == 0 else m.saving(m.taus.index(tau), rows)
+    for layer, (m, tau) in enumerate(zip(measurements, taus)):
+        if engaged is not None and layer not in engaged:
+            continue
+        if layer in block_layers:
+            total += m.block_saving
+        elif tau:
+            total += m.saving(m.taus.index(tau), rows)
     return total / len(measurements)

@@ -122,8 +122,11 @@ def _print_summary(out: Output, result, spec: str, path: Path, config: Calibrati
 
 def _budget_line(report: dict, config: CalibrationConfig) -> str:
     chosen, paper = report["chosen"], report["paper_rule"]
-    return (f"Attention FLOPs removed at {config.seq_len} tokens: {100 * chosen['attention_removed']:.1f}% "
-            f"(estimated whole-model attention speedup x{chosen['estimated_attention_speedup']:.2f}). "
+    served = chosen["served_at_seq_len"]
+    return (f"Attention FLOPs removed at {config.seq_len} tokens: {100 * chosen['attention_removed']:.1f}% with every "
+            f"sparse layer engaged (estimated whole-model attention speedup "
+            f"x{chosen['estimated_attention_speedup']:.2f}), {100 * served['attention_removed']:.1f}% as served there "
+            f"({len(served['layers'])} layers engaged; the others engage only from longer prompts). "
             f"KL vs dense, calibration {chosen['calibration']['kl']:.4f} / held-out {chosen['held_out']['kl']:.4f} "
             f"(budget {report['budget']['kind']} {report['budget']['value']}). "
             f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
