@@ -55,6 +55,7 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: row
     "tsa-block-sparse-kl-0.01": {"block_sparse": True, "max_kl": 0.01},  # half the default budget
     "tsa-all-rows": {"rows": "all", "local_keys": 0},  # every row over the kept keys only: the default of 2026-12-06
     "tsa-local-keys": {"rows": "all"},  # and each row over its 128 latest keys too (the default)
+    "tsa-local-keys-kl-0.01": {"rows": "all", "max_kl": 0.01},  # the same at half the default budget
 }
 # ``layers --layer-rows``: what each mode computes (rows, local keys)
 ROWS_VARIANTS = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0}, "local": {"rows": "all"}}
