@@ -70,6 +70,26 @@ def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment,
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.parametrize("engaged, says", [([0, 2], "31.0% as served there (every sparse layer engages)"),
+                                          ([2], "10.0% as served there (1 of the 2 sparse layers engage only from")])
+def test_budget_summary_gives_the_savings_as_served(engaged, says):
+    from tsa_patch.calibrate import CalibrationConfig
+    from tsa_patch.cli.calibrate import _budget_line
+
+    metrics = {"kl": 0.01}
+    report = {"chosen": {"attention_removed": 0.31, "estimated_attention_speedup": 1.45, "calibration": metrics,
+                         "held_out": metrics, "served_at_seq_len": {"layers": engaged,
+                                                                    "attention_removed": 0.31 if len(engaged) == 2
+                                                                    else 0.1}},
+              "layers": [{"tau": 0.05, "kernel": "dense"}, {"tau": 0.0, "kernel": "dense"},
+                         {"tau": 0.0, "kernel": "block_sparse"}],
+              "budget": {"kind": "max_kl", "value": 0.02}, "paper_rule": {"attention_removed": 0.2,
+                                                                           "calibration": metrics}}
+    line = _budget_line(report, CalibrationConfig(seq_len=4096))
+    assert line.startswith("Attention FLOPs removed at 4096 tokens: 31.0% with every sparse layer engaged")
+    assert says in line
+
+
 def test_block_sparse_summary_names_the_chosen_layers_and_the_checked_densities():
     from tsa_patch.cli.calibrate import _block_sparse_line
 

@@ -102,3 +102,13 @@ def test_the_card_lists_every_layer_checked_on_the_block_sparse_kernel():
             "FLOPs (TSA alone: 80.0 %), at KL\n0.0100 (held-out 0.0200).") in _block_sparse_lines(
         {"block_sparse": older, "chosen": {"calibration": {"attention_cost": 0.8}}})
     assert _block_sparse_lines({}) == ""
+
+
+def test_the_card_says_which_rows_and_keys_a_sparse_layer_computes():
+    from tsa_patch.card import _rows_sentence
+    from tsa_patch.kernels.policy import TsaPolicy
+
+    local = _rows_sentence(TsaPolicy.uniform(4, 0.01, rows="all", local_keys=128))
+    assert "Rows `all`" in local and "the 128 keys just before it" in local
+    assert "keys just before" not in _rows_sentence(TsaPolicy.uniform(4, 0.01, rows="all"))
+    assert "Rows `kept`" in _rows_sentence(TsaPolicy.uniform(4, 0.01))

@@ -79,8 +79,9 @@ def calibrate_command(
         min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
         continuation=continuation, tau=tau, delta=delta, check_layers=check_layers, block_sparse=block_sparse,
         window=window, pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length,
-        selection=selection, coverage=coverage, rows=rows, local_keys=local_keys, dense_backend=dense_backend, block_size=block_size,
-        block_gamma=block_gamma, block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
+        selection=selection, coverage=coverage, rows=rows, local_keys=local_keys, dense_backend=dense_backend,
+        block_size=block_size, block_gamma=block_gamma, block_min_budget=block_min_budget,
+        block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)
@@ -123,10 +124,14 @@ def _print_summary(out: Output, result, spec: str, path: Path, config: Calibrati
 def _budget_line(report: dict, config: CalibrationConfig) -> str:
     chosen, paper = report["chosen"], report["paper_rule"]
     served = chosen["served_at_seq_len"]
+    sparse = sum(1 for layer in report["layers"] if layer["tau"] or layer["kernel"] != "dense")
+    unserved = sparse - len(served["layers"])
+    engaged = (f"{unserved} of the {sparse} sparse layers engage only from longer prompts" if unserved
+               else "every sparse layer engages")
     return (f"Attention FLOPs removed at {config.seq_len} tokens: {100 * chosen['attention_removed']:.1f}% with every "
             f"sparse layer engaged (estimated whole-model attention speedup "
             f"x{chosen['estimated_attention_speedup']:.2f}), {100 * served['attention_removed']:.1f}% as served there "
-            f"({len(served['layers'])} layers engaged; the others engage only from longer prompts). "
+            f"({engaged}). "
             f"KL vs dense, calibration {chosen['calibration']['kl']:.4f} / held-out {chosen['held_out']['kl']:.4f} "
             f"(budget {report['budget']['kind']} {report['budget']['value']}). "
             f"Paper rule on the same samples: {100 * paper['attention_removed']:.1f}% removed at KL "
