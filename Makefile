@@ -35,7 +35,7 @@ install-dev: $(DEV_STAMP)
 # The demo engages TSA from 2,048 tokens: on this CPU its sparse layers were timed faster than dense from there
 # (calibrate's speed ladder); without the option a CPU calibration takes the conservative GPU default (16,384).
 # It skips the per-layer end-to-end check (--no-check-layers): at 4K tokens on 2 CPU cores that check alone would
-# take about 20 minutes (two evaluations for each of the 30 layers). Even so the demo takes about 15 minutes there:
+# take about 20 minutes (two evaluations for each of the 30 layers). Even so the demo takes about 17 minutes there:
 # the default calibration keeps every query row (and 128 local keys), which a CPU computes with the kept-keys
 # kernel's PyTorch twin.
 demo: install
