@@ -16,7 +16,8 @@ rule, every other layer dense), the calibration's end-to-end probes (natural con
 aggregation; KL of the continuation against dense) for each of ``--modes``: ``kept`` (``rows="kept"``), ``all``
 (``rows="all"``, the kept keys only) and ``local`` (``rows="all"`` with ``--local-keys``: each row also sees its
 latest keys), and the share of the layer's attention each computes. If the recall damage comes from the dropped
-rows, ``all`` makes the early layers harmless; if it comes from the tokens' own neighbourhoods, ``local`` does. Small models on a CPU; the real model at 32K runs the same comparison in ``real_model_gpu.py layers``.
+rows, ``all`` makes the early layers harmless; if it comes from the tokens' own neighbourhoods, ``local`` does.
+Small models on a CPU; the real model at 32K runs the same comparison in ``real_model_gpu.py layers``.
 (Results before 2026-12-06 came from this script's own plain-PyTorch twin of the kept-keys attention.)
 """
 

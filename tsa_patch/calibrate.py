@@ -294,13 +294,13 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
     if block_check is not None:
         report.block_sparse = {**block_check, "layers": list(block_layers)}
     activation, own = config.activation_length, {}
+    sparse = [i for i, tau in enumerate(taus) if tau > 0 or i in block_layers]
     if activation is None:
         del judge  # its stored traces make room for the checks below
         report.speed = _speed(model, config, lambda own: _policy(taus, config, source_model, {}, block_layers, own),
                               calibration[0], start)
         activation = report.speed["activation_length"]
         own = {int(i): n for i, n in report.speed.get("layer_activation", {}).items()}
-        sparse = [i for i, tau in enumerate(taus) if tau > 0 or i in block_layers]
         served = {i: own.get(i, activation) for i in sparse}
         guarded, report.served = _check_served(
             model, tokenizer, config, calibration, report.budget, taus, block_layers, served,
@@ -308,7 +308,6 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
         if guarded != served:
             own, activation = guarded, min(guarded.values())
     report = report.to_dict()
-    sparse = [i for i, tau in enumerate(taus) if tau > 0 or i in block_layers]
     engaged = [i for i in sparse if own.get(i, activation) <= config.seq_len]
     report["chosen"]["served_at_seq_len"] = {  # the layers that engage at seq_len: the others run dense there
         "layers": engaged, "attention_removed": round(

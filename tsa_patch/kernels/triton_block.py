@@ -93,6 +93,15 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _accumulate(logits, row_max, shift, row_sum, acc, v, PRECISION: tl.constexpr):
+        # the online-softmax update with the logits already scaled and shifted by ``shift``
+        p = tl.math.exp2(logits)
+        correction = tl.math.exp2(row_max - shift)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+        return row_sum, acc
+
+    @triton.jit
     def allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION: tl.constexpr):
         # One online-softmax step over the keys ``allowed`` (BLOCK_M, BLOCK_N) lets each row see; a row that has
         # seen nothing keeps its maximum at -inf (so any later key still counts in full).
@@ -100,10 +109,7 @@ if HAS_TRITON:
         logits = tl.where(allowed, logits * scale_log2, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
-        p = tl.math.exp2(logits - shift[:, None])
-        correction = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+        row_sum, acc = _accumulate(logits - shift[:, None], row_max, shift, row_sum, acc, v, PRECISION)
         return new_max, row_sum, acc
 
     @triton.jit
@@ -118,10 +124,8 @@ if HAS_TRITON:
         else:
             logits = tl.dot(q, k, input_precision=PRECISION)
             new_max = tl.maximum(row_max, tl.max(logits, 1) * scale_log2)
-            p = tl.math.exp2(logits * scale_log2 - new_max[:, None])
-            correction = tl.math.exp2(row_max - new_max)
-            row_sum = row_sum * correction + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PRECISION)
+            row_sum, acc = _accumulate(logits * scale_log2 - new_max[:, None], row_max, new_max, row_sum, acc, v,
+                                       PRECISION)
         return new_max, row_sum, acc
 
     @triton.jit

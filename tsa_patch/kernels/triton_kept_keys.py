@@ -39,16 +39,16 @@ if HAS_TRITON:
     from .triton_block import allowed_step, online_step
 
     @triton.jit
-    def _key_tile(K, V, selecting, n_start, keys, in_range, offs_d, d_valid, stride_kh, stride_kl,
+    def _key_tile(K, V, head, n_start, keys, in_range, offs_d, d_valid, stride_kh, stride_kl, stride_vh, stride_vl,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr):
-        # k (BLOCK_D, BLOCK_N) and v (BLOCK_N, BLOCK_D) of the compact keys [n_start, n_start + BLOCK_N)
+        # k (BLOCK_D, BLOCK_N) and v (BLOCK_N, BLOCK_D) of head ``head``'s keys [n_start, n_start + BLOCK_N)
         if DESCRIPTORS:  # tiles past the compact length load as zeros
-            k = K.load([selecting, n_start, 0]).reshape(BLOCK_N, HEAD_DIM).T
-            v = V.load([selecting, n_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            k = K.load([head, n_start, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            v = V.load([head, n_start, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
-            k = tl.load(K + selecting * stride_kh + keys[None, :] * stride_kl + offs_d[:, None],
+            k = tl.load(K + head * stride_kh + keys[None, :] * stride_kl + offs_d[:, None],
                         mask=in_range[None, :] & d_valid[:, None], other=0.0)
-            v = tl.load(V + selecting * stride_kh + keys[:, None] * stride_kl + offs_d[None, :],
+            v = tl.load(V + head * stride_vh + keys[:, None] * stride_vl + offs_d[None, :],
                         mask=in_range[:, None] & d_valid[None, :], other=0.0)
         return k, v
 
@@ -80,13 +80,13 @@ if HAS_TRITON:
         for n_start in range(0, unmasked_end, BLOCK_N):  # every row sees these keys: no mask
             keys = n_start + offs_n
             k, v = _key_tile(K, V, selecting, n_start, keys, keys < unmasked_end, offs_d, d_valid, stride_kh,
-                             stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
+                             stride_kl, stride_kh, stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
                                                 False, PRECISION)
         for n_start in range(unmasked_end, visible, BLOCK_N):  # the last tile or two: masked by first row
             keys = n_start + offs_n
             k, v = _key_tile(K, V, selecting, n_start, keys, keys < visible, offs_d, d_valid, stride_kh, stride_kl,
-                             BLOCK_N, HEAD_DIM, DESCRIPTORS)
+                             stride_kh, stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             first_rows = tl.load(Pos + selecting * stride_ph + keys, mask=keys < visible, other=seq_len)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, first_rows, offs_m, seq_len,
                                                 scale_log2, True, PRECISION)
@@ -97,10 +97,8 @@ if HAS_TRITON:
         for n_start in range(first_local, local_end, BLOCK_N):
             keys = n_start + offs_n
             in_range = keys < local_end
-            k = tl.load(KeyFull + kv_head * stride_fkh + keys[None, :] * stride_fkl + offs_d[:, None],
-                        mask=in_range[None, :] & d_valid[:, None], other=0.0)
-            v = tl.load(ValueFull + kv_head * stride_fvh + keys[:, None] * stride_fvl + offs_d[None, :],
-                        mask=in_range[:, None] & d_valid[None, :], other=0.0)
+            k, v = _key_tile(KeyFull, ValueFull, kv_head, n_start, keys, in_range, offs_d, d_valid, stride_fkh,
+                             stride_fkl, stride_fvh, stride_fvl, BLOCK_N, HEAD_DIM, False)
             allowed = ((keys[None, :] <= offs_m[:, None]) & (keys[None, :] + local_keys > offs_m[:, None])
                        & in_range[None, :])
             row_max, row_sum, acc = allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION)
