@@ -287,9 +287,15 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
     drift = drift_recorder.mean()
     layer_check = _check_layers(measurements, judge, start) if config.check_layers else None
     block_check = _check_block_sparse(model, measurements, judge, start) if config.block_sparse else None
-    front = pareto_policies(measurements)
+    pricing = None
+    if config.activation_length is None:  # timed on a GPU: the front values what each layer saves in time
+        pricing = _time_prices(model, config, measurements, calibration[0],
+                               lambda taus, blocks: _policy(taus, config, source_model, {}, blocks), start)
+    front = pareto_policies(measurements, pricing and pricing["models"])
     report = _search(model, config, measurements, front, drift, judge, start)
     report.layer_check = layer_check
+    if pricing is not None:
+        report.pricing = {**pricing, "models": {kernel: m.to_dict() for kernel, m in pricing["models"].items()}}
     taus, block_layers = report.chosen.candidate.taus, report.chosen.candidate.block_layers
     if block_check is not None:
         report.block_sparse = {**block_check, "layers": list(block_layers)}
@@ -348,6 +354,26 @@ def _check_block_sparse(model, measurements, judge, start) -> dict:
                  sum(1 for m in measurements if m.samples))
     checks = check_block_sparse_end_to_end(measurements, layer_block, step)
     return {"checks": checks, "emulated": not block_sparse_kernel_available(next(model.parameters()).device)}
+
+
+def _time_prices(model, config: CalibrationConfig, measurements, sample: list[int],
+                 make_policy: Callable[[list[float], tuple[int, ...]], TsaPolicy], start) -> dict | None:
+    """On CUDA, the time models that price the front (``speed.time_models``) with the card's name; None elsewhere (a
+    CPU's timings say nothing about a GPU's) or when no kernel's line could be fitted."""
+    import torch
+
+    from tsa_patch.calibration.speed import time_models
+
+    device = next(model.parameters()).device
+    if device.type != "cuda" or not any(m.samples for m in measurements):
+        return None
+    runs = 3 if any(m.block_saving is not None for m in measurements) else 2
+    step = start(f"Timing every layer against dense at {config.seq_len} tokens to price the front", runs)
+    models, points = time_models(model, sample, measurements, config.seq_len, make_policy, step)
+    if not models:
+        return None
+    return {"device": torch.cuda.get_device_name(device), "length": config.seq_len, "models": models,
+            "points": points}
 
 
 def _speed(model, config: CalibrationConfig, make_policy: Callable[[dict | None], TsaPolicy], sample: list[int],

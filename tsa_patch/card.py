@@ -212,7 +212,22 @@ worst of them. {data} Verified on {calibration.get('holdout')} held-out samples.
 {_metrics_row("paper's rule, held-out samples", None, paper['held_out'])}
 
 Estimated whole-model attention speedup at {calibration.get('seq_len')} tokens: x{chosen['estimated_attention_speedup']:.2f}
-(attention cost taken as proportional to the square of the kept tokens).{_block_sparse_lines(calibration)}"""
+(from the attention FLOPs each sparse layer computes).{_pricing_lines(calibration)}{_block_sparse_lines(calibration)}"""
+
+
+def _pricing_lines(calibration: dict) -> str:
+    """How the front was priced by time on a GPU (``calibration.pricing``), in words; "" where it was not."""
+    pricing = calibration.get("pricing")
+    if not pricing:
+        return ""
+    lines = "; ".join(f"{'the block-sparse kernel' if kernel == 'block_sparse' else 'TSA'} took {m['overhead']:.2f} + "
+                      f"{m['per_cost']:.2f} x the computed share of dense attention time, so it is faster than dense "
+                      f"below {100 * m['break_even_cost']:.0f} % computed" for kernel, m in pricing["models"].items())
+    return f"""
+
+The front valued each option by the attention time it saves, measured on {pricing['device']} at {pricing['length']}
+tokens (every layer timed at the lowest and highest candidate tau): {lines}. The chosen policy is predicted to save
+{100 * calibration['chosen']['predicted_time_saved']:.1f} % of the attention time there."""
 
 
 def _block_sparse_lines(calibration: dict) -> str:

@@ -90,6 +90,18 @@ def test_budget_summary_gives_the_savings_as_served(engaged, says):
     assert says in line
 
 
+def test_pricing_summary_gives_each_kernels_line_and_the_time_saved():
+    from tsa_patch.cli.calibrate import _pricing_line
+
+    report = {"chosen": {"predicted_time_saved": 0.4123},
+              "pricing": {"device": "NVIDIA H100 80GB HBM3", "length": 32000,
+                          "models": {"tsa": {"overhead": 0.21, "per_cost": 1.93, "points": 30,
+                                             "break_even_cost": 0.4093}}}}
+    line = _pricing_line(report)
+    assert line.startswith("Front priced by time on NVIDIA H100 80GB HBM3 at 32000 tokens (TSA: time 0.21 + 1.93 x")
+    assert "faster than dense below 41% computed" in line and line.endswith("save 41.2% of the attention time there.")
+
+
 def test_block_sparse_summary_names_the_chosen_layers_and_the_checked_densities():
     from tsa_patch.cli.calibrate import _block_sparse_line
 

@@ -13,6 +13,7 @@ from tsa_patch.calibration.continuation import (AGGREGATION_QUESTION, aggregatio
                                                 recall_probe)
 from tsa_patch.calibration.drift import decoder_layers, drift_rule_layers
 from tsa_patch.calibration.front import Candidate, attention_removed, pareto_policies
+from tsa_patch.calibration.speed import TimeModel
 from tsa_patch.calibration.measure import TAU_GRID, LayerMeasurement, measure_layers
 from tsa_patch.calibration.search import search_kl
 from tsa_patch.data import load_documents, token_samples
@@ -172,6 +173,22 @@ def test_the_block_sparse_option_competes_with_the_taus_on_the_front():
     assert attention_removed(both, front[2].taus, block_layers=(0,)) == pytest.approx(front[2].attention_removed)
     assert attention_removed(both, front[2].taus, block_layers=(0,), engaged={1}) == pytest.approx((1 - 0.8**2) / 2)
     assert attention_removed(both, front[2].taus, block_layers=(0,), engaged=set()) == 0.0
+
+
+def test_priced_by_time_a_layer_slower_than_dense_never_spends_the_budget():
+    # layer 0 removes the most FLOPs per unit of error, but computes 64-81 % of its attention: above the kernel's
+    # break-even (the line below: 0.2 + 2 x cost is slower than dense from cost 0.4), so it saves no time
+    slow, fast = _measurement([0.9, 0.8], [0.0001, 0.0002]), _measurement([0.6, 0.3], [0.001, 0.004])
+    time_model = TimeModel(overhead=0.2, per_cost=2.0, points=4)
+    by_flops = pareto_policies([slow, fast])
+    assert by_flops[1].taus == (0.01, 0.0) and by_flops[-1].time_saved is None
+    by_time = pareto_policies([slow, fast], {"tsa": time_model})
+    # layer 1 at tau 0.01 computes 0.36 of its attention and saves 1 - 0.2 - 0.72 = 0.08 of its time; at tau 0.1 it
+    # computes 0.09 and saves 0.62, more per unit of error (155 against 80): the front goes straight there
+    assert [c.taus for c in by_time] == [(0.0, 0.0), (0.0, 0.1)]
+    assert by_time[-1].time_saved == pytest.approx(0.62 / 2)
+    assert by_time[-1].attention_removed == pytest.approx((1 - 0.3**2) / 2)
+    assert by_time[0].time_saved == 0.0
 
 
 def test_kl_search_finds_the_sparsest_feasible_policy():

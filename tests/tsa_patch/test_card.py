@@ -89,6 +89,23 @@ def test_the_card_says_each_layer_was_checked_end_to_end():
     assert "alone, end to end" not in _calibration_section(unchecked)
 
 
+def test_the_card_says_how_the_front_was_priced_by_time():
+    """The card of the time-priced Qwen2.5-Coder policy gives the fitted line and the predicted time saved."""
+    import json
+    from pathlib import Path
+
+    from tsa_patch.card import _calibration_section
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    calibration = json.loads((results / "real-qwen-policy-time-priced-H100-20261206.json").read_text())["calibration"]
+    text = _calibration_section(calibration)
+    assert "attention time it saves, measured on NVIDIA H100 80GB HBM3 at 32000\ntokens" in text
+    assert "TSA took 0.21 + 1.28 x the computed share of dense attention time" in text
+    assert "faster than dense below 62 % computed" in text and "save\n29.0 % of the attention time" in text
+    unpriced = {k: v for k, v in calibration.items() if k != "pricing"}
+    assert "attention time it saves" not in _calibration_section(unpriced)
+
+
 def test_the_card_lists_every_layer_checked_on_the_block_sparse_kernel():
     from tsa_patch.card import _block_sparse_lines
 

@@ -48,6 +48,8 @@ class Chosen:
         return {"attention_removed": round(removed, 4),
                 "estimated_attention_speedup": round(1.0 / (1.0 - removed), 3),
                 "predicted_error": round(self.candidate.predicted_error, 6),
+                **({} if self.candidate.time_saved is None
+                   else {"predicted_time_saved": round(self.candidate.time_saved, 4)}),
                 "block_layers": list(self.candidate.block_layers),
                 "calibration": {k: self.calibration.get(k) for k in _SUMMARY},
                 "held_out": self.held_out, "held_out_backoffs": self.held_out_backoffs,
@@ -72,6 +74,7 @@ class CalibrationReport:
     speed: dict | None = field(default=None)  # the sparse layers timed against dense (``speed.measure_speed``)
     layer_check: list[dict] | None = field(default=None)  # each layer alone, end to end (``layer_check``)
     served: list[dict] | None = field(default=None)  # the policy at the shorter lengths it serves (``served``)
+    pricing: dict | None = field(default=None)  # the time models that priced the front (``speed.fit_time_model``)
 
     def layer_table(self) -> list[dict]:
         """Per layer: the chosen tau, its mean kept fraction, its kernel and its predicted error."""
@@ -102,4 +105,6 @@ class CalibrationReport:
             report["layer_check"] = self.layer_check
         if self.served is not None:
             report["served"] = self.served
+        if self.pricing is not None:
+            report["pricing"] = self.pricing
         return report

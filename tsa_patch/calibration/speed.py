@@ -19,17 +19,24 @@ The host time those layers add is then checked where it counts: the whole model'
 with each layer engaged from its own length, against the dense model at every ladder length. Where it is not at
 least ``MIN_PREFILL_GAIN`` faster, every layer's activation is raised past that length (``prefill_floor``), so at
 every timed length the model is either measurably faster or runs the dense model's code.
+
+Before the search, the same timing prices the front (``front.py``) in time instead of FLOPs: every measured layer
+timed at the grid's lowest and highest tau (``cost_points``) gives, per kernel, a line from the share of dense
+attention FLOPs a layer computes to the share of dense attention time it takes (``fit_time_model``). An option
+slower than dense is then worth nothing, so the error budget goes to the layers that will engage.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tsa_patch.bench import time_cuda
-from tsa_patch.kernels.attention import dense_forward, register_attention, tsa_attention_forward
+from tsa_patch.kernels.attention import (attention_summary, dense_forward, register_attention, tsa_attention_forward,
+                                         tsa_statistics)
 from tsa_patch.kernels.policy import TsaPolicy
 
 _TIMING_KEY = "tsa_calibration_timing"
@@ -51,6 +58,85 @@ does not make a launch-bound length portable: the host's launch cost varies from
 layers ran ×0.99 there on another day's machine)."""
 
 
+@dataclass(frozen=True)
+class TimeModel:
+    """A sparse layer's attention time as a share of its dense time, on one card at one length:
+    ``overhead + per_cost * cost``, where ``cost`` is the share of dense attention FLOPs it computes."""
+
+    overhead: float
+    per_cost: float
+    points: int
+
+    def time_saved(self, cost: float) -> float:
+        """The share of the layer's dense attention time saved at ``cost`` (0 where it would be slower)."""
+        return max(0.0, 1.0 - self.overhead - self.per_cost * cost)
+
+    def break_even(self) -> float:
+        """The computed share below which the layer is faster than dense."""
+        return (1.0 - self.overhead) / self.per_cost
+
+    def to_dict(self) -> dict:
+        return {"overhead": round(self.overhead, 4), "per_cost": round(self.per_cost, 4), "points": self.points,
+                "break_even_cost": round(self.break_even(), 4)}
+
+
+MIN_COST_SPREAD = 0.05
+"""The least spread of computed shares a fit needs: closer points give the slope from timing noise alone."""
+
+
+def fit_time_model(points: list[dict]) -> TimeModel | None:
+    """Least-squares line through ``cost_points``' points (``cost``, ``ratio``); None with fewer than two points,
+    costs spread less than ``MIN_COST_SPREAD``, or a slope that is not positive (time must grow with work)."""
+    if len(points) < 2:
+        return None
+    costs, ratios = [p["cost"] for p in points], [p["ratio"] for p in points]
+    if max(costs) - min(costs) < MIN_COST_SPREAD:
+        return None
+    mean_cost, mean_ratio = statistics.fmean(costs), statistics.fmean(ratios)
+    spread = sum((c - mean_cost) ** 2 for c in costs)
+    slope = sum((c - mean_cost) * (r - mean_ratio) for c, r in zip(costs, ratios)) / spread
+    if slope <= 0:
+        return None
+    return TimeModel(overhead=mean_ratio - slope * mean_cost, per_cost=slope, points=len(points))
+
+
+def cost_points(model, ids: list[int], policy: TsaPolicy, length: int) -> list[dict]:
+    """Every sparse layer of ``policy`` timed at ``length`` (``measure_speed``): its kernel (``"tsa"`` or
+    ``"block_sparse"``), the share of dense attention FLOPs it computed, and its time over dense (device times where
+    measured)."""
+    speed = measure_speed(model, ids, policy, [length])
+    points = []
+    for index, times in speed["layers"].items():
+        dense, tsa = (("dense_busy_ms", "tsa_busy_ms") if "tsa_busy_ms" in times else ("dense_ms", "tsa_ms"))
+        points.append({"layer": int(index), "tau": policy.layers[int(index)].tau,
+                       "path": "block_sparse" if int(index) in policy.block_sparse_layers else "tsa",
+                       "cost": times["attention_cost"][0], "ratio": round(times[tsa][0] / times[dense][0], 4)})
+    return points
+
+
+def time_models(model, ids: list[int], measurements, length: int,
+                make_policy: Callable[[list[float], tuple[int, ...]], TsaPolicy],
+                step: Callable[[], None] | None = None) -> tuple[dict[str, TimeModel], list[dict]]:
+    """Every measured layer (``measure.LayerMeasurement``) timed against dense at ``length`` with the grid's lowest
+    and highest tau, and alone on the block-sparse kernel where that option was measured (``cost_points``); per
+    kernel, the line fitted through its points where one can be. ``make_policy(taus, block_layers)`` gives a
+    policy. Returns the fitted models by kernel (``"tsa"``, ``"block_sparse"``) and every point."""
+    measured = [i for i, m in enumerate(measurements) if m.samples]
+    grid = measurements[measured[0]].taus
+    runs = [make_policy([tau if i in measured else 0.0 for i in range(len(measurements))], ())
+            for tau in (grid[0], grid[-1])]
+    blocks = tuple(i for i in measured if measurements[i].block_saving is not None)
+    if blocks:
+        runs.append(make_policy([0.0] * len(measurements), blocks))
+    points = []
+    for policy in runs:
+        points += cost_points(model, ids, policy, length)
+        if step is not None:
+            step()
+    fitted = {kernel: fit_time_model([p for p in points if p["path"] == kernel]) for kernel in ("tsa", "block_sparse")}
+    return {kernel: m for kernel, m in fitted.items() if m is not None}, points
+
+
 def ladder(seq_len: int, shortest: int = 1024) -> list[int]:
     """Powers of two from ``shortest`` below ``seq_len``, each from ``MIDPOINTS_FROM`` on followed by its midpoint
     (×1.5), and ``seq_len`` itself."""
@@ -68,7 +154,8 @@ def measure_speed(model, ids: list[int], policy: TsaPolicy, lengths: list[int]) 
     """Time every sparse layer of ``policy`` (engaged at every length) against dense on ``ids``.
 
     Returns ``{"lengths", "dense_ms", "tsa_ms"}``: per length, the summed attention time of the sparse layers,
-    dense and with TSA, in milliseconds, and ``"layers"`` with each layer's times.
+    dense and with TSA, in milliseconds, and ``"layers"`` with each layer's times and ``attention_cost`` (the share of
+    dense attention FLOPs it computed with TSA).
     """
     from tsa_patch.models import apply_policy_
 
@@ -161,9 +248,11 @@ def activation_from(speed: dict) -> int | None:
 
 
 def _time_layer(module, query, key, value, scaling, policy: TsaPolicy, lengths: list[int], kwargs: dict) -> dict:
-    """Median milliseconds of the layer's attention at each length: TSA as the runtime runs it, and dense."""
+    """Median milliseconds of the layer's attention at each length: TSA as the runtime runs it, and dense; and the
+    share of dense attention FLOPs TSA computed there."""
     options = {k: v for k, v in kwargs.items() if k in ("softcap", "sliding_window")}
     times: dict[str, list[float]] = {"dense_ms": [], "tsa_ms": []}
+    costs = []
     if query.is_cuda:
         times.update(dense_busy_ms=[], tsa_busy_ms=[])
     for length in lengths:
@@ -175,7 +264,8 @@ def _time_layer(module, query, key, value, scaling, policy: TsaPolicy, lengths: 
             times[f"{name}_ms"].append(_median_ms(run, q.device))
             if query.is_cuda:
                 times[f"{name}_busy_ms"].append(_median_ms(run, q.device, busy_ahead=True))
-    return {name: [round(t, 4) for t in values] for name, values in times.items()}
+        costs.append(round(attention_summary(tsa_statistics(module))["attention_cost"], 4))
+    return {**{name: [round(t, 4) for t in values] for name, values in times.items()}, "attention_cost": costs}
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, busy_ahead: bool = False) -> float:

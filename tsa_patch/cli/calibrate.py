@@ -115,6 +115,8 @@ def _print_summary(out: Output, result, spec: str, path: Path, config: Calibrati
     out.table(table)
     if result.report:
         out.hint(_budget_line(result.report, config))
+    if result.report and "pricing" in result.report:
+        out.hint(_pricing_line(result.report))
     if result.report and "block_sparse" in result.report:
         out.hint(_block_sparse_line(result.report))
     out.hint(f"{len(result.policy.sparse_layers)} of {result.policy.num_layers} layers sparse. "
@@ -138,6 +140,16 @@ def _budget_line(report: dict, config: CalibrationConfig) -> str:
             f"{paper['calibration']['kl']:.4f}. Measured as a TSA prefill followed by {config.continuation} densely "
             "decoded tokens, compared with the dense model; KL is the worst of the text's own continuation, a "
             "long-range recall probe and a word-counting aggregation probe.")
+
+
+def _pricing_line(report: dict) -> str:
+    pricing, chosen = report["pricing"], report["chosen"]
+    kernels = "; ".join(f"{'block-sparse kernel' if kernel == 'block_sparse' else 'TSA'}: time {m['overhead']:.2f} + "
+                        f"{m['per_cost']:.2f} x computed share of dense, faster than dense below "
+                        f"{100 * m['break_even_cost']:.0f}% computed"
+                        for kernel, m in pricing["models"].items())
+    return (f"Front priced by time on {pricing['device']} at {pricing['length']} tokens ({kernels}): the chosen "
+            f"policy is predicted to save {100 * chosen['predicted_time_saved']:.1f}% of the attention time there.")
 
 
 def _block_sparse_line(report: dict) -> str:
