@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -56,7 +57,9 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: row
     "tsa-all-rows": {"rows": "all", "local_keys": 0},  # every row over the kept keys only: the default of 2026-12-06
     "tsa-local-keys": {"rows": "all"},  # and each row over its 128 latest keys too (the default)
     "tsa-local-keys-kl-0.01": {"rows": "all", "max_kl": 0.01},  # the same at half the default budget
+    "tsa-flop-priced": {"rows": "all"},  # the default with its front priced in FLOPs (FLOP_PRICED), an ablation
 }
+FLOP_PRICED = {"tsa-flop-priced"}  # calibrated with calibrate's time pricing switched off: the previous default
 # ``layers --layer-rows``: what each mode computes (rows, local keys)
 ROWS_VARIANTS = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0}, "local": {"rows": "all"}}
 
@@ -77,7 +80,9 @@ def phase_calibrate(args) -> None:
     for name, changes in _chosen(args).items():
         config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, holdout=args.holdout, **changes)
         begin = time.perf_counter()
-        result = calibrate(model, tokenizer, config, source_model=source.spec)
+        with (mock.patch("tsa_patch.calibrate._time_prices", return_value=None) if name in FLOP_PRICED
+              else contextlib.nullcontext()):
+            result = calibrate(model, tokenizer, config, source_model=source.spec)
         seconds = time.perf_counter() - begin
         for folder in (args.work, args.out):  # the device keeps nothing: the policies come back with the results
             folder.mkdir(parents=True, exist_ok=True)
