@@ -191,8 +191,11 @@ def test_priced_by_time_a_layer_slower_than_dense_never_spends_the_budget():
     assert by_time[0].time_saved == 0.0
 
 
-def test_kl_search_finds_the_sparsest_feasible_policy():
-    front = [Candidate(taus=(i,), predicted_error=i / 100, attention_removed=i / 50) for i in range(50)]
+@pytest.mark.parametrize("priced_by_time", [False, True], ids=["flops", "time"])
+def test_kl_search_finds_the_sparsest_feasible_policy(priced_by_time):
+    # priced by time, the search refines by the time saved: here the FLOPs removed are flat along the front
+    front = [Candidate(taus=(i,), predicted_error=i / 100, attention_removed=0.3 if priced_by_time else i / 50,
+                       time_saved=i / 50 if priced_by_time else None) for i in range(50)]
     measured = {}
 
     def kl(index):  # the true KL is 1.6x the prediction
