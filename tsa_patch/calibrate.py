@@ -292,6 +292,10 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
         pricing = _time_prices(model, config, measurements, calibration[0],
                                lambda taus, blocks: _policy(taus, config, source_model, {}, blocks), start)
     front = pareto_policies(measurements, pricing and pricing["models"])
+    if pricing is not None:
+        pricing["applied"] = len(front) > 1
+        if not pricing["applied"]:  # nothing saves time at seq_len: FLOPs choose for the longer prompts served
+            front = pareto_policies(measurements)
     report = _search(model, config, measurements, front, drift, judge, start)
     report.layer_check = layer_check
     if pricing is not None:

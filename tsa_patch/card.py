@@ -223,10 +223,16 @@ def _pricing_lines(calibration: dict) -> str:
     lines = "; ".join(f"{'the block-sparse kernel' if kernel == 'block_sparse' else 'TSA'} took {m['overhead']:.2f} + "
                       f"{m['per_cost']:.2f} x the computed share of dense attention time, so it is faster than dense "
                       f"below {100 * m['break_even_cost']:.0f} % computed" for kernel, m in pricing["models"].items())
+    timed = (f"measured on {pricing['device']} at {pricing['length']} tokens (every layer timed at the lowest and "
+             f"highest candidate tau): {lines}")
+    if not pricing.get("applied", True):
+        return f"""
+
+Every layer's attention time was {timed}. No option saved time there, so the front stayed priced in attention
+FLOPs and the sparse layers engage only on longer prompts."""
     return f"""
 
-The front valued each option by the attention time it saves, measured on {pricing['device']} at {pricing['length']}
-tokens (every layer timed at the lowest and highest candidate tau): {lines}. The chosen policy is predicted to save
+The front valued each option by the attention time it saves, {timed}. The chosen policy is predicted to save
 {100 * calibration['chosen']['predicted_time_saved']:.1f} % of the attention time there."""
 
 

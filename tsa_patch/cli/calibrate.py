@@ -148,6 +148,9 @@ def _pricing_line(report: dict) -> str:
                         f"{m['per_cost']:.2f} x computed share of dense, faster than dense below "
                         f"{100 * m['break_even_cost']:.0f}% computed"
                         for kernel, m in pricing["models"].items())
+    if not pricing.get("applied", True):
+        return (f"Timed on {pricing['device']} at {pricing['length']} tokens ({kernels}): no option saves time there, "
+                "so the front stays priced in FLOPs and the sparse layers engage only on longer prompts.")
     return (f"Front priced by time on {pricing['device']} at {pricing['length']} tokens ({kernels}): the chosen "
             f"policy is predicted to save {100 * chosen['predicted_time_saved']:.1f}% of the attention time there.")
 
