@@ -31,6 +31,8 @@ Examples:
   tsa-patch calibrate --seq-len 4096 --block-sparse --block-size 64  # also choose block-sparse layers
 
   tsa-patch calibrate --seq-len 4096 --rows kept       # the paper's compression: only kept tokens' rows computed
+
+  tsa-patch calibrate qwen.gguf --device cuda --seq-len 32000   # timed on the GPU: options priced by time saved
 """
 _DEFAULTS = CalibrationConfig()
 
@@ -54,7 +56,7 @@ def calibrate_command(
     window: Annotated[int, typer.Option(help="Trailing queries that score tokens; always kept.")] = _DEFAULTS.window,
     pool_kernel: Annotated[int, typer.Option("--pool-kernel", help="Width of the average pool that smooths token scores (odd).")] = _DEFAULTS.pool_kernel,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
-    activation_length: Annotated[int | None, typer.Option("--activation-length", help=f"Shorter prompts run dense. Default: measured on a CUDA GPU (never slower than dense), the paper's min-tokens + window + 1 for --method drift, a conservative {CONSERVATIVE_ACTIVATION_LENGTH} without a GPU.")] = None,
+    activation_length: Annotated[int | None, typer.Option("--activation-length", help=f"Shorter prompts run dense. Default: measured on a CUDA GPU (never slower than dense; the front is then priced by the attention time each option saves there), the paper's min-tokens + window + 1 for --method drift, a conservative {CONSERVATIVE_ACTIVATION_LENGTH} without a GPU. Given, the front is priced in FLOPs.")] = None,
     selection: Annotated[str, typer.Option(help="query_head (per query head) or kv_group (per KV head, no K/V expansion).")] = _DEFAULTS.selection,
     coverage: Annotated[str, typer.Option(help="paper (the authors' Dynamic Token Coverage) or normalized (heads weighted equally; ours).")] = _DEFAULTS.coverage,
     rows: Annotated[str | None, typer.Option(help="all (ours; default: every query row attends to the kept keys) or kept (the paper's compression: a sparse layer computes only its kept tokens' query rows; default of --method drift).")] = None,
