@@ -221,8 +221,10 @@ def _pricing_lines(calibration: dict) -> str:
     if not pricing:
         return ""
     lines = "; ".join(f"{'the block-sparse kernel' if kernel == 'block_sparse' else 'TSA'} took {m['overhead']:.2f} + "
-                      f"{m['per_cost']:.2f} x the computed share of dense attention time, so it is faster than dense "
-                      f"below {100 * m['break_even_cost']:.0f} % computed" for kernel, m in pricing["models"].items())
+                      f"{m['per_cost']:.2f} x the computed share of dense attention time, so it is "
+                      + (f"faster than dense below {100 * m['break_even_cost']:.0f} % computed"
+                         if m["break_even_cost"] > 0 else "never faster than dense")
+                      for kernel, m in pricing["models"].items())
     timed = (f"measured on {pricing['device']} at {pricing['length']} tokens (every layer timed at the lowest and "
              f"highest candidate tau): {lines}")
     if not pricing.get("applied", True):

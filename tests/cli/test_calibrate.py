@@ -101,8 +101,11 @@ def test_pricing_summary_gives_each_kernels_line_and_the_time_saved():
     assert line.startswith("Front priced by time on NVIDIA H100 80GB HBM3 at 32000 tokens (TSA: time 0.21 + 1.93 x")
     assert "faster than dense below 41% computed" in line and line.endswith("save 41.2% of the attention time there.")
     report["pricing"]["applied"] = False  # no option saved time at the calibrated length
-    assert _pricing_line(report).endswith("no option saves time there, so the front stays priced in FLOPs and the "
-                                          "sparse layers engage only on longer prompts.")
+    report["pricing"]["models"]["tsa"].update(overhead=1.2, break_even_cost=0.0)
+    line = _pricing_line(report)
+    assert "(TSA: time 1.20 + 1.93 x computed share of dense, never faster than dense)" in line
+    assert line.endswith("no option saves time there, so the front stays priced in FLOPs and the sparse layers "
+                         "engage only on longer prompts.")
 
 
 def test_block_sparse_summary_names_the_chosen_layers_and_the_checked_densities():

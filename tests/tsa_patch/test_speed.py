@@ -107,6 +107,7 @@ def test_the_time_model_is_the_least_squares_line_through_the_points():
     assert fitted.points == 3 and fitted.break_even() == pytest.approx((1 - fitted.overhead) / fitted.per_cost)
     assert TimeModel(0.2, 2.0, 2).time_saved(0.1) == pytest.approx(0.6)
     assert TimeModel(0.2, 2.0, 2).time_saved(0.5) == 0.0  # slower than dense saves nothing
+    assert TimeModel(1.1, 2.0, 2).break_even() == 0.0  # slower than dense even computing nothing: never faster
 
 
 @pytest.mark.parametrize("points", [

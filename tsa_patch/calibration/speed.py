@@ -72,8 +72,8 @@ class TimeModel:
         return max(0.0, 1.0 - self.overhead - self.per_cost * cost)
 
     def break_even(self) -> float:
-        """The computed share below which the layer is faster than dense."""
-        return (1.0 - self.overhead) / self.per_cost
+        """The computed share below which the layer is faster than dense (0: never faster)."""
+        return max(0.0, (1.0 - self.overhead) / self.per_cost)
 
     def to_dict(self) -> dict:
         return {"overhead": round(self.overhead, 4), "per_cost": round(self.per_cost, 4), "points": self.points,

@@ -147,8 +147,9 @@ def _budget_line(report: dict, config: CalibrationConfig) -> str:
 def _pricing_line(report: dict) -> str:
     pricing, chosen = report["pricing"], report["chosen"]
     kernels = "; ".join(f"{'block-sparse kernel' if kernel == 'block_sparse' else 'TSA'}: time {m['overhead']:.2f} + "
-                        f"{m['per_cost']:.2f} x computed share of dense, faster than dense below "
-                        f"{100 * m['break_even_cost']:.0f}% computed"
+                        f"{m['per_cost']:.2f} x computed share of dense, "
+                        + (f"faster than dense below {100 * m['break_even_cost']:.0f}% computed"
+                           if m["break_even_cost"] > 0 else "never faster than dense")
                         for kernel, m in pricing["models"].items())
     if not pricing.get("applied", True):
         return (f"Timed on {pricing['device']} at {pricing['length']} tokens ({kernels}): no option saves time there, "
