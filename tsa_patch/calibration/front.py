@@ -31,8 +31,8 @@ class Candidate:
     time_saved: float | None = None  # priced by time: mean over layers of the share of attention time saved
 
     @property
-    def saving(self) -> float:
-        """What the front was priced by: the share of attention time saved, or of attention FLOPs removed."""
+    def value(self) -> float:
+        """What the front maximised: the share of attention time saved, or of attention FLOPs removed."""
         return self.attention_removed if self.time_saved is None else self.time_saved
 
 

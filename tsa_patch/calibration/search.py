@@ -14,7 +14,7 @@ from tsa_patch.calibration.front import Candidate
 from tsa_patch.errors import PolicyError
 
 # End-to-end evaluations spent searching the Pareto front, held-out back-off steps, and the savings
-# resolution (``Candidate.saving``: share of attention FLOPs or time) below which the search stops refining.
+# resolution (``Candidate.value``: share of attention FLOPs or time) below which the search stops refining.
 MAX_SEARCH_EVALUATIONS, MAX_BACKOFFS, RESOLUTION = 7, 3, 0.02
 # The search extrapolates past the sparsest feasible policy by at most this factor of predicted error: measured
 # KL can rise by orders of magnitude over a short stretch of the front (long-range recall breaks abruptly).
@@ -72,7 +72,7 @@ def search_kl(front: list[Candidate], max_kl: float, measured_kl: Callable[[int]
         else:
             infeasible = candidate
         if infeasible is not None and (infeasible - feasible <= 1
-                                       or front[infeasible].saving - front[feasible].saving < RESOLUTION):
+                                       or front[infeasible].value - front[feasible].value < RESOLUTION):
             break
         candidate = _next_candidate(error, seen, feasible, infeasible, max_kl, last, index_for)
     return feasible

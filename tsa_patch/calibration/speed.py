@@ -107,10 +107,11 @@ def cost_points(model, ids: list[int], policy: TsaPolicy, length: int) -> list[d
     speed = measure_speed(model, ids, policy, [length])
     points = []
     for index, times in speed["layers"].items():
-        dense, tsa = (("dense_busy_ms", "tsa_busy_ms") if "tsa_busy_ms" in times else ("dense_ms", "tsa_ms"))
+        deciding = _deciding_times(times)
         points.append({"layer": int(index), "tau": policy.layers[int(index)].tau,
                        "path": "block_sparse" if int(index) in policy.block_sparse_layers else "tsa",
-                       "cost": times["attention_cost"][0], "ratio": round(times[tsa][0] / times[dense][0], 4)})
+                       "cost": times["attention_cost"][0],
+                       "ratio": round(deciding["tsa_ms"][0] / deciding["dense_ms"][0], 4)})
     return points
 
 
@@ -187,11 +188,17 @@ def layer_activations(speed: dict, seq_len: int) -> dict[int, int]:
     it was never timed)."""
     activations = {}
     for index, times in speed["layers"].items():
-        if "tsa_busy_ms" in times:
-            times = {"dense_ms": times["dense_busy_ms"], "tsa_ms": times["tsa_busy_ms"]}
-        own = activation_from({"lengths": speed["lengths"], **times})
+        own = activation_from({"lengths": speed["lengths"], **_deciding_times(times)})
         activations[int(index)] = seq_len + 1 if own is None else own
     return activations
+
+
+def _deciding_times(times: dict) -> dict:
+    """A timed layer's ``dense_ms`` and ``tsa_ms`` as the rules read them: its device times where they were measured
+    (``*_busy_ms``), else its times alone."""
+    busy = "tsa_busy_ms" in times
+    return {"dense_ms": times["dense_busy_ms" if busy else "dense_ms"],
+            "tsa_ms": times["tsa_busy_ms" if busy else "tsa_ms"]}
 
 
 @torch.no_grad()
