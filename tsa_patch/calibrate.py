@@ -362,18 +362,18 @@ def _check_block_sparse(model, measurements, judge, start) -> dict:
 
 def _time_prices(model, config: CalibrationConfig, measurements, sample: list[int],
                  make_policy: Callable[[list[float], tuple[int, ...]], TsaPolicy], start) -> dict | None:
-    """On CUDA, the time models that price the front (``speed.time_models``) with the card's name; None elsewhere (a
-    CPU's timings say nothing about a GPU's) or when no kernel's line could be fitted."""
+    """On CUDA, the time models that price the front (``speed.pricing_policies``, ``speed.time_models``) with the
+    card's name; None elsewhere (a CPU's timings say nothing about a GPU's) or when no kernel's line could be fitted."""
     import torch
 
-    from tsa_patch.calibration.speed import time_models
+    from tsa_patch.calibration.speed import pricing_policies, time_models
 
     device = next(model.parameters()).device
     if device.type != "cuda" or not any(m.samples for m in measurements):
         return None
-    runs = 3 if any(m.block_saving is not None for m in measurements) else 2
-    step = start(f"Timing every layer against dense at {config.seq_len} tokens to price the front", runs)
-    models, points = time_models(model, sample, measurements, config.seq_len, make_policy, step)
+    policies = pricing_policies(measurements, make_policy)
+    step = start(f"Timing every layer against dense at {config.seq_len} tokens to price the front", len(policies))
+    models, points = time_models(model, sample, policies, config.seq_len, step)
     if not models:
         return None
     return {"device": torch.cuda.get_device_name(device), "length": config.seq_len, "models": models,

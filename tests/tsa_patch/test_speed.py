@@ -9,7 +9,8 @@ import pytest
 
 from tsa_patch.calibration.measure import LayerMeasurement
 from tsa_patch.calibration.speed import (TimeModel, activation_from, cost_points, fit_time_model, ladder,
-                                         layer_activations, measure_speed, prefill_floor, time_models, time_prefills)
+                                         layer_activations, measure_speed, prefill_floor, pricing_policies,
+                                         time_models, time_prefills)
 from tsa_patch.data import load_documents
 from tsa_patch.kernels.policy import CONFIG_KEY, TsaPolicy
 
@@ -150,7 +151,8 @@ def test_the_front_is_priced_from_every_measured_layer_at_both_ends_of_the_grid(
 
     steps = []
     try:
-        models, points = time_models(model, ids, measurements, 128, make_policy, lambda: steps.append(1))
+        models, points = time_models(model, ids, pricing_policies(measurements, make_policy), 128,
+                                     lambda: steps.append(1))
     finally:
         model.set_attn_implementation("sdpa")
         delattr(model.config, CONFIG_KEY)

@@ -115,22 +115,28 @@ def cost_points(model, ids: list[int], policy: TsaPolicy, length: int) -> list[d
     return points
 
 
-def time_models(model, ids: list[int], measurements, length: int,
-                make_policy: Callable[[list[float], tuple[int, ...]], TsaPolicy],
-                step: Callable[[], None] | None = None) -> tuple[dict[str, TimeModel], list[dict]]:
-    """Every measured layer (``measure.LayerMeasurement``) timed against dense at ``length`` with the grid's lowest
-    and highest tau, and alone on the block-sparse kernel where that option was measured (``cost_points``); per
-    kernel, the line fitted through its points where one can be. ``make_policy(taus, block_layers)`` gives a
-    policy. Returns the fitted models by kernel (``"tsa"``, ``"block_sparse"``) and every point."""
+def pricing_policies(measurements, make_policy: Callable[[list[float], tuple[int, ...]], TsaPolicy]
+                     ) -> list[TsaPolicy]:
+    """The policies that price the front: every measured layer (``measure.LayerMeasurement``) at the grid's lowest
+    tau, then at its highest, and alone on the block-sparse kernel where that option was measured.
+    ``make_policy(taus, block_layers)`` gives a policy."""
     measured = [i for i, m in enumerate(measurements) if m.samples]
     grid = measurements[measured[0]].taus
-    runs = [make_policy([tau if i in measured else 0.0 for i in range(len(measurements))], ())
-            for tau in (grid[0], grid[-1])]
+    policies = [make_policy([tau if i in measured else 0.0 for i in range(len(measurements))], ())
+                for tau in (grid[0], grid[-1])]
     blocks = tuple(i for i in measured if measurements[i].block_saving is not None)
     if blocks:
-        runs.append(make_policy([0.0] * len(measurements), blocks))
+        policies.append(make_policy([0.0] * len(measurements), blocks))
+    return policies
+
+
+def time_models(model, ids: list[int], policies: list[TsaPolicy], length: int,
+                step: Callable[[], None] | None = None) -> tuple[dict[str, TimeModel], list[dict]]:
+    """Every sparse layer of each of ``policies`` (``pricing_policies``) timed against dense at ``length``
+    (``cost_points``), and per kernel the line fitted through its points where one can be. Returns the fitted
+    models by kernel (``"tsa"``, ``"block_sparse"``) and every point."""
     points = []
-    for policy in runs:
+    for policy in policies:
         points += cost_points(model, ids, policy, length)
         if step is not None:
             step()
