@@ -8,6 +8,9 @@
 #                                                    # so give this call the whole 10 minutes and rerun it warm
 #   bash benchmarks/run_kept_keys_gpu.sh other-tests # the sync-free, block-sparse, TSA and attention GPU tests
 #                                                    # (about 380 s on an H100 whose cache holds the kept-keys shapes)
+#   bash benchmarks/run_kept_keys_gpu.sh profile     # the selection's GPU tests, its cost (launch_cost.py), and one
+#                                                    # sparse layer's device time stage by stage, and its kernels
+#                                                    # (profile_kept_keys.py)
 #   bash benchmarks/run_kept_keys_gpu.sh kernel      # the kernel against cuDNN on random inputs (kept_keys_gpu.py)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
@@ -35,6 +38,12 @@ elif [ "$1" = other-tests ]; then
   gpu_tests 200 tests/kernels/test_sync_free.py
   gpu_tests 360 tests/kernels/test_block_sparse.py tests/kernels/test_tsa.py tests/kernels/test_attention.py
   pack other-tests
+elif [ "$1" = profile ]; then
+  gpu_tests 240 tests/kernels/test_triton.py -k select
+  python3 benchmarks/launch_cost.py --lengths "${LENGTHS:-8192,16384,32768}" --out "$OUT/launch-cost.json" 2>&1 | tail -12
+  python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" --output "$OUT/profile.json" 2>&1 \
+    | tail -80
+  pack profile
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
     | tail -30
