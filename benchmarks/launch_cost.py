@@ -7,7 +7,7 @@ For each piece: CPU microseconds per call with the GPU left to run behind (up to
 the host cost when launches are the bottleneck), the CUDA-event time of a call alone, and its device time with the
 launches hidden (``time_cuda(busy_ahead=True)``). Dense cuDNN of the same length is timed in the same run.
 
-    python benchmarks/launch_cost.py [--lengths 4096,8192,32768,131072] [--out launch-cost.json]
+    python benchmarks/launch_cost.py [--lengths 4096,8192,32768,131072] [--out launch-cost.json] [--only PIECES]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def host_us(fn, budget_s: float = 0.5, max_calls: int = 200) -> float:
     return elapsed / calls * 1e6
 
 
-def measure(length: int) -> dict:
+def measure(length: int, only: list[str]) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(length)
     q = torch.randn(HEADS, length, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
     k, v = (torch.randn(KV_HEADS, length, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
@@ -84,11 +84,14 @@ def measure(length: int) -> dict:
     }
     row = {"length": length, "kept_fraction": fraction, "kept_tokens": kept.shape[1]}
     for name, fn in pieces.items():
+        if only and name not in only and name != "dense_cudnn":
+            continue
         row[name] = {"host_us": host_us(fn), "alone_ms": time_cuda(fn).median_ms,
                      "device_ms": time_cuda(fn, busy_ahead=True).median_ms}
     dense = row["dense_cudnn"]["alone_ms"]
     for name in ("layer_synced", "layer_sync_free"):
-        row[name]["speedup_vs_dense"] = dense / row[name]["alone_ms"]
+        if name in row:
+            row[name]["speedup_vs_dense"] = dense / row[name]["alone_ms"]
     return row
 
 
@@ -96,10 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="4096,8192,32768,131072")
     parser.add_argument("--out", default="launch-cost.json")
+    parser.add_argument("--only", default="", help="comma-separated pieces to time (dense is always timed)")
     args = parser.parse_args()
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
-        rows.append(measure(length))
+        rows.append(measure(length, [name for name in args.only.split(",") if name]))
         r = rows[-1]
         print(f"L={length}: " + ", ".join(f"{name} {r[name]['host_us']:.0f} us / {r[name]['alone_ms']:.3f} ms / "
                                           f"{r[name]['device_ms']:.3f} ms" for name in r if isinstance(r[name], dict)),
@@ -107,7 +111,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "command": "python benchmarks/launch_cost.py --lengths "
-                   + args.lengths, "rows": rows}, f, indent=1)
+                   + args.lengths + (f" --only {args.only}" if args.only else ""), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

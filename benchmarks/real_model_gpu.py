@@ -2,6 +2,7 @@
 one device call (benchmarks/real_model_gpu.sh runs them):
 
     python benchmarks/real_model_gpu.py calibrate --gguf FILE --work DIR --out DIR   # policies and exports
+    python benchmarks/real_model_gpu.py export --only NAME --policy FILE ...         # a stored policy as NAME
     python benchmarks/real_model_gpu.py speed --gguf FILE --work DIR --out DIR       # prefill timings, densities
     python benchmarks/real_model_gpu.py eval --gguf FILE --work DIR --out DIR        # accuracy
     python benchmarks/real_model_gpu.py layers --gguf FILE --work DIR --out DIR      # each layer alone
@@ -99,6 +100,15 @@ def phase_calibrate(args) -> None:
               flush=True)
         _write(args.out, f"calibration-{name}.json", _record(args, report=result.report, seconds=seconds))
     _write(args.out, "calibrations.json", _record(args, calibrations=summary))
+
+
+def phase_export(args) -> None:
+    """Export ``--policy`` (a policy JSON, e.g. one under benchmarks/results/) as the calibration ``--only`` names,
+    so that ``speed`` times a policy calibrated before with the code now in the tree."""
+    [name] = _chosen(args)
+    policy = TsaPolicy.from_dict(json.loads(Path(args.policy).read_text()))
+    (args.work / f"policy-{name}.json").write_text(json.dumps(policy.to_dict(), indent=1))
+    export(resolve_model(args.gguf), policy, args.work / "exports" / name, command=f"real_model_gpu.py export {name}")
 
 
 def phase_speed(args) -> None:
@@ -306,7 +316,7 @@ def _natural_block_density(model, tokenizer, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("calibrate", "speed", "eval", "layers"))
+    parser.add_argument("phase", choices=("calibrate", "export", "speed", "eval", "layers"))
     parser.add_argument("--only", default="", help="comma-separated calibrations of " + ", ".join(CALIBRATIONS))
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--work", type=Path, required=True, help="kept between phases (exports, policies)")
@@ -328,12 +338,15 @@ def main() -> None:
                         "row over the kept keys), local (and over its 128 latest keys)")
     parser.add_argument("--no-layer-block", dest="layer_block", action="store_false",
                         help="layers: leave out the block-sparse kernel alone")
+    parser.add_argument("--policy", help="export: the policy JSON to export under the one --only name")
     parser.add_argument("--skip-baselines", action="store_true", help="eval: leave out the paper's rule and "
                         "FlexPrefill alone (measured before on the same prompts)")
     args = parser.parse_args()
     args.sha256 = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
     args.work.mkdir(parents=True, exist_ok=True)
-    {"calibrate": phase_calibrate, "speed": phase_speed, "eval": phase_eval, "layers": phase_layers}[args.phase](args)
+    phases = {"calibrate": phase_calibrate, "export": phase_export, "speed": phase_speed, "eval": phase_eval,
+              "layers": phase_layers}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ elif [ "$1" = other-tests ]; then
   pack other-tests
 elif [ "$1" = profile ]; then
   gpu_tests 240 tests/kernels/test_triton.py -k select
-  python3 benchmarks/launch_cost.py --lengths "${LENGTHS:-8192,16384,32768}" --out "$OUT/launch-cost.json" 2>&1 | tail -12
+  python3 benchmarks/launch_cost.py --lengths 4096,8192,12288,16384,32768 --out "$OUT/launch-cost.json" \
+    --only select_radix,select_sorted,select_radix_rule,select_sorted_rule,select_torch 2>&1 | tail -12
   python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" --output "$OUT/profile.json" 2>&1 \
     | tail -80
   pack profile
