@@ -8,16 +8,13 @@ Two implementations with the same results, chosen by the number of candidates (m
   pass counted in one read of the row, 8 passes) finds where the coverage rule's ascending tail ends and the
   head's K-th largest score. Two launches: at 8K it takes 0.10 ms of device time and 30 us of host time, against
   0.17 ms and 170 us for the sorts.
-- from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the layer's count by ``reference.kept_count_ref`` (its
-  torch ops, so the count is the reference's bit for bit), each head's descending sort (only its values: the K-th
-  largest is the cut), and two kernels over (head, chunk of 1024 candidates) programs: one tallies each chunk's
-  candidates above and at the cut, the next writes each chunk's kept positions at the slots the earlier chunks'
-  tallies leave it, and a chunk's worth of the tail. One program per head, as the radix search runs, walks the
-  whole row serially: on long rows that latency, not the bandwidth, set the time.
+- from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
+  head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
+  head's whole row 16 times in one program, so they lose to the sorts on long rows (0.42 against 0.28 ms at 32K).
 
-The radix kernel derives the layer's count in every program (cheaper than a second launch). Both write the
-candidates above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then
-the always-kept tail and the padding. Nothing is read back to the host: the count stays on the device, so the same
+Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
+above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
+always-kept tail and the padding. Nothing is read back to the host: the count stays on the device, so the same
 selection serves the synced path (which then reads it once) and a CUDA graph."""
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import coverage_distribution, kept_count_ref
+from .reference import coverage_distribution
 from .triton_import import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
@@ -76,6 +73,20 @@ if HAS_TRITON:
         return prefix
 
     @triton.jit
+    def _sorted_tail(Ascending, candidates, limit, BLOCK: tl.constexpr):
+        # How many of the ascending scores make a tail whose cumulative mass stays below ``limit``
+        offs = tl.arange(0, BLOCK)
+        carry = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        below = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, candidates, BLOCK):
+            inside = start + offs < candidates
+            x = tl.load(Ascending + start + offs, mask=inside, other=0.0)
+            running = carry + tl.cumsum(x, 0)
+            below += tl.sum((inside & (running < limit)).to(tl.int32), 0)
+            carry += tl.sum(x, 0)
+        return below
+
+    @triton.jit
     def _radix_tail(Averaged, candidates, limit, BLOCK: tl.constexpr):
         # ``_sorted_tail`` without the sort: the ascending tail ends at the value t where the mass below t stays
         # under the limit (``_largest_bits``): every value below t, and as many of those tied at t as the limit
@@ -98,14 +109,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
-                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
-        # reference.kept_count_ref on the head-averaged scores: unless FORCED, the tail whose cumulative mass stays
-        # below the limit (``_coverage_limit``) is dropped, one more with DROP_NEXT (the authors' rule: nothing
-        # when the tail is empty); then the floor and the ceiling
+                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr, SORTED: tl.constexpr):
+        # reference.kept_count_ref on the head-averaged scores (ascending when SORTED): unless FORCED, the tail
+        # whose cumulative mass stays below the limit (``_coverage_limit``) is dropped, one more with DROP_NEXT
+        # (the authors' rule: nothing when the tail is empty); then the floor and the ceiling
         kept = tl.sum(tl.zeros([BLOCK], tl.int32), 0) + keep  # a tensor (an argument of 1 is a constant)
         if not FORCED:
-            below = _radix_tail(Averaged, candidates, _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE),
-                                BLOCK)
+            limit = _coverage_limit(Averaged, candidates, tau, BLOCK, NORMALIZE)
+            if SORTED:
+                below = _sorted_tail(Averaged, candidates, limit, BLOCK)
+            else:
+                below = _radix_tail(Averaged, candidates, limit, BLOCK)
             if DROP_NEXT:
                 below = tl.where(below > 0, below + 1, below)
             kept = candidates - below
@@ -140,66 +154,31 @@ if HAS_TRITON:
                      mask=keep + start + offs < seq_len)
 
     @triton.jit
+    def _select_kernel(Ascending, Pooled, Descending, Count, Kept, stride_p, stride_d, stride_k, candidates, seq_len,
+                       tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
+                       DROP_NEXT: tl.constexpr, FORCED: tl.constexpr):
+        # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
+        # the head's top ``keep`` candidates (the K-th largest score read from the descending sort)
+        head = tl.program_id(0)
+        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, True)
+        tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
+        cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
+        cut = tl.where(keep > 0, cut, float("inf"))
+        _write_kept(Pooled + head * stride_p, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
+
+    @triton.jit
     def _radix_select_kernel(Averaged, Pooled, Count, Kept, stride_p, stride_k, candidates, seq_len, tau, floor,
                              keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr, DROP_NEXT: tl.constexpr,
                              FORCED: tl.constexpr):
         # One head: the layer's count (every program derives the same one), its K-th largest score by the radix
         # search, then the write-out
         head = tl.program_id(0)
-        keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED)
+        keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, False)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         row = Pooled + head * stride_p
         cut = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False).to(tl.float32, bitcast=True)
         cut = tl.where(keep > 0, cut, float("inf"))
         _write_kept(row, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
-
-
-    @triton.jit
-    def _head_cut(Keep, Descending, stride_d, head):
-        # The layer's count (a device scalar) and head ``head``'s K-th largest score (inf when it keeps none)
-        keep = tl.load(Keep).to(tl.int32)
-        cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
-        return keep, tl.where(keep > 0, cut, float("inf"))
-
-    @triton.jit
-    def _tally_kernel(Pooled, Keep, Descending, Greater, Tied, stride_p, stride_d, stride_t, candidates,
-                      BLOCK: tl.constexpr):
-        # One (head, chunk of BLOCK candidates): how many of its scores lie above the head's cut, and how many at it
-        head = tl.program_id(0)
-        chunk = tl.program_id(1)
-        _, cut = _head_cut(Keep, Descending, stride_d, head)
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(Pooled + head * stride_p + offs, mask=offs < candidates, other=float("-inf"))
-        tl.store(Greater + head * stride_t + chunk, tl.sum((x > cut).to(tl.int32), 0))
-        tl.store(Tied + head * stride_t + chunk, tl.sum((x == cut).to(tl.int32), 0))
-
-    @triton.jit
-    def _chunk_write_kernel(Pooled, Keep, Descending, Greater, Tied, Count, Kept, stride_p, stride_d, stride_t,
-                            stride_k, candidates, chunks, seq_len, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
-        # One (head, chunk): the chunk's kept candidates at the slots that the earlier chunks' tallies leave them
-        # (above the cut, then ties at it in position order until the count), and BLOCK slots of the tail
-        # [C, seq_len) and padding (seq_len - 1) that follow the count
-        head = tl.program_id(0)
-        chunk = tl.program_id(1)
-        keep, cut = _head_cut(Keep, Descending, stride_d, head)
-        if chunk == 0:
-            tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
-        every = tl.arange(0, CHUNKS)
-        greater = tl.load(Greater + head * stride_t + every, mask=every < chunks, other=0)
-        tied = tl.load(Tied + head * stride_t + every, mask=every < chunks, other=0)
-        ties_kept = keep - tl.sum(greater, 0)
-        greater_before = tl.sum(tl.where(every < chunk, greater, 0), 0)
-        ties_before = tl.sum(tl.where(every < chunk, tied, 0), 0)
-        position = chunk * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(Pooled + head * stride_p + position, mask=position < candidates, other=float("-inf"))
-        tie = x == cut
-        tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the head's ties
-        chosen = (x > cut) | (tie & (tie_rank <= ties_kept))
-        slot = greater_before + tl.minimum(ties_before, tl.maximum(ties_kept, 0)) + tl.cumsum(chosen.to(tl.int32), 0) - 1
-        tl.store(Kept + head * stride_k + slot, position.to(tl.int64), mask=chosen)
-        after = chunk * BLOCK + tl.arange(0, BLOCK)  # how far past the count: the tail, then padding
-        tl.store(Kept + head * stride_k + keep + after, tl.minimum(candidates + after, seq_len - 1).to(tl.int64),
-                 mask=keep + after < seq_len)
 
 
 _BLOCK = 1024
@@ -220,19 +199,15 @@ def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
 
 def select_tokens_padded_sorted(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
                                 keep: int | None = None) -> tuple[Tensor, Tensor]:
-    """``select_tokens_padded`` by sorts and two kernels over (head, chunk) programs (the faster on long rows)."""
+    """``select_tokens_padded`` by two sorts and one kernel (the faster on long rows)."""
     count, kept = _checked(pooled, seq_len)
     heads, candidates = pooled.shape
-    keep_count = kept_count_ref(pooled, tau, min_tokens, coverage, keep)  # 0-dim int64 on the device
+    ascending = torch.sort(coverage_distribution(pooled, coverage)).values
     descending = torch.sort(pooled, dim=-1, descending=True).values
-    chunks = triton.cdiv(candidates, _BLOCK)
-    greater = torch.empty(heads, chunks, device=pooled.device, dtype=torch.int32)
-    tied = torch.empty_like(greater)
-    common = (pooled, keep_count, descending, greater, tied, pooled.stride(0), descending.stride(0), greater.stride(0))
-    _tally_kernel[(heads, chunks)](*common, candidates, BLOCK=_BLOCK, num_warps=4)
-    _chunk_write_kernel[(heads, triton.cdiv(seq_len, _BLOCK))](
-        *common[:5], count, kept, *common[5:], kept.stride(0), candidates, chunks, seq_len, BLOCK=_BLOCK,
-        CHUNKS=max(16, triton.next_power_of_2(chunks)), num_warps=4)
+    _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
+                             kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
+                             0 if keep is None else keep, BLOCK=_BLOCK, NORMALIZE=coverage == "paper",
+                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=4)
     return kept, count
 
 
@@ -254,9 +229,9 @@ def select_tokens_padded(pooled: Tensor, seq_len: int, tau: float, min_tokens: i
     """Triton twin of ``reference.select_tokens_padded_ref`` (same arguments, same results): the radix search
     below ``RADIX_BELOW`` candidates, the sorts from there on.
 
-    The radix search's count equals the reference's up to the fp32 rounding of the cumulative tail mass (a
-    different summation order), so only where that mass lies within rounding of ``tau``; the sorted path's is the
-    reference's. Given the count, the kept positions are identical (the K-th largest score is found exactly, ties at it go to the earlier token).
+    The count equals the reference's up to the fp32 rounding of the cumulative tail mass (a different summation
+    order), so only where that mass lies within rounding of ``tau``; given the count, the kept positions are
+    identical (the K-th largest score is found exactly, ties at it go to the earlier token).
 
     Returns:
         kept: (Hs, Lk) int64; row h holds its ``count[h]`` kept positions in ascending order, then ``Lk - 1``.
