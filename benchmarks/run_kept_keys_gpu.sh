@@ -8,9 +8,10 @@
 #                                                    # so give this call the whole 10 minutes and rerun it warm
 #   bash benchmarks/run_kept_keys_gpu.sh other-tests # the sync-free, block-sparse, TSA and attention GPU tests
 #                                                    # (about 380 s on an H100 whose cache holds the kept-keys shapes)
-#   bash benchmarks/run_kept_keys_gpu.sh profile     # the selection's GPU tests, its cost (launch_cost.py), and one
+#   bash benchmarks/run_kept_keys_gpu.sh profile     # the tests of the kernel's input step at GPU shapes, and one
 #                                                    # sparse layer's device time stage by stage, and its kernels
-#                                                    # (profile_kept_keys.py)
+#                                                    # (profile_kept_keys.py; KEEP=0.15 forces the kept fraction,
+#                                                    # MODELS=qwen2.5-0.5b limits the shapes)
 #   bash benchmarks/run_kept_keys_gpu.sh kernel      # the kernel against cuDNN on random inputs (kept_keys_gpu.py)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
@@ -39,11 +40,9 @@ elif [ "$1" = other-tests ]; then
   gpu_tests 360 tests/kernels/test_block_sparse.py tests/kernels/test_tsa.py tests/kernels/test_attention.py
   pack other-tests
 elif [ "$1" = profile ]; then
-  gpu_tests 240 tests/kernels/test_triton.py -k select
-  python3 benchmarks/launch_cost.py --lengths 4096,8192,12288,16384,32768 --out "$OUT/launch-cost.json" \
-    --only select_radix,select_sorted,select_radix_rule,select_sorted_rule,select_torch 2>&1 | tail -12
-  python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" --output "$OUT/profile.json" 2>&1 \
-    | tail -80
+  gpu_tests "${TEST_SECONDS:-300}" tests/kernels/test_kept_keys.py -k "${TESTS:-prepare or never_read}"
+  python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" --output "$OUT/profile.json" \
+    ${KEEP:+--keep-fraction $KEEP} ${MODELS:+--models $MODELS} 2>&1 | tail -80
   pack profile
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \

@@ -15,10 +15,11 @@ import pytest
 import torch
 from numerics import ATTENTION_RELATIVE
 
-from tsa_patch.kernels.reference import (kept_keys_attention_ref, kept_keys_cost, padded_positions,
+from tsa_patch.kernels import triton_kept_keys
+from tsa_patch.kernels.reference import (gather_kept, kept_keys_attention_ref, kept_keys_cost, padded_positions,
                                         select_tokens_padded_ref)
 from tsa_patch.kernels.triton_block import Tiling
-from tsa_patch.kernels.triton_kept_keys import BLOCK_M, block_bounds, kept_keys_attention
+from tsa_patch.kernels.triton_kept_keys import BLOCK_M, block_bounds, kept_keys_attention, prepare_kept_keys
 from tsa_patch.kernels.tsa import tsa_attention, tsa_attention_kept_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,6 +138,42 @@ def test_every_kept_key_kept_is_dense_causal_attention():
                                                              v.double().repeat_interleave(2, 0), is_causal=True)
     assert relative_error(out, dense.transpose(0, 1)) < ATTENTION_RELATIVE[torch.float32]
     assert abs(kept_keys_cost(kept, count, seq_len).item() - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["query_head", "kv_group"])
+def test_prepare_gathers_the_kept_rows_up_to_the_count(per_kv_head):
+    """First rows as ``padded_positions + local_keys``; compact K/V rows equal to ``gather_kept``'s within the count
+    and zeros from the count to the next tile: moved bits, compared exactly."""
+    (q, k, v), generator = inputs(SHAPES[0], DTYPES[0], seed=11)
+    kept, count = random_kept(SHAPES[0][1] if per_kv_head else SHAPES[0][0], SHAPES[0][2], generator)
+    tile, seq_len = 16, SHAPES[0][2]
+    first_rows, key_c, value_c = prepare_kept_keys(k, v, kept, count, seq_len, 5, tile)
+    assert torch.equal(first_rows, (padded_positions(kept, count, seq_len) + 5).to(torch.int32))
+    for compact, full in zip((key_c, value_c), gather_kept(k, v, kept)):
+        for s in range(kept.shape[0]):
+            n = int(count[s])
+            assert torch.equal(compact[s, :n], full[s, :n])
+            assert (compact[s, n : -(-n // tile) * tile] == 0).all()
+
+
+@pytest.mark.parametrize("descriptors", [False, True], ids=["pointers", "descriptors"])
+@pytest.mark.parametrize("local_keys", [0, 40], ids=lambda n: f"local{n}")
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[3] & (s[3] - 1) == 0], ids=shape_id)
+def test_compact_rows_past_the_count_are_never_read(shape, local_keys, descriptors, monkeypatch):
+    """The compact buffers come uninitialised and are written only up to each count's last tile: filled with NaN
+    beforehand, the output still matches the brute force with both loaders (a NaN read would poison its rows; tensor
+    descriptors load whole tiles, so the zeros after the count are what keeps them clean)."""
+    def poisoned(selecting, slots, head_dim, like):
+        return tuple(torch.full((selecting, slots, head_dim), float("nan"), device=like.device, dtype=like.dtype)
+                     for _ in range(2))
+
+    monkeypatch.setattr(triton_kept_keys, "_compact_buffers", poisoned)
+    dtype = DTYPES[0]
+    (q, k, v), generator = inputs(shape, dtype, seed=sum(shape) + local_keys)
+    kept, count = random_kept(shape[0], shape[2], generator, fraction=0.3)
+    out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, descriptors=descriptors,
+                              **TILES)
+    assert relative_error(out, brute_kept_keys(q, k, v, kept, count, local_keys)) < ATTENTION_RELATIVE[dtype]
 
 
 def test_block_bounds_count_the_keys_each_query_block_sees():

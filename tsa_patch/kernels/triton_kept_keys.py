@@ -2,11 +2,13 @@
 
 The paper's compression computes only the kept tokens' query rows and leaves the others 0. With ``rows="all"`` a
 sparse layer drops keys only: every one of the ``L`` query rows attends to the kept keys at or before its own
-position. The kept keys and values are gathered into compact ``(Hs, M, D)`` tensors (``reference.gather_kept``);
-their positions are ascending, so the keys a query block sees are a prefix of the compact sequence: every key at
-or before the block's first row is visible to all of its rows (those tiles run without a mask) and only the keys
-inside the block's own span need the causal mask, a tile or two. ``torch.searchsorted`` finds both bounds on the
-device, so nothing is read back to the host and a CUDA graph can capture the call.
+position. One launch (``prepare_kept_keys``) gathers the kept keys and values into compact ``(Hs, M, D)`` tensors,
+only as far as each head's count reaches (the buffer is sized for keeping everything, and gathering all of it took
+0.18 ms of a 32K Qwen2.5-0.5B layer on an H100: ``results/profile-kept-keys-H100-20261206.json``), and writes the
+first row that sees each kept key. The positions ascend, so the keys a query block sees are a prefix of the compact
+sequence: every key at or before the block's first row is visible to all of its rows (those tiles run without a
+mask) and only the keys inside the block's own span need the causal mask, a tile or two. ``torch.searchsorted``
+finds both bounds on the device, so nothing is read back to the host and a CUDA graph can capture the call.
 
 With ``local_keys`` (a policy's ``local_keys``), row ``m`` also sees the ``local_keys`` keys ending at its own
 position, kept or not, read from the layer's full K and V: the kept keys inside that band are skipped (each kept
@@ -23,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import gather_kept, padded_positions
 from .triton_block import Tiling, default_tiling, uses_descriptors
 from .triton_import import HAS_TRITON, TensorDescriptor, tl, triton
 
@@ -106,6 +107,55 @@ if HAS_TRITON:
         tl.store(Out + offs_m[:, None] * stride_ol + head * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=(offs_m[:, None] < seq_len) & d_valid[None, :])
 
+    @triton.jit
+    def _prepare_kernel(Kept, Count, Key, Value, FirstRows, KeyC, ValueC, stride_kept, stride_first, stride_kh,
+                        stride_kl, stride_vh, stride_vl, stride_ch, stride_cl, slots, seq_len, local_keys, sel_per_kv,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
+        # One (selecting head, block of BLOCK_S slots): the first row that sees each kept key (padding: none), and
+        # the kept rows of K and V; the slots past the count up to the next multiple of TILE get zeros
+        head = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        count = tl.load(Count + head)
+        in_buffer = offs < slots
+        within = in_buffer & (offs < count)
+        position = tl.load(Kept + head * stride_kept + offs, mask=within, other=seq_len)
+        tl.store(FirstRows + head * stride_first + offs, (position + local_keys).to(tl.int32), mask=in_buffer)
+        written = (in_buffer & (offs < (count + TILE - 1) // TILE * TILE))[:, None]
+        offs_d = tl.arange(0, BLOCK_D)
+        source = head // sel_per_kv * stride_kh + tl.where(within, position, 0)[:, None] * stride_kl + offs_d[None, :]
+        target = head * stride_ch + offs[:, None] * stride_cl + offs_d[None, :]
+        loaded = within[:, None] & (offs_d < HEAD_DIM)[None, :]
+        stored = written & (offs_d < HEAD_DIM)[None, :]
+        tl.store(KeyC + target, tl.load(Key + source, mask=loaded, other=0.0), mask=stored)
+        source = head // sel_per_kv * stride_vh + tl.where(within, position, 0)[:, None] * stride_vl + offs_d[None, :]
+        tl.store(ValueC + target, tl.load(Value + source, mask=loaded, other=0.0), mask=stored)
+
+
+def prepare_kept_keys(key: Tensor, value: Tensor, kept: Tensor, count: Tensor, seq_len: int, local_keys: int,
+                      tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's inputs in one launch, on the device: key, value (Hkv, L, D); kept (Hs, M) positions, ascending in
+    the first ``count[s]`` entries; ``tile``: the kernel's keys per step. Returns first_rows (Hs, M) int32, ``kept +
+    local_keys`` within the count and ``seq_len + local_keys`` past it; and key_c, value_c (Hs, M, D) contiguous: the
+    kept rows (``reference.gather_kept``) within the count, zeros up to its next multiple of ``tile`` (the kernel's
+    last tile reads them), the rest left unwritten."""
+    selecting, slots = kept.shape
+    kv_heads, _, head_dim = key.shape
+    kept = kept if kept.stride(-1) == 1 else kept.contiguous()
+    first_rows = torch.empty(selecting, slots, device=key.device, dtype=torch.int32)
+    key_c, value_c = _compact_buffers(selecting, slots, head_dim, key)
+    block_s = 64
+    _prepare_kernel[(selecting, triton.cdiv(slots, block_s))](
+        kept, count, key, value, first_rows, key_c, value_c, kept.stride(0), first_rows.stride(0), key.stride(0),
+        key.stride(1), value.stride(0), value.stride(1), key_c.stride(0), key_c.stride(1), slots, seq_len, local_keys,
+        selecting // kv_heads, BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        TILE=tile, num_warps=4)
+    return first_rows, key_c, value_c
+
+
+def _compact_buffers(selecting: int, slots: int, head_dim: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialised (Hs, M, D) buffers for the compact keys and values (the tests poison them)."""
+    return tuple(torch.empty(selecting, slots, head_dim, device=like.device, dtype=like.dtype) for _ in range(2))
+
 
 def block_bounds(first_rows: Tensor, seq_len: int, block_m: int = BLOCK_M) -> Tensor:
     """Per selecting head and query block of ``block_m`` rows: how many kept keys are first seen at or before the
@@ -148,17 +198,16 @@ def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor,
             raise ValueError(f"kept_keys_attention: the head dim of {name} must be contiguous")
     num_heads, seq_len, head_dim = query.shape
     selecting = kept.shape[0]
-    # the first row that sees each kept key, ascending; padding (seq_len + local_keys) is seen by none
-    first_rows = (padded_positions(kept, count, seq_len) + local_keys).to(torch.int32).contiguous()  # (Hs, M)
-    key_c, value_c = gather_kept(key, value, kept)  # (Hs, M, D) each, contiguous
-    bounds = block_bounds(first_rows, seq_len, block_m)
-    out = torch.empty(seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
     if tiling is None:  # fp32 tiles need the block-sparse kernel's smaller shared-memory shapes
         tiling = default_tiling(block_m, head_dim, query.dtype) if query.dtype == torch.float32 else HALF_TILING
-    grid = (triton.cdiv(seq_len, block_m), num_heads)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     common = dict(BLOCK_M=block_m, BLOCK_N=min(tiling.block_n, block_m), PRECISION=precision,
                   num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    # the first row that sees each kept key, ascending (padding: seen by none), and the compact K and V
+    first_rows, key_c, value_c = prepare_kept_keys(key, value, kept, count, seq_len, local_keys, common["BLOCK_N"])
+    bounds = block_bounds(first_rows, seq_len, block_m)
+    out = torch.empty(seq_len, num_heads, head_dim, device=query.device, dtype=query.dtype)
+    grid = (triton.cdiv(seq_len, block_m), num_heads)
     strides = key_c.stride()  # value_c's too: both contiguous, of one shape
     use_descriptors = uses_descriptors(query, key_c, value_c) if descriptors is None else descriptors
     if use_descriptors:
