@@ -37,7 +37,7 @@ def profile_layer(model: str, seq_len: int, table_rows: int, keep_fraction: floa
     stages = STAGES["triton"]
     window, tau, local = OPTIONS["window"], OPTIONS["tau"], OPTIONS["local_keys"]
     scores = stages.score(q, k, window, scaling, None)
-    pooled = (torch.rand(heads, seq_len - window, device="cuda") ** 8).contiguous()  # heavy-tailed, as at 32K
+    pooled = (torch.rand(heads, seq_len - window, device="cuda") ** 8).contiguous()  # heavy-tailed
     keep = None if keep_fraction is None else round(keep_fraction * (seq_len - window))
     kept, count = stages.select(pooled, seq_len, tau, OPTIONS["min_tokens"], "paper", keep)
 
@@ -67,8 +67,11 @@ def profile_layer(model: str, seq_len: int, table_rows: int, keep_fraction: floa
     row["device_ms"] = {name: time_cuda(fn, busy_ahead=True).median_ms for name, fn in timed.items()}
     row["alone_ms"] = {"layer": time_cuda(layer).median_ms}
     with sdpa_backend("cudnn", q.device):
-        row["device_ms"]["dense_cudnn"] = time_cuda(lambda: causal_attention(q, k, v, scaling), busy_ahead=True).median_ms
-        row["alone_ms"]["dense_cudnn"] = time_cuda(lambda: causal_attention(q, k, v, scaling)).median_ms
+        def attend_dense():
+            return causal_attention(q, k, v, scaling)
+
+        row["device_ms"]["dense_cudnn"] = time_cuda(attend_dense, busy_ahead=True).median_ms
+        row["alone_ms"]["dense_cudnn"] = time_cuda(attend_dense).median_ms
     dense = row["device_ms"]["dense_cudnn"]
     row["layer_over_dense"] = row["device_ms"]["layer"] / dense
     row["stages_over_dense"] = {name: ms / dense for name, ms in row["device_ms"].items()}
@@ -78,8 +81,9 @@ def profile_layer(model: str, seq_len: int, table_rows: int, keep_fraction: floa
             layer()
         torch.cuda.synchronize()
     kernels = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    row["kernels"] = [{"name": e.key[:90], "calls_per_layer": e.count / 5, "device_us_per_layer": e.device_time_total / 5}
-                      for e in kernels if e.device_time_total > 0][:table_rows]
+    row["kernels"] = [{"name": e.key[:90], "calls_per_layer": e.count / 5,
+                       "device_us_per_layer": e.device_time_total / 5} for e in kernels if e.device_time_total > 0]
+    row["kernels"] = row["kernels"][:table_rows]
     return row
 
 
@@ -97,15 +101,16 @@ def main() -> None:
             row = profile_layer(model, seq_len, args.table_rows, args.keep_fraction)
             rows.append(row)
             print(f"{model} L={seq_len} kept {row['kept_fraction']:.3f} cost {row['attention_cost']:.3f}: layer "
-                  f"{row['layer_over_dense']:.3f} of dense ({dense_line(row)})")
+                  f"{row['layer_over_dense']:.3f} of dense ({stage_line(row)})")
             for kernel in row["kernels"]:
-                print(f"    {kernel['device_us_per_layer']:8.1f} us  x{kernel['calls_per_layer']:.0f}  {kernel['name']}")
+                print(f"    {kernel['device_us_per_layer']:8.1f} us  x{kernel['calls_per_layer']:.0f}  "
+                      f"{kernel['name']}")
     result = {**environment(), "command": " ".join(sys.argv), "options": OPTIONS, "rows": rows}
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
 
 
-def dense_line(row: dict) -> str:
+def stage_line(row: dict) -> str:
     return ", ".join(f"{name} {ms:.3f} ms" for name, ms in row["device_ms"].items())
 
 
