@@ -122,13 +122,15 @@ if HAS_TRITON:
         tl.store(FirstRows + head * stride_first + offs, (position + local_keys).to(tl.int32), mask=in_buffer)
         written = (in_buffer & (offs < (count + TILE - 1) // TILE * TILE))[:, None]
         offs_d = tl.arange(0, BLOCK_D)
-        source = head // sel_per_kv * stride_kh + tl.where(within, position, 0)[:, None] * stride_kl + offs_d[None, :]
+        kv_head = head // sel_per_kv
+        rows = tl.where(within, position, 0)[:, None]
         target = head * stride_ch + offs[:, None] * stride_cl + offs_d[None, :]
         loaded = within[:, None] & (offs_d < HEAD_DIM)[None, :]
         stored = written & (offs_d < HEAD_DIM)[None, :]
-        tl.store(KeyC + target, tl.load(Key + source, mask=loaded, other=0.0), mask=stored)
-        source = head // sel_per_kv * stride_vh + tl.where(within, position, 0)[:, None] * stride_vl + offs_d[None, :]
-        tl.store(ValueC + target, tl.load(Value + source, mask=loaded, other=0.0), mask=stored)
+        key = tl.load(Key + kv_head * stride_kh + rows * stride_kl + offs_d[None, :], mask=loaded, other=0.0)
+        tl.store(KeyC + target, key, mask=stored)
+        value = tl.load(Value + kv_head * stride_vh + rows * stride_vl + offs_d[None, :], mask=loaded, other=0.0)
+        tl.store(ValueC + target, value, mask=stored)
 
 
 def prepare_kept_keys(key: Tensor, value: Tensor, kept: Tensor, count: Tensor, seq_len: int, local_keys: int,
