@@ -9,10 +9,11 @@ one device call (benchmarks/real_model_gpu.sh runs them):
 
 ``calibrate``: ``tsa-patch calibrate`` at 32K (TSA with the paper's coverage rule, TSA with ours, TSA with one token
 set per KV head, and TSA with the block-sparse kernel, at the default budget and at half of it), each policy
-exported. ``speed``: every export timed
-as a user loads it (trust_remote_code) at
-1K-32K against its own dense mode with the same dense kernel (cuDNN first) and as the original model runs (SDPA
-default); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at 32K. ``eval``: the
+exported. ``speed``: every export timed as a user loads it (trust_remote_code) at 1K-32K against its own dense mode
+with the same dense kernel (cuDNN first) and as the original model runs (SDPA default); with ``--bound`` also the
+dense model with the policy's engaged layers' attention skipped, and with all attention skipped (Amdahl's bounds on
+what sparse attention can gain); and the natural block density (FlexPrefill's rule at gamma 0.95) of every head at
+32K. ``eval``: the
 offline suite at 8K/16K/32K, the dense generations computed once and compared with every policy (the calibrated ones,
 the paper's rule, FlexPrefill alone), with paired 95 % intervals; ``--engaged`` evaluates every calibrated policy
 with each layer engaged from the window on instead (the suite's prompts are shorter than the measured activation
@@ -47,6 +48,7 @@ from tsa_patch.kernels.policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, Tsa
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.suite import TASKS
 
+BOUND_KEY = "tsa_bound_probe"  # ``speed --bound``: dense attention with some layers' attention skipped
 ROUNDS = 5  # timing rounds per prompt length in ``speed``, variants interleaved
 SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-token context
 CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: rows "all", 128 local keys)
@@ -141,6 +143,7 @@ def _time_export(folder: Path, args) -> list[dict]:
     from tsa_patch.kernels.attention import attention_summary, tsa_statistics
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    skipped = _register_bound_probe() if args.bound else set()
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     [ids] = token_samples(tokenizer, load_documents("paul-graham"), 1, args.seq_len, seed=0)
@@ -157,9 +160,16 @@ def _time_export(folder: Path, args) -> list[dict]:
         variants = {"tsa": (ATTENTION_KEY, None), "dense_default": ("sdpa", None), "dense_cudnn": ("sdpa", "cudnn")}
         if args.engaged:
             variants["tsa_engaged"] = (ATTENTION_KEY, None)
+        if args.bound:  # the dense model with some layers' attention skipped (what it costs is the most saved)
+            free = {"sparse_layers_free": _engaged_layers(calibrated, length),
+                    "attention_free": set(range(model.config.num_hidden_layers))}
+            variants.update({name: (BOUND_KEY, "cudnn") for name in free})
         times = {name: [] for name in variants}
         for _round in range(ROUNDS):  # interleaved: drifts of the host (these prefills are launch-bound) hit all
             for name, (implementation, backend) in variants.items():
+                if implementation == BOUND_KEY:
+                    skipped.clear()
+                    skipped.update(free[name])
                 model.set_attn_implementation(implementation)
                 setattr(model.config, CONFIG_KEY, engaged if name == "tsa_engaged" else calibrated)
                 with sdpa_backend(backend, torch.device(args.device)) if backend else contextlib.nullcontext():
@@ -174,6 +184,10 @@ def _time_export(folder: Path, args) -> list[dict]:
         row["vs_default"] = row["dense_default"] / row["tsa"]
         # host jitter only ever slows a launch-bound prefill: the fastest rounds are the cleaner comparison there
         row["vs_cudnn_fastest"] = min(times["dense_cudnn"]) / min(times["tsa"])
+        if args.bound:  # Amdahl's bounds: the policy's engaged layers' attention free, all attention free
+            row["sparse_layers"] = sorted(free["sparse_layers_free"])
+            row["bound_sparse_layers"] = row["dense_cudnn"] / row["sparse_layers_free"]
+            row["bound_attention"] = row["dense_cudnn"] / row["attention_free"]
         if args.engaged:
             row["engaged_vs_cudnn"] = row["dense_cudnn"] / row["tsa_engaged"]
             setattr(model.config, CONFIG_KEY, engaged)
@@ -186,6 +200,34 @@ def _time_export(folder: Path, args) -> list[dict]:
     del model
     _free(args.device)
     return rows
+
+
+def _register_bound_probe() -> set[int]:
+    """Register ``BOUND_KEY``: transformers' SDPA attention in every layer but those in the returned set (filled by
+    the caller), whose attention is skipped: an uninitialised output, no kernel. A prefill so run costs what the
+    model costs without those layers' attention: dense time over it bounds what any sparse attention in those
+    layers can gain (Amdahl's law)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tsa_patch.kernels.attention import register_attention
+
+    skipped: set[int] = set()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx in skipped:
+            batch, heads, length, head_dim = query.shape
+            return query.new_empty(batch, length, heads, head_dim), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    register_attention(BOUND_KEY, attention)
+    return skipped
+
+
+def _engaged_layers(policy: dict, length: int) -> set[int]:
+    """The layers of ``policy`` that reduce attention on a ``length``-token prefill (their activation length)."""
+    parsed = TsaPolicy.from_dict(policy)
+    return {i for i, layer in enumerate(parsed.layers)
+            if (layer.active or layer.block_sparse) and parsed.activation_of(layer) <= length}
 
 
 def _engaged(policy: dict) -> dict:
@@ -333,6 +375,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     parser.add_argument("--engaged", action="store_true", help="eval: every calibrated policy engaged from the window "
                         "on (NAME@engaged), instead of as calibrated; speed: also time each export so engaged")
+    parser.add_argument("--bound", action="store_true", help="speed: also time the dense model with the policy's "
+                        "engaged layers' attention skipped, and with all attention skipped: the most any sparse "
+                        "attention there could gain")
     parser.add_argument("--layer-taus", default="0.005,0.02", help="layers: the taus of each layer alone")
     parser.add_argument("--layer-rows", default="kept", help="layers: comma-separated rows modes: kept, all (every "
                         "row over the kept keys), local (and over its 128 latest keys)")

@@ -11,7 +11,10 @@
 #   bash benchmarks/run_kept_keys_gpu.sh profile     # the tests of the kernel's input step at GPU shapes, and one
 #                                                    # sparse layer's device time stage by stage, and its kernels
 #                                                    # (profile_kept_keys.py; KEEP=0.15 forces the kept fraction,
-#                                                    # MODELS=qwen2.5-0.5b limits the shapes)
+#                                                    # MODELS=qwen2.5-0.5b limits the shapes; with a carried
+#                                                    # .baseline/tsa_patch, the same profile of that code too:
+#                                                    # mkdir -p .baseline && git archive REV tsa_patch | tar x -C
+#                                                    # .baseline)
 #   bash benchmarks/run_kept_keys_gpu.sh kernel      # the kernel against cuDNN on random inputs (kept_keys_gpu.py)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
@@ -43,6 +46,10 @@ elif [ "$1" = profile ]; then
   gpu_tests "${TEST_SECONDS:-300}" tests/kernels/test_kept_keys.py -k "${TESTS:-prepare or never_read}"
   python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" --output "$OUT/profile.json" \
     ${KEEP:+--keep-fraction $KEEP} ${MODELS:+--models $MODELS} 2>&1 | tail -80
+  if [ -d .baseline/tsa_patch ]; then  # the baseline's code first on the path: its kernels, the same script
+    PYTHONPATH=.baseline python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" \
+      --output "$OUT/profile-baseline.json" ${KEEP:+--keep-fraction $KEEP} ${MODELS:+--models $MODELS} 2>&1 | tail -40
+  fi
   pack profile
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from tsa_patch.kernels import triton_score
 from tsa_patch.kernels.block_sparse import (BlockPattern, _diagonal_means, _keep_top, _last_block_masses_ref,
                                             block_lists, block_pattern, block_sparse_prefill,
                                             block_sparse_attention_ref)
@@ -172,6 +173,20 @@ def test_triton_block_masses_match_the_reference(shape, dtype):
         assert relative_error(out, exact) <= 2 * relative_error(ref, exact) + 8 * eps(torch.float32)
         assert torch.allclose(out.sum(-1).double(), torch.ones(hq, dtype=torch.float64, device=DEVICE),
                               atol=out.shape[1] * eps(torch.float32))  # Nb fp32 sums of masses below 1
+
+
+def test_triton_block_masses_merge_many_key_splits(monkeypatch):
+    """The same bounds with the window statistics split over 3 key ranges (fewer than the merge's power-of-two
+    block, so a masked split takes part), as on a GPU with many SMs; the interpreter otherwise runs one split."""
+    monkeypatch.setattr(triton_score, "_multiprocessors", lambda device: 64)
+    shape = (2, 1, 2600, 32, 64)
+    (q, k, _), _ = inputs(shape, torch.float32, seed=5)
+    q = q * 3
+    assert triton_score.window_stats(q[:, -64:], k, 32**-0.5)[0].shape[1] == 3  # the splits this test is about
+    truth = _last_block_masses_ref(q.double(), k.double(), 64, 32**-0.5)
+    reference = _last_block_masses_ref(q, k, 64, 32**-0.5)
+    for out, ref, exact in zip(block_masses(q, k, 64, 32**-0.5), reference, truth):
+        assert relative_error(out, exact) <= 2 * relative_error(ref, exact) + 8 * eps(torch.float32)
 
 
 def test_slash_scores_are_the_mean_of_each_diagonal():

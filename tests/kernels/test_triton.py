@@ -6,10 +6,12 @@ of slack (where both errors are near zero: fp32 inputs are scored in exact IEEE 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tsa_patch.kernels import triton_select
+from tsa_patch.kernels import triton_score, triton_select
 from tsa_patch.kernels.reference import (compress_ref, coverage_distribution, decompress_ref, gathered_attention_ref,
                                         query_rows, score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
 from tsa_patch.kernels.triton_gather import gathered_attention
@@ -55,6 +57,22 @@ def test_score_keys_matches_reference(shape, dtype, brute):
     else:
         truth = brute.scores(q.cpu(), k.cpu(), w, d**-0.5).to(DEVICE)
     ref_error = brute.relative_error(score_keys_ref(q, k, w, d**-0.5), truth)
+    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+
+
+@pytest.mark.parametrize("seq_len", [2600, 5000])
+def test_score_keys_merges_many_key_splits(seq_len, brute, monkeypatch):
+    """Pass 1 split over several key ranges (3 and 5: fewer than the merge's power-of-two block, so masked
+    splits take part), as on a GPU with many SMs; the interpreter otherwise runs a single split. Same bound as
+    above."""
+    monkeypatch.setattr(triton_score, "_multiprocessors", lambda device: 64)
+    q = torch.randn(2, 20, 32, device=DEVICE) * 2
+    k = torch.randn(1, seq_len, 32, device=DEVICE)
+    m, _ = triton_score.window_stats(q[:, -16:], k, 32**-0.5)
+    assert m.shape[1] == math.ceil(seq_len / 1024)  # the splits this test is about
+    out = score_keys(q, k, 16, 32**-0.5)
+    truth = brute.scores(q.cpu(), k.cpu(), 16, 32**-0.5).to(DEVICE)
+    ref_error = brute.relative_error(score_keys_ref(q, k, 16, 32**-0.5), truth)
     assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
 
 

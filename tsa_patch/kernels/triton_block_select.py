@@ -30,7 +30,7 @@ if HAS_TRITON:
     def _block_masses_kernel(Q, K, M, L, Column, Band, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh,
                              stride_ms, stride_ch, stride_bh, kv_len, window, group, scaling, inv_window, splits,
                              blocks, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr):
         head = tl.program_id(0)
         key_block = tl.program_id(1)
         offs_n = key_block * BLOCK + tl.arange(0, BLOCK)
@@ -42,7 +42,7 @@ if HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W)
+            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W, SPLITS)
             query_pos = kv_len - window + offs_w
             visible = (offs_w[:, None] < window) & (offs_n[None, :] <= query_pos[:, None])
             s = logits_log2(q, k, scaling, 0.0, PRECISION)  # (BLOCK_W, BLOCK)
@@ -168,7 +168,8 @@ def block_masses(query: Tensor, key: Tensor, block: int, scaling: float) -> tupl
         q_window, key, m, l, column, band, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
         m.stride(0), m.stride(1), column.stride(0), band.stride(0), seq_len, window, num_heads // kv_heads, scaling,
         1.0 / window, m.shape[1], blocks, BLOCK=block, BLOCK_W=min(WINDOW_BLOCK, block),
-        BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim, PRECISION=_precision(query), num_warps=4, num_stages=2)
+        BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim, PRECISION=_precision(query),
+        SPLITS=triton.next_power_of_2(m.shape[1]), num_warps=4, num_stages=2)
     return column, band
 
 

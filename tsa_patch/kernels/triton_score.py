@@ -29,18 +29,16 @@ if HAS_TRITON:
         return s * 1.4426950408889634
 
     @triton.jit
-    def merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W: tl.constexpr):
-        # Merge pass 1's key splits: m = max_s m_s, l = sum_s l_s 2^(m_s - m); returns m and 1 / l. Every query
-        # sees key 0 (split 0), so m is finite for real queries.
-        m = tl.full([BLOCK_W], float("-inf"), tl.float32)
-        for split in range(0, splits):
-            m = tl.maximum(m, tl.load(M + head * stride_mh + split * stride_ms + offs_w, mask=offs_w < window,
-                                      other=0.0))
-        l = tl.zeros([BLOCK_W], tl.float32)
-        for split in range(0, splits):
-            part = head * stride_mh + split * stride_ms + offs_w
-            m_s = tl.load(M + part, mask=offs_w < window, other=0.0)
-            l += tl.load(L + part, mask=offs_w < window, other=0.0) * tl.exp2(m_s - m)
+    def merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W: tl.constexpr,
+                            SPLITS: tl.constexpr):
+        # Merge pass 1's key splits (at most SPLITS, a power of two) in one load: m = max_s m_s, l = sum_s l_s
+        # 2^(m_s - m); returns m and 1 / l. Every query sees key 0 (split 0), so m is finite for real queries.
+        offs_s = tl.arange(0, SPLITS)
+        part = head * stride_mh + offs_s[:, None] * stride_ms + offs_w[None, :]
+        valid = (offs_s[:, None] < splits) & (offs_w[None, :] < window)
+        m_s = tl.load(M + part, mask=valid, other=float("-inf"))  # (SPLITS, BLOCK_W)
+        m = tl.where(offs_w < window, tl.max(m_s, 0), 0.0)
+        l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_s - m[None, :]), 0)
         return m, 1.0 / tl.where(offs_w < window, l, 1.0)
 
     @triton.jit
@@ -78,7 +76,7 @@ if HAS_TRITON:
     def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
                            stride_oh, candidates, window, group, scaling, inv_window, splits,
                            BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+                           PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPLITS: tl.constexpr):
         head = tl.program_id(0)
         n_block = tl.program_id(1)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,7 +89,7 @@ if HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W)
+            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W, SPLITS)
             s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
@@ -107,6 +105,7 @@ def _block_d(head_dim: int) -> int:
 
 
 WINDOW_BLOCK = 64  # window queries per program
+MAX_SPLITS = 32  # key splits of pass 1 (Qwen2.5-0.5B on an H100: 18)
 
 
 def _precision(query: Tensor) -> str:
@@ -121,9 +120,10 @@ def window_stats(q_window: Tensor, key: Tensor, scaling: float, softcap: float |
     num_heads, window, head_dim = q_window.shape
     kv_heads, kv_len, _ = key.shape
     block_n = 64
-    # Enough key splits to give every SM a few programs, each split a whole number of blocks.
+    # Enough key splits to give every SM a few programs, each a whole number of blocks; at most MAX_SPLITS.
     target_programs = 4 * _multiprocessors(q_window.device)
-    splits = max(1, min(triton.cdiv(kv_len, 1024), target_programs // (num_heads * triton.cdiv(window, WINDOW_BLOCK))))
+    splits = max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS,
+                        target_programs // (num_heads * triton.cdiv(window, WINDOW_BLOCK))))
     blocks_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n)
     splits = triton.cdiv(kv_len, blocks_per_split * block_n)
     m = torch.empty(num_heads, splits, window, device=q_window.device, dtype=torch.float32)
@@ -166,7 +166,7 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap:
             m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
             m.shape[1],
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
-            SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
+            SOFTCAP=float(softcap or 0.0), SPLITS=triton.next_power_of_2(m.shape[1]), num_warps=4, num_stages=3)
     return out
 
 
