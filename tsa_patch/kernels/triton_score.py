@@ -1,12 +1,10 @@
 """Triton twin of ``score_keys_ref``: recent-window scoring in two passes, fp32 accumulation, no W x L tensor.
 
-Pass 1 (``_window_stats_kernel``): for each of the last W queries, the running max ``m`` and normaliser ``l`` of
-its causal softmax over ALL keys (online softmax, as in FlashAttention). The key range is split over several
-programs so that a long sequence fills the GPU.
-Pass 2 (``_key_scores_kernel``): merges the splits (log-sum-exp) and, for each block of candidate keys,
-computes ``mean_w exp(s_wj - m_w) / l_w``. Two launches in all: at short lengths launches dominate the cost.
-Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T on tensor
-cores. Cost per head: 2 x (2 W Lk D) FLOPs; memory: K twice, Q_window and the (Hq, Lk - W) output.
+Pass 1 (``_window_stats_kernel``, ``_merge_stats_kernel``): for each of the last W queries, the max ``m`` and
+normaliser ``l`` of its causal softmax over ALL keys (online softmax, as in FlashAttention), over key splits that
+fill the GPU, merged once. Pass 2 (``_key_scores_kernel``): for each block of candidate keys, ``mean_w exp(s_wj -
+m_w) / l_w``. Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T
+on tensor cores. Cost per head: 2 x (2 W Lk D) FLOPs; memory: K twice, Q_window and the (Hq, Lk - W) output.
 """
 
 from __future__ import annotations
@@ -27,19 +25,6 @@ if HAS_TRITON:
         if SOFTCAP > 0:
             s = SOFTCAP * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634 / SOFTCAP)) + 1.0))
         return s * 1.4426950408889634
-
-    @triton.jit
-    def merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W: tl.constexpr,
-                            SPLITS: tl.constexpr):
-        # Merge pass 1's key splits (at most SPLITS, a power of two) in one load: m = max_s m_s, l = sum_s l_s
-        # 2^(m_s - m); returns m and 1 / l. Every query sees key 0 (split 0), so m is finite for real queries.
-        offs_s = tl.arange(0, SPLITS)
-        part = head * stride_mh + offs_s[:, None] * stride_ms + offs_w[None, :]
-        valid = (offs_s[:, None] < splits) & (offs_w[None, :] < window)
-        m_s = tl.load(M + part, mask=valid, other=float("-inf"))  # (SPLITS, BLOCK_W)
-        m = tl.where(offs_w < window, tl.max(m_s, 0), 0.0)
-        l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_s - m[None, :]), 0)
-        return m, 1.0 / tl.where(offs_w < window, l, 1.0)
 
     @triton.jit
     def _window_stats_kernel(Q, K, M, L, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
@@ -73,13 +58,27 @@ if HAS_TRITON:
         tl.store(L + out, l_i, mask=offs_w < window)
 
     @triton.jit
-    def _key_scores_kernel(Q, K, M, L, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
-                           stride_oh, candidates, window, group, scaling, inv_window, splits,
-                           BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_stats_kernel(M, L, MergedM, InvL, stride_mh, stride_ms, stride_oh, window, splits,
+                            BLOCK_W: tl.constexpr, SPLITS: tl.constexpr):
+        # Pass 1's splits merged for pass 2: m = max_s m_s and 1 / l, l = sum_s l_s 2^(m_s - m) (SPLITS >= splits)
         head = tl.program_id(0)
-        n_block = tl.program_id(1)
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_s = tl.arange(0, SPLITS)
+        part = head * stride_mh + offs_s[:, None] * stride_ms + offs_w[None, :]
+        valid = (offs_s[:, None] < splits) & (offs_w[None, :] < window)
+        m_s = tl.load(M + part, mask=valid, other=float("-inf"))  # (SPLITS, BLOCK_W)
+        m = tl.where(offs_w < window, tl.max(m_s, 0), 0.0)
+        l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_s - m[None, :]), 0)
+        tl.store(MergedM + head * stride_oh + offs_w, m, mask=offs_w < window)
+        tl.store(InvL + head * stride_oh + offs_w, 1.0 / l, mask=offs_w < window)
+
+    @triton.jit
+    def _key_scores_kernel(Q, K, M, InvL, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_oh,
+                           candidates, window, group, scaling, inv_window, BLOCK_W: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+        head = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         k = tl.load(K + (head // group) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < candidates) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -89,7 +88,8 @@ if HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m, inv_l = merged_window_stats(M, L, head, stride_mh, stride_ms, offs_w, window, splits, BLOCK_W, SPLITS)
+            m = tl.load(M + head * stride_mh + offs_w, mask=offs_w < window, other=0.0)
+            inv_l = tl.load(InvL + head * stride_mh + offs_w, mask=offs_w < window, other=1.0)
             s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
             p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
@@ -97,7 +97,7 @@ if HAS_TRITON:
 
 
 if not HAS_TRITON:  # the Triton helpers exist only with Triton (triton_gather and triton_block_select import them)
-    logits_log2 = merged_window_stats = None
+    logits_log2 = None
 
 
 def _block_d(head_dim: int) -> int:
@@ -113,27 +113,29 @@ def _precision(query: Tensor) -> str:
     return "ieee" if query.dtype == torch.float32 else "tf32"
 
 
+def key_splits(num_heads: int, window: int, kv_len: int, device: torch.device) -> tuple[int, int]:
+    """Pass 1's key splits and 64-key blocks per split: a few programs per SM, at most ``MAX_SPLITS``."""
+    programs = 4 * _multiprocessors(device) // (num_heads * triton.cdiv(window, WINDOW_BLOCK))
+    blocks_per_split = triton.cdiv(kv_len, 64 * max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS, programs)))
+    return triton.cdiv(kv_len, blocks_per_split * 64), blocks_per_split
+
+
 def window_stats(q_window: Tensor, key: Tensor, scaling: float, softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    """Pass 1: for each of the ``W`` window queries (the last W positions of the ``Lk`` keys), the running max and
-    normaliser of its causal softmax over all keys, in log2 units, per key split: two (Hq, splits, W) float32
-    tensors (``merged_window_stats`` merges them inside a kernel)."""
+    """Pass 1: each window query's max and inverse normaliser of its causal softmax, log2 units: (Hq, W) fp32 each."""
     num_heads, window, head_dim = q_window.shape
     kv_heads, kv_len, _ = key.shape
-    block_n = 64
-    # Enough key splits to give every SM a few programs, each a whole number of blocks; at most MAX_SPLITS.
-    target_programs = 4 * _multiprocessors(q_window.device)
-    splits = max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS,
-                        target_programs // (num_heads * triton.cdiv(window, WINDOW_BLOCK))))
-    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n)
-    splits = triton.cdiv(kv_len, blocks_per_split * block_n)
-    m = torch.empty(num_heads, splits, window, device=q_window.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    splits, blocks_per_split = key_splits(num_heads, window, kv_len, q_window.device)
+    m, l = (torch.empty(num_heads, splits, window, device=q_window.device, dtype=torch.float32) for _ in range(2))
     _window_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK), splits)](
         q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
         m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
-        BLOCK_W=WINDOW_BLOCK, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
+        BLOCK_W=WINDOW_BLOCK, BLOCK_N=64, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
         PRECISION=_precision(q_window), SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
-    return m, l
+    merged_m, inv_l = (torch.empty(num_heads, window, device=q_window.device, dtype=torch.float32) for _ in range(2))
+    _merge_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK))](
+        m, l, merged_m, inv_l, m.stride(0), m.stride(1), merged_m.stride(0), window, splits, BLOCK_W=WINDOW_BLOCK,
+        SPLITS=triton.next_power_of_2(splits))
+    return merged_m, inv_l
 
 
 def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap: float | None = None) -> Tensor:
@@ -155,18 +157,17 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap:
         raise ValueError("score_keys: the head dim of query and key must be contiguous")
     q_window = query[:, q_len - window :]  # (Hq, W, D) view
     block_d = _block_d(head_dim)
-    block_w, block_n = WINDOW_BLOCK, 64
-    m, l = window_stats(q_window, key, scaling, softcap)
+    block_w, block_n = WINDOW_BLOCK, 128
+    m, inv_l = window_stats(q_window, key, scaling, softcap)
     precision = _precision(query)
     candidates = kv_len - window
     out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
     if candidates > 0:
         _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
-            q_window, key, m, l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-            m.stride(0), m.stride(1), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
-            m.shape[1],
+            q_window, key, m, inv_l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+            m.stride(0), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
-            SOFTCAP=float(softcap or 0.0), SPLITS=triton.next_power_of_2(m.shape[1]), num_warps=4, num_stages=3)
+            SOFTCAP=float(softcap or 0.0), num_warps=8, num_stages=3)
     return out
 
 
