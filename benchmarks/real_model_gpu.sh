@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/real_model_gpu.sh calibrate     # the calibrations at 32K (--only: some), exports
 #   bash benchmarks/real_model_gpu.sh speed         # prefill of each export at 1K-32K against dense, block densities
+#   bash benchmarks/real_model_gpu.sh speed --bound # and against the dense model with the policy's layers'
+#                                                   # attention skipped, and with all of it (Amdahl's bounds)
 #   bash benchmarks/real_model_gpu.sh eval          # the suite at 8K/16K/32K for every policy
 #   bash benchmarks/real_model_gpu.sh layers        # each layer alone made sparse, end to end at 32K
 #
