@@ -82,8 +82,8 @@ def profile_layer(model: str, seq_len: int, table_rows: int, keep_fraction: floa
         torch.cuda.synchronize()
     kernels = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     row["kernels"] = [{"name": e.key[:90], "calls_per_layer": e.count / 5,
-                       "device_us_per_layer": e.device_time_total / 5} for e in kernels if e.device_time_total > 0]
-    row["kernels"] = row["kernels"][:table_rows]
+                       "device_us_per_layer": e.device_time_total / 5}
+                      for e in kernels if e.device_time_total > 0][:table_rows]
     return row
 
 

@@ -224,10 +224,11 @@ def _register_bound_probe() -> set[int]:
 
 
 def _engaged_layers(policy: dict, length: int) -> set[int]:
-    """The layers of ``policy`` that reduce attention on a ``length``-token prefill (their activation length)."""
+    """The layers of ``policy`` that reduce attention on a ``length``-token prefill (the runtime's ``layer_path``)."""
+    from tsa_patch.kernels.attention import DENSE, layer_path
+
     parsed = TsaPolicy.from_dict(policy)
-    return {i for i, layer in enumerate(parsed.layers)
-            if (layer.active or layer.block_sparse) and parsed.activation_of(layer) <= length}
+    return {i for i, layer in enumerate(parsed.layers) if layer_path(parsed, layer, length, length, "triton") != DENSE}
 
 
 def _engaged(policy: dict) -> dict:
