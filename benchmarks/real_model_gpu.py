@@ -60,6 +60,7 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: row
     "tsa-all-rows": {"rows": "all", "local_keys": 0},  # every row over the kept keys only: the default of 2026-12-06
     "tsa-local-keys": {"rows": "all"},  # and each row over its 128 latest keys too (the default)
     "tsa-local-keys-kl-0.01": {"rows": "all", "max_kl": 0.01},  # the same at half the default budget
+    "tsa-local-keys-kl-0.04": {"rows": "all", "max_kl": 0.04},  # and at twice the default budget
     "tsa-flop-priced": {"rows": "all"},  # the default with its front priced in FLOPs (FLOP_PRICED), an ablation
 }
 FLOP_PRICED = {"tsa-flop-priced"}  # calibrated with calibrate's time pricing switched off: the previous default
