@@ -26,7 +26,8 @@ import torch
 from tsa_patch.calibration.continuation import (Comparison, aggregation_probe, cache_argument, dense_implementation,
                                                 prefill_then_continue, recall_probe)
 from tsa_patch.calibration.drift import decoder_layers
-from tsa_patch.kernels.attention import STATS_ATTR, attention_summary, block_sparse_emulation, tsa_statistics
+from tsa_patch.kernels.attention import (DENSE, STATS_ATTR, attention_summary, block_sparse_emulation, layer_path,
+                                         tsa_statistics)
 from tsa_patch.kernels.policy import ATTENTION_KEY, TsaPolicy
 
 # Tokens copied from far back to cue a long-range recall probe (``continuation.recall_probe``).
@@ -137,7 +138,7 @@ class EndToEnd:
         """What each layer computes in a prefill of ``prompt_len`` tokens under ``policy``: two policies with equal
         leading entries compute the same leading layers."""
         return tuple((layer.tau, layer.kernel, policy.coverage, policy.selection, policy.rows, policy.local_keys)
-                     if self.prompt_len >= policy.activation_of(layer) and (layer.active or layer.block_sparse)
+                     if layer_path(policy, layer, self.prompt_len, self.prompt_len, "triton") != DENSE
                      else "dense" for layer in policy.layers)
 
     def _reference(self, start) -> dict:
