@@ -8,6 +8,7 @@
 #                                                   # attention skipped, and with all of it (Amdahl's bounds)
 #   bash benchmarks/real_model_gpu.sh eval          # the suite at 8K/16K/32K for every policy
 #   bash benchmarks/real_model_gpu.sh layers        # each layer alone made sparse, end to end at 32K
+#   bash benchmarks/real_model_gpu.sh calibrate+speed --only NAME   # phases joined by "+": one call, in order
 #
 # Needs the nine chunks in ~/stage (tools/stage_real_model.sh) and .stage/wheels carried with the call.
 set -uo pipefail
@@ -17,7 +18,13 @@ mkdir -p "$OUT" "$HOME/work"
 gguf=$(bash benchmarks/assemble_real_model.sh) || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-start=$SECONDS
-python3 benchmarks/real_model_gpu.py "$1" --gguf "$gguf" --work "$HOME/work" --out "$OUT" "${@:2}" 2>&1 \
-  | grep -v "Loading weights" | tee "$OUT/$1.log" | tail -n 60
-echo "$1: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s"
+status=0
+for phase in ${1//+/ }; do  # phases joined by "+" run in order in one call, with the same options
+  start=$SECONDS
+  python3 benchmarks/real_model_gpu.py "$phase" --gguf "$gguf" --work "$HOME/work" --out "$OUT" "${@:2}" 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/$phase.log" | tail -n 60
+  code=${PIPESTATUS[0]}
+  echo "$phase: exit $code in $((SECONDS - start)) s"
+  [ "$code" -eq 0 ] || { status=$code; break; }
+done
+exit $status
