@@ -136,7 +136,7 @@ class EndToEnd:
 
     def _signature(self, policy: TsaPolicy) -> tuple:
         """What each layer computes in a prefill of ``prompt_len`` tokens under ``policy``: two policies with equal
-        leading entries compute the same leading layers."""
+        leading entries compute the same leading layers (a block-sparse layer counts as sparse, kernel or emulation)."""
         return tuple((layer.tau, layer.kernel, policy.coverage, policy.selection, policy.rows, policy.local_keys)
                      if layer_path(policy, layer, self.prompt_len, self.prompt_len, "triton") != DENSE
                      else "dense" for layer in policy.layers)
