@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tsa_patch.bench import environment, time_cuda
 from tsa_patch.kernels.dense import causal_attention, sdpa_backend
-from tsa_patch.kernels.reference import gather_kept, kept_keys_cost, padded_positions
+from tsa_patch.kernels.reference import kept_keys_cost
 from tsa_patch.kernels.triton_kept_keys import HALF_TILING, prepare_kept_keys
 from tsa_patch.kernels.tsa import STAGES, sparse_attention_kept_keys, token_scores
 
@@ -44,19 +44,19 @@ def profile_layer(model: str, seq_len: int, table_rows: int, keep_fraction: floa
     def layer():
         token_scores(q, k, window=window, pool_kernel=OPTIONS["pool_kernel"], selection="query_head",
                      scaling=scaling, backend="triton")  # its pooled scores are near-uniform: not used below
-        out, kept_, count_ = sparse_attention_kept_keys(q, k, v, pooled, tau=tau, min_tokens=OPTIONS["min_tokens"],
-                                                        scaling=scaling, keep_fraction=keep_fraction,
-                                                        local_keys=local)
-        return out, kept_keys_cost(kept_, count_, seq_len, local)
+        result = sparse_attention_kept_keys(q, k, v, pooled, tau=tau, min_tokens=OPTIONS["min_tokens"],
+                                            scaling=scaling, keep_fraction=keep_fraction, local_keys=local)
+        if len(result) == 3:  # a baseline from before the input step wrote the cost: the runtime's torch ops did
+            return result[0], kept_keys_cost(result[1], result[2], seq_len, local)
+        return result[0], result[3]
 
     timed = {
         "score": lambda: stages.score(q, k, window, scaling, None),
         "smooth": lambda: stages.smooth(scores[:, : seq_len - window].contiguous(), OPTIONS["pool_kernel"]),
         "select": lambda: stages.select(pooled, seq_len, tau, OPTIONS["min_tokens"], "paper", keep),
-        # the kernel's inputs: one launch, gathering up to the count; before 2026-12-06 the whole buffer by torch ops
+        # the kernel's inputs in one launch (since the eighth session of 2026-12-06 also the query blocks' bounds
+        # and the cost statistic, which a baseline computes by torch ops: in kept_keys_attention and "cost")
         "prepare": lambda: prepare_kept_keys(k, v, kept, count, seq_len, local, HALF_TILING.block_n),
-        "gather_whole_buffer": lambda: ((padded_positions(kept, count, seq_len) + local).to(torch.int32),
-                                        gather_kept(k, v, kept)),
         "kept_keys_attention": lambda: stages.kept_keys(q, k, v, kept, count, scaling, local_keys=local),
         "cost": lambda: kept_keys_cost(kept, count, seq_len, local),
         "layer": layer,

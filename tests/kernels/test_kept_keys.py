@@ -19,7 +19,7 @@ from tsa_patch.kernels import triton_kept_keys
 from tsa_patch.kernels.reference import (gather_kept, kept_keys_attention_ref, kept_keys_cost, padded_positions,
                                         select_tokens_padded_ref)
 from tsa_patch.kernels.triton_block import Tiling
-from tsa_patch.kernels.triton_kept_keys import BLOCK_M, block_bounds, kept_keys_attention, prepare_kept_keys
+from tsa_patch.kernels.triton_kept_keys import BLOCK_M, kept_keys_attention, prepare_kept_keys
 from tsa_patch.kernels.tsa import tsa_attention, tsa_attention_kept_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,7 +90,7 @@ def test_kernel_and_twin_match_brute_force(shape, dtype, per_kv_head):
     (q, k, v), generator = inputs(shape, dtype, seed=hash((shape, str(dtype), per_kv_head)) % 2**31)
     kept, count = random_kept(shape[1] if per_kv_head else shape[0], shape[2], generator)
     ref = brute_kept_keys(q, k, v, kept, count)
-    out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, **TILES)
+    out, _ = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, **TILES)
     assert out.shape == (shape[2], shape[0], shape[3]) and out.dtype == dtype
     assert relative_error(out, ref) < ATTENTION_RELATIVE[dtype]
     twin = kept_keys_attention_ref(q, k, v, kept, count, shape[3] ** -0.5, rows_per_step=64)
@@ -107,7 +107,7 @@ def test_both_loaders_compute_the_same_attention(shape):
     kept, count = random_kept(shape[0], shape[2], generator, fraction=0.6)
     ref = brute_kept_keys(q, k, v, kept, count)
     for descriptors in (False, True):
-        out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, descriptors=descriptors, **TILES)
+        out, _ = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, descriptors=descriptors, **TILES)
         assert relative_error(out, ref) < ATTENTION_RELATIVE[dtype], descriptors
 
 
@@ -121,7 +121,7 @@ def test_local_keys_match_brute_force(shape, local_keys, per_kv_head):
     (q, k, v), generator = inputs(shape, dtype, seed=hash((shape, local_keys, per_kv_head)) % 2**31)
     kept, count = random_kept(shape[1] if per_kv_head else shape[0], shape[2], generator, fraction=0.2)
     ref = brute_kept_keys(q, k, v, kept, count, local_keys)
-    out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, **TILES)
+    out, _ = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, **TILES)
     assert relative_error(out, ref) < ATTENTION_RELATIVE[dtype]
     twin = kept_keys_attention_ref(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, rows_per_step=64)
     assert relative_error(twin, ref) < ATTENTION_RELATIVE[dtype]
@@ -133,11 +133,12 @@ def test_every_kept_key_kept_is_dense_causal_attention():
     q, k, v = (torch.randn(h, seq_len, d, device=DEVICE) for h in (hq, hkv, hkv))
     kept = torch.arange(seq_len, device=DEVICE).expand(hq, -1).contiguous()
     count = torch.full((hq,), seq_len, device=DEVICE)
-    out = kept_keys_attention(q, k, v, kept, count, d**-0.5, **TILES)
+    out, cost = kept_keys_attention(q, k, v, kept, count, d**-0.5, **TILES)
     dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 0),
                                                              v.double().repeat_interleave(2, 0), is_causal=True)
     assert relative_error(out, dense.transpose(0, 1)) < ATTENTION_RELATIVE[torch.float32]
-    assert abs(kept_keys_cost(kept, count, seq_len).item() - 1.0) < 1e-6
+    assert abs(kept_keys_cost(kept, count, seq_len).item() - 1.0) < 1e-6  # fp32 rounding of a share near 1
+    assert abs(float(cost.sum()) - 1.0) < 1e-6  # the kernel's: fp64 sums of fp32-rounded factors
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True], ids=["query_head", "kv_group"])
@@ -147,7 +148,7 @@ def test_prepare_gathers_the_kept_rows_up_to_the_count(per_kv_head):
     (q, k, v), generator = inputs(SHAPES[0], DTYPES[0], seed=11)
     kept, count = random_kept(SHAPES[0][1] if per_kv_head else SHAPES[0][0], SHAPES[0][2], generator)
     tile, seq_len = 16, SHAPES[0][2]
-    first_rows, key_c, value_c = prepare_kept_keys(k, v, kept, count, seq_len, 5, tile)
+    first_rows, key_c, value_c, _, _ = prepare_kept_keys(k, v, kept, count, seq_len, 5, tile)
     assert torch.equal(first_rows, (padded_positions(kept, count, seq_len) + 5).to(torch.int32))
     for compact, full in zip((key_c, value_c), gather_kept(k, v, kept)):
         for s in range(kept.shape[0]):
@@ -171,16 +172,43 @@ def test_compact_rows_past_the_count_are_never_read(shape, local_keys, descripto
     dtype = DTYPES[0]
     (q, k, v), generator = inputs(shape, dtype, seed=sum(shape) + local_keys)
     kept, count = random_kept(shape[0], shape[2], generator, fraction=0.3)
-    out = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, descriptors=descriptors,
+    out, _ = kept_keys_attention(q, k, v, kept, count, shape[3] ** -0.5, local_keys=local_keys, descriptors=descriptors,
                               **TILES)
     assert relative_error(out, brute_kept_keys(q, k, v, kept, count, local_keys)) < ATTENTION_RELATIVE[dtype]
 
 
-def test_block_bounds_count_the_keys_each_query_block_sees():
-    positions = torch.tensor([[0, 3, 4, 9, 10, 11, 20, 20]])  # two padding entries (= L = 20)
-    bounds = block_bounds(positions, 20, block_m=4).tolist()[0]
+def bounds_by_search(first_rows, seq_len, block_m):
+    """Per query block, the kept keys at or before its first row and its last row, by ``torch.searchsorted``."""
+    starts = torch.arange(0, seq_len, block_m, device=first_rows.device)
+    edges = torch.stack([starts, (starts + block_m - 1).clamp_max(seq_len - 1)], dim=1).reshape(1, -1)
+    edges = edges.expand(first_rows.shape[0], -1).to(first_rows.dtype).contiguous()
+    return torch.searchsorted(first_rows.contiguous(), edges, right=True)
+
+
+def test_prepare_counts_the_keys_each_query_block_sees():
+    kept = torch.tensor([[0, 3, 4, 9, 10, 11, 19, 19]], device=DEVICE)  # two padding entries
+    count = torch.tensor([6], device=DEVICE)
+    k = v = torch.randn(1, 20, 16, device=DEVICE)
+    *_, bounds, _ = prepare_kept_keys(k, v, kept, count, 20, 0, 16, block_m=4)
     # blocks [0,3], [4,7], [8,11], [12,15], [16,19]: (keys <= first row, keys <= last row)
-    assert bounds == [1, 2, 3, 3, 3, 6, 6, 6, 6, 6]
+    assert bounds.tolist()[0] == [1, 2, 3, 3, 3, 6, 6, 6, 6, 6]
+
+
+@pytest.mark.parametrize("local_keys", [0, 7, 40])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_prepare_bounds_and_cost_match_search_and_reference(block_m, local_keys):
+    """On random kept sets (some heads keeping nothing, some everything): the bounds equal ``torch.searchsorted``'s
+    on the first rows, exactly, and the cost parts sum to ``kept_keys_cost``."""
+    generator = torch.Generator().manual_seed(block_m + local_keys)
+    seq_len, heads = 150, 5
+    kept, count = random_kept(heads, seq_len, generator, fraction=0.3)
+    count[1], count[2] = 0, seq_len
+    kept[2] = torch.arange(seq_len, device=DEVICE)
+    k = v = torch.randn(heads, seq_len, 16, device=DEVICE)
+    first_rows, _, _, bounds, cost = prepare_kept_keys(k, v, kept, count, seq_len, local_keys, 16, block_m)
+    assert bounds.dtype == torch.int32 and torch.equal(bounds.long(), bounds_by_search(first_rows, seq_len, block_m))
+    expected = kept_keys_cost(kept, count, seq_len, local_keys).item()
+    assert abs(float(cost.sum()) - expected) < 1e-6  # both a mean of shares in [0, 1]: fp32 rounding
 
 
 def test_cost_counts_the_query_rows_each_kept_key_reaches():
@@ -218,7 +246,7 @@ def test_the_kept_keys_path_keeps_the_papers_tokens_and_every_row(backend, selec
     q, k, v = (torch.randn(h, seq_len, d, device=DEVICE) for h in (hq, hkv, hkv))
     options = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16, selection=selection, scaling=d**-0.5)
     paper, kept = tsa_attention(q, k, v, backend="torch", **options)
-    out, buffer, count = tsa_attention_kept_keys(q, k, v, backend=backend, **options)
+    out, buffer, count, _ = tsa_attention_kept_keys(q, k, v, backend=backend, **options)
     assert kept.shape[1] < seq_len, "tau = 0.1 must drop tokens here"
     assert count.tolist() == [kept.shape[1]] * kept.shape[0] and torch.equal(buffer[:, : kept.shape[1]], kept)
     ref = brute_kept_keys(q, k, v, buffer, count)
@@ -239,8 +267,8 @@ def test_the_kept_keys_path_adds_the_local_keys(backend):
     hq, hkv, seq_len, d = 6, 2, 131, 32
     q, k, v = (torch.randn(h, seq_len, d, device=DEVICE) for h in (hq, hkv, hkv))
     options = dict(tau=0.1, window=16, pool_kernel=7, min_tokens=16, selection="query_head", scaling=d**-0.5)
-    _, plain_kept, plain_count = tsa_attention_kept_keys(q, k, v, backend=backend, **options)
-    out, kept, count = tsa_attention_kept_keys(q, k, v, backend=backend, local_keys=8, **options)
+    _, plain_kept, plain_count, _ = tsa_attention_kept_keys(q, k, v, backend=backend, **options)
+    out, kept, count, _ = tsa_attention_kept_keys(q, k, v, backend=backend, local_keys=8, **options)
     assert torch.equal(count, plain_count) and torch.equal(kept, plain_kept) and int(count.min()) < seq_len
     assert relative_error(out, brute_kept_keys(q, k, v, kept, count, 8)) < ATTENTION_RELATIVE[torch.float32]
 

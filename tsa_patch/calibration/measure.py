@@ -20,7 +20,7 @@ import torch
 from tsa_patch.calibration.drift import decoder_layers
 from tsa_patch.kernels.attention import DENSE, STATS_ATTR, dense_forward, layer_statistics, register_attention
 from tsa_patch.kernels.policy import TsaPolicy
-from tsa_patch.kernels.reference import kept_count_ref, kept_keys_cost
+from tsa_patch.kernels.reference import kept_count_ref
 from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, sparse_attention_kept_keys, token_scores
 
 # Candidate coverage thresholds (0 = dense is always an option too).
@@ -127,9 +127,9 @@ def _measure_layer(module, query, key, value, dense, residual_norm2, scaling, so
         count = int(kept_count_ref(pooled, tau, policy.min_tokens, policy.coverage))
         if count != previous_count:  # the same count keeps the same top tokens: the same output, not run again
             if policy.rows == "all":
-                out, kept, counts = sparse_attention_kept_keys(query, key, value, pooled, tau=tau,
-                                                               local_keys=policy.local_keys, **options)
-                previous_computed = kept_keys_cost(kept, counts, seq_len, policy.local_keys).item()
+                out, _, _, cost = sparse_attention_kept_keys(query, key, value, pooled, tau=tau,
+                                                             local_keys=policy.local_keys, **options)
+                previous_computed = float(cost.sum())
             else:
                 out, _ = sparse_attention(query, key, value, pooled, tau=tau, dense_backend=policy.dense_backend,
                                           **options)

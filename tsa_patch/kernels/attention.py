@@ -23,7 +23,6 @@ from transformers.masking_utils import sdpa_mask
 from .block_sparse import block_sparse_prefill
 from .dense import dense_attention, sdpa_backend, softcapped_attention
 from .policy import ATTENTION_KEY, CONFIG_KEY, LayerPolicy, TsaPolicy
-from .reference import kept_keys_cost
 from .tsa import HAS_TRITON, tsa_attention, tsa_attention_kept_keys, tsa_attention_sync_free
 
 # Attribute of the attention module that holds the statistics of its last forward (``tsa_statistics``).
@@ -182,8 +181,8 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
                       ) -> tuple[Tensor, list[int] | Tensor | None, Tensor | None, Tensor | None]:
     """One unpadded sequence, query (Hq, Lq, D), key/value (Hkv, Lk, D): its output (Lq, Hq, D), the kept count of
     each selecting head (None unless TSA ran; a device tensor on the sync-free paths), the block density (a 0-dim
-    device tensor; None unless the block-sparse kernel ran) and the share of dense attention computed (a 0-dim
-    device tensor where every row attended to the kept keys; None elsewhere)."""
+    device tensor; None unless the block-sparse kernel ran) and the share of dense attention computed (a device
+    tensor, the sum of its parts, where every row attended to the kept keys; None elsewhere)."""
     path = layer_path(call.policy, call.layer, query.shape[1], key.shape[1], call.block_backend)
     block_density: list[Tensor] = []
     attend = None
@@ -200,9 +199,8 @@ def _sequence_forward(call: _Call, query: Tensor, key: Tensor, value: Tensor
                    coverage=policy.coverage, softcap=call.softcap, keep_fraction=call.keep_fraction, backend=backend)
     full_prefill = query.shape[1] == key.shape[1]
     if attend is None and full_prefill and policy.rows == "all":
-        out, kept, count = tsa_attention_kept_keys(query, key, value, local_keys=policy.local_keys, **options)
-        cost = kept_keys_cost(kept, count, query.shape[1], policy.local_keys)  # on the device, read when asked
-        return out, count, None, cost
+        out, _, count, cost = tsa_attention_kept_keys(query, key, value, local_keys=policy.local_keys, **options)
+        return out, count, None, cost  # the cost stays on the device, read when asked
     if attend is None and backend == "triton" and full_prefill and _sync_free(call):
         out, _, count = tsa_attention_sync_free(query, key, value, **options)
         return out, count, None, None  # the counts stay on the device; tsa_statistics reads them when asked
@@ -395,7 +393,7 @@ def tsa_statistics(model: torch.nn.Module) -> list[dict]:
             stats["kept"] = [c.tolist() if isinstance(c, Tensor) else c for c in stats["kept"]]
         for name in ("block_density", "attention_cost"):
             if stats.get(name) is not None:
-                stats[name] = [float(d) if isinstance(d, Tensor) else d for d in stats[name]]
+                stats[name] = [float(d.sum()) if isinstance(d, Tensor) else d for d in stats[name]]
     return sorted(found, key=lambda s: s["layer"])
 
 

@@ -6,13 +6,13 @@ every block but the last lies wholly below the diagonal and runs without any mas
 block) applies causality and the sequence end. A query head of a GQA group reads its KV head directly.
 ``block_sparse.block_sparse_attention_ref`` is its PyTorch twin.
 
-Two kernels share that plan. On a Hopper-class GPU (compute capability 9 or later), for 16-bit inputs with a
-power-of-two head dim, ``_block_sparse_tma_kernel`` loads each K and V tile through a tensor descriptor (the
-tensor-memory accelerator copies the listed block's tile) and runs the online softmax in FlashAttention-2's order:
-the running maximum on the raw logits, scale and shift in one fused multiply-add, ``p @ v`` accumulated inside the
-dot. On an H200 that is 1.04-1.07 times the portable kernel's throughput on a full map (0.75 of cuDNN's at head
-dim 128, 0.93-0.94 at 64; ``benchmarks/block_kernel_variants_gpu.py``). Everywhere else ``_block_sparse_kernel``
-loads tiles by pointer and pads the head dim to a power of two.
+The online softmax runs in FlashAttention-2's order (``online_step``): the running maximum on the raw logits,
+scale and shift in one fused multiply-add, ``p @ v`` accumulated inside the dot. On a Hopper-class GPU (compute
+capability 9 or later), for 16-bit inputs with a power-of-two head dim, ``key_tile`` loads each K and V tile
+through a tensor descriptor (the tensor-memory accelerator copies the listed block's tile): on an H200 1.04-1.07
+times the throughput of loads by pointer on a full map (0.75 of cuDNN's at head dim 128, 0.93-0.94 at 64;
+``benchmarks/block_kernel_variants_gpu.py``). Elsewhere tiles load by pointer, the head dim padded to a power of
+two. The kept-keys kernel (``triton_kept_keys.py``) shares ``key_tile`` and the online softmax.
 """
 
 from __future__ import annotations
@@ -27,70 +27,6 @@ from .triton_import import HAS_TRITON, TensorDescriptor, tl, triton
 _LOG2_E = 1.4426950408889634
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _attend_tile(q, row_max, row_sum, acc, K, V, kv_head, stride_kh, stride_kl, stride_vh, stride_vl, keys,
-                     offs_m, offs_d, seq_len, scale_log2, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-        # one online-softmax step over the keys ``keys``; MASKED applies causality and the sequence end (only the
-        # diagonal tile needs it: every earlier listed tile lies wholly below the diagonal and inside the sequence)
-        k_ptr = K + kv_head * stride_kh + keys[None, :] * stride_kl + offs_d[:, None]
-        v_ptr = V + kv_head * stride_vh + keys[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptr, mask=(keys[None, :] < seq_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptr, mask=(keys[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
-        else:
-            k = tl.load(k_ptr, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptr, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        logits = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK, BLOCK_N) base-2 logits, fp32
-        if MASKED:
-            allowed = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < seq_len)
-            logits = tl.where(allowed, logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        if MASKED:
-            new_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with nothing visible yet
-        p = tl.math.exp2(logits - new_max[:, None])
-        correction = tl.math.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return new_max, row_sum, acc
-
-    @triton.jit
-    def _block_sparse_kernel(Q, K, V, Out, Index, Count, scale_log2, stride_qh, stride_ql, stride_kh, stride_kl,
-                             stride_vh, stride_vl, stride_oh, stride_ol, stride_ih, stride_ib, stride_ch, seq_len,
-                             group, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-        query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
-        head = tl.program_id(1)
-        kv_head = head // group
-        offs_m = query_block * BLOCK + tl.arange(0, BLOCK)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                    mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        row_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        row_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-        count = tl.load(Count + head * stride_ch + query_block)
-        listing = Index + head * stride_ih + query_block * stride_ib
-        for j in range(0, count - 1):  # ascending and causal: all but the last listed block are full, unmasked
-            first_key = tl.load(listing + j) * BLOCK
-            for n in tl.static_range(0, BLOCK, BLOCK_N):
-                row_max, row_sum, acc = _attend_tile(
-                    q, row_max, row_sum, acc, K, V, kv_head, stride_kh, stride_kl, stride_vh, stride_vl,
-                    first_key + n + offs_n, offs_m, offs_d, seq_len, scale_log2, False, EVEN_D, HEAD_DIM, PRECISION)
-        first_key = tl.load(listing + count - 1) * BLOCK  # the diagonal block, wherever the pattern keeps it
-        for n in tl.static_range(0, BLOCK, BLOCK_N):
-            row_max, row_sum, acc = _attend_tile(
-                q, row_max, row_sum, acc, K, V, kv_head, stride_kh, stride_kl, stride_vh, stride_vl,
-                first_key + n + offs_n, offs_m, offs_d, seq_len, scale_log2, True, EVEN_D, HEAD_DIM, PRECISION)
-        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
-        tl.store(Out + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
-
 
     @triton.jit
     def _accumulate(logits, row_max, shift, row_sum, acc, v, PRECISION: tl.constexpr):
@@ -129,39 +65,59 @@ if HAS_TRITON:
         return new_max, row_sum, acc
 
     @triton.jit
-    def _block_sparse_tma_kernel(Q, desc_k, desc_v, Out, Index, Count, scale_log2, stride_qh, stride_ql, stride_oh,
-                                 stride_ol, stride_ih, stride_ib, stride_ch, seq_len, group, BLOCK: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-        # ``_block_sparse_kernel`` with K and V tiles read through (head, position, dim) tensor descriptors
-        query_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    def key_tile(K, V, head, n_start, keys, in_range, offs_d, d_valid, stride_kh, stride_kl, stride_vh, stride_vl,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr):
+        # k (BLOCK_D, BLOCK_N) and v (BLOCK_N, BLOCK_D) of head ``head``'s keys [n_start, n_start + BLOCK_N): through
+        # (head, position, dim) tensor descriptors with DESCRIPTORS (tiles past the end load as zeros), else by
+        # pointer, keys outside ``in_range`` and the head dim's padding as zeros
+        if DESCRIPTORS:
+            k = K.load([head, n_start, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            v = V.load([head, n_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            k = tl.load(K + head * stride_kh + keys[None, :] * stride_kl + offs_d[:, None],
+                        mask=in_range[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(V + head * stride_vh + keys[:, None] * stride_vl + offs_d[None, :],
+                        mask=in_range[:, None] & d_valid[None, :], other=0.0)
+        return k, v
+
+    @triton.jit
+    def _block_sparse_kernel(Q, K, V, Out, Index, Count, scale_log2, stride_qh, stride_ql, stride_kh, stride_kl,
+                             stride_vh, stride_vl, stride_oh, stride_ol, stride_ih, stride_ib, stride_ch, seq_len,
+                             group, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr, PRECISION: tl.constexpr):
+        # K and V by pointer, or (head, position, dim) tensor descriptors with DESCRIPTORS
+        query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
         head = tl.program_id(1)
         kv_head = head // group
         offs_m = query_block * BLOCK + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
         q = tl.load(Q + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                    mask=offs_m[:, None] < seq_len, other=0.0)
+                    mask=(offs_m[:, None] < seq_len) & d_valid[None, :], other=0.0)
         row_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         count = tl.load(Count + head * stride_ch + query_block)
         listing = Index + head * stride_ih + query_block * stride_ib
         for j in range(0, count - 1):  # ascending and causal: all but the last listed block are full, unmasked
             first_key = tl.load(listing + j) * BLOCK
             for n in tl.static_range(0, BLOCK, BLOCK_N):
-                k = desc_k.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = desc_v.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n,
-                                                     offs_m, seq_len, scale_log2, False, PRECISION)
-        first_key = tl.load(listing + count - 1) * BLOCK  # the diagonal block; tiles past the end load as zeros
+                keys = first_key + n + offs_n
+                k, v = key_tile(K, V, kv_head, first_key + n, keys, keys < seq_len, offs_d, d_valid, stride_kh,
+                                stride_kl, stride_vh, stride_vl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
+                row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
+                                                    False, PRECISION)
+        first_key = tl.load(listing + count - 1) * BLOCK  # the diagonal block, wherever the pattern keeps it
         for n in tl.static_range(0, BLOCK, BLOCK_N):
-            k = desc_k.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = desc_v.load([kv_head, first_key + n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k.T, v, first_key + n + offs_n, offs_m,
-                                                 seq_len, scale_log2, True, PRECISION)
+            keys = first_key + n + offs_n
+            k, v = key_tile(K, V, kv_head, first_key + n, keys, keys < seq_len, offs_d, d_valid, stride_kh, stride_kl,
+                            stride_vh, stride_vl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
+            row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
+                                                True, PRECISION)
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(Out + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=offs_m[:, None] < seq_len)
+                 mask=(offs_m[:, None] < seq_len) & d_valid[None, :])
 
 
 # Launch shape of ``_block_sparse_kernel``: keys per inner step (a divisor of the block), warps, pipeline stages.
@@ -204,7 +160,7 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, index: Ten
         block: block size in tokens (a power of two, at least 16).
         scaling: softmax scale.
         tiling: the launch shape; ``default_tiling`` when None (benchmarks compare others).
-        descriptors: load K and V through tensor descriptors (``_block_sparse_tma_kernel``); None decides by
+        descriptors: load K and V through tensor descriptors; None decides by
             ``uses_descriptors``; True forces it (power-of-two head dims only; tests run it under the interpreter).
 
     Returns:
@@ -220,21 +176,14 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, index: Ten
     grid = (triton.cdiv(seq_len, block), num_heads)
     block_n = min(tiling.block_n, block)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    if uses_descriptors(query, key, value) if descriptors is None else descriptors:
-        tile = [1, block_n, head_dim]
-        desc_k = TensorDescriptor(key, list(key.shape), list(key.stride()), tile)
-        desc_v = TensorDescriptor(value, list(value.shape), list(value.stride()), tile)
-        _block_sparse_tma_kernel[grid](
-            query, desc_k, desc_v, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1),
-            out.stride(0), out.stride(1), index.stride(0), index.stride(1), count.stride(0), seq_len,
-            num_heads // key.shape[0], BLOCK=block, BLOCK_N=block_n, HEAD_DIM=head_dim, PRECISION=precision,
-            num_warps=tiling.num_warps, num_stages=tiling.num_stages)
-        return out
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    use_descriptors = uses_descriptors(query, key, value) if descriptors is None else descriptors
+    key_strides, value_strides, group = key.stride(), value.stride(), num_heads // key.shape[0]
+    if use_descriptors:
+        key, value = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, head_dim]) for x in (key, value))
     _block_sparse_kernel[grid](
-        query, key, value, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1), key.stride(0),
-        key.stride(1), value.stride(0), value.stride(1), out.stride(0), out.stride(1), index.stride(0),
-        index.stride(1), count.stride(0), seq_len, num_heads // key.shape[0], BLOCK=block, BLOCK_N=block_n,
-        BLOCK_D=block_d, HEAD_DIM=head_dim, EVEN_D=block_d == head_dim, PRECISION=precision,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        query, key, value, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1), key_strides[0],
+        key_strides[1], value_strides[0], value_strides[1], out.stride(0), out.stride(1), index.stride(0),
+        index.stride(1), count.stride(0), seq_len, group, BLOCK=block, BLOCK_N=block_n,
+        BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        DESCRIPTORS=use_descriptors, PRECISION=precision, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return out

@@ -31,8 +31,8 @@ from torch import Tensor
 
 # Only `from .module import name`: transformers copies a checkpoint's remote code by scanning for that form.
 from .dense import dense_attention
-from .reference import (compress_ref, decompress_ref, gathered_attention_ref, kept_keys_attention_ref, query_rows,
-                        score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
+from .reference import (compress_ref, decompress_ref, gathered_attention_ref, kept_keys_attention_ref, kept_keys_cost,
+                        query_rows, score_keys_ref, select_tokens_padded_ref, smooth_scores_ref)
 from .triton_gather import gathered_attention
 from .triton_import import HAS_TRITON
 from .triton_kept_keys import kept_keys_attention
@@ -52,14 +52,21 @@ class Stages:
     compress: Callable  # (query, key, value, kept, rows) -> compact query, key, value
     decompress: Callable  # (out_c, rows, q_len) -> (Lq, Hq, D)
     gathered: Callable  # (query, key, value, kept, count, scaling, softcap) -> (L, Hq, D): the sync-free attention
-    kept_keys: Callable  # (query, key, value, kept, count, scaling, local_keys=) -> (L, Hq, D): every row over the
-    # kept keys and its own local keys
+    kept_keys: Callable  # (query, key, value, kept, count, scaling, local_keys=) -> (L, Hq, D) every row over the
+    # kept keys and its own local keys, and a device tensor whose sum is the share of dense attention computed
+
+
+def _kept_keys_torch(query: Tensor, key: Tensor, value: Tensor, kept: Tensor, count: Tensor, scaling: float,
+                     softcap: float | None = None, local_keys: int = 0) -> tuple[Tensor, Tensor]:
+    """The kept-keys stage in PyTorch: ``kept_keys_attention_ref`` and ``kept_keys_cost``."""
+    out = kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap, local_keys)
+    return out, kept_keys_cost(kept, count, query.shape[1], local_keys)
 
 
 STAGES = {
     "torch": Stages(score=score_keys_ref, smooth=smooth_scores_ref, select=select_tokens_padded_ref,
                     compress=compress_ref, decompress=decompress_ref, gathered=gathered_attention_ref,
-                    kept_keys=kept_keys_attention_ref),
+                    kept_keys=_kept_keys_torch),
     "triton": Stages(score=score_keys, smooth=smooth_scores, select=select_tokens_padded, compress=compress,
                      decompress=decompress, gathered=gathered_attention, kept_keys=kept_keys_attention),
 }
@@ -250,7 +257,7 @@ def tsa_attention_kept_keys(
     keep_fraction: float | None = None,
     local_keys: int = 0,
     backend: str = "triton",
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A full prefill (``Lq == Lk``) that drops keys only (``rows="all"``): the tokens ``tsa_attention`` keeps are
     selected the same way, and every query row attends causally to its head's kept keys and to the ``local_keys``
     keys ending at its own position, so a dropped token still gets this layer's attention output (computed over
@@ -259,7 +266,8 @@ def tsa_attention_kept_keys(
 
     Returns:
         out: (L, Hq, D); kept: (Hs, L) int64 buffer, the kept positions ascending in the first ``count[h]``
-        entries of row h; count: (Hs,) int64 on the device.
+        entries of row h; count: (Hs,) int64 on the device; cost: a device tensor whose sum is the share of dense
+        causal attention's query-key pairs computed (``reference.kept_keys_cost``).
     """
     pooled = token_scores(query, key, window=window, pool_kernel=pool_kernel, selection=selection,
                           scaling=scaling, softcap=softcap, backend=backend)
@@ -282,14 +290,16 @@ def sparse_attention_kept_keys(
     keep_fraction: float | None = None,
     local_keys: int = 0,
     backend: str = "triton",
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tsa_attention_kept_keys`` after scoring: coverage, selection and kept-keys attention for one ``tau`` on
     ``pooled`` (``token_scores``), as ``sparse_attention`` is for the paper's compression."""
     kept, count = select_tokens(pooled, key.shape[1], tau=tau, min_tokens=min_tokens, coverage=coverage,
                                 keep_fraction=keep_fraction, backend=backend)
-    if softcap is not None:
-        return kept_keys_attention_ref(query, key, value, kept, count, scaling, softcap, local_keys), kept, count
-    return STAGES[backend].kept_keys(query, key, value, kept, count, scaling, local_keys=local_keys), kept, count
+    if softcap is not None:  # the kernel cannot cap logits
+        out, cost = _kept_keys_torch(query, key, value, kept, count, scaling, softcap, local_keys)
+    else:
+        out, cost = STAGES[backend].kept_keys(query, key, value, kept, count, scaling, local_keys=local_keys)
+    return out, kept, count, cost
 
 
 __all__ = ["HAS_TRITON", "STAGES", "Stages", "select_tokens", "sparse_attention", "token_scores", "tsa_attention",
