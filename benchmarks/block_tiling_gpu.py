@@ -51,6 +51,7 @@ def relative(x: torch.Tensor, y: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--default-only", action="store_true", help="time only default_tiling's shape (both paths)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     rows = []
@@ -64,7 +65,7 @@ def main() -> None:
         default = default_tiling(BLOCK, d, q.dtype)
         portable = {density: block_sparse_attention(q, k, v, *m, BLOCK, d**-0.5, descriptors=False)
                     for density, m in maps.items()}
-        for descriptors, tiling in itertools.product((False, True), TILINGS):
+        for descriptors, tiling in itertools.product((False, True), [default] if args.default_only else TILINGS):
             row = {"shape": name, "length": length, "descriptors": descriptors, "tiling": tiling._asdict(),
                    "default": tiling == default, "dense_cudnn_ms": round(dense_ms, 4)}
             for density, (index, count) in maps.items():

@@ -16,6 +16,13 @@
 #                                                    # mkdir -p .baseline && git archive REV tsa_patch | tar x -C
 #                                                    # .baseline)
 #   bash benchmarks/run_kept_keys_gpu.sh kernel      # the kernel against cuDNN on random inputs (kept_keys_gpu.py)
+#   bash benchmarks/run_kept_keys_gpu.sh kernel-tests  # the block-sparse kernel's tests and the kept-keys kernel's
+#                                                      # input step, dense and poisoned-buffer tests at GPU shapes
+#   bash benchmarks/run_kept_keys_gpu.sh fixed-cost  # what a sparse layer pays besides its attention: the profile
+#                                                    # (as for profile, with the baseline), the block-sparse kernel's
+#                                                    # default shape on both paths (block_tiling_gpu.py
+#                                                    # --default-only; baseline too) and the selection's launch shapes
+#                                                    # (select_shape_gpu.py)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -51,6 +58,23 @@ elif [ "$1" = profile ]; then
       --output "$OUT/profile-baseline.json" ${KEEP:+--keep-fraction $KEEP} ${MODELS:+--models $MODELS} 2>&1 | tail -40
   fi
   pack profile
+elif [ "$1" = kernel-tests ]; then
+  gpu_tests 280 tests/kernels/test_block_sparse.py -k "kernel or sub_tile or full_coverage"
+  gpu_tests 280 tests/kernels/test_kept_keys.py -k "prepare or never_read or dense_causal"
+  pack kernel-tests
+elif [ "$1" = fixed-cost ]; then
+  for code in . .baseline; do  # the same scripts on this tree's runtime, then on the carried baseline's
+    [ -d "$code/tsa_patch" ] || continue
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,16384,32768}" \
+      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
+    PYTHONPATH=$code python3 benchmarks/block_tiling_gpu.py --default-only --lengths 32768 \
+      --output "$OUT/block-tiling-$name.json" 2>&1 | tail -4
+    pack fixed-cost
+  done
+  python3 benchmarks/select_shape_gpu.py --lengths "${SELECT_LENGTHS:-8192,16384,32768}" --output "$OUT/select-shape.json" \
+    2>&1 | tail -30
+  pack fixed-cost
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
     | tail -30

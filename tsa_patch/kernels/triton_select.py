@@ -181,7 +181,9 @@ if HAS_TRITON:
         _write_kept(row, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
 
 
-_BLOCK = 1024
+# Candidates per step of the serial loops and warps per program (one program per head); benchmarks/select_shape_gpu.py
+# sweeps them.
+BLOCK, SORTED_WARPS, RADIX_WARPS = 1024, 4, 8
 # The candidate count from which the sorts outrun the radix search (interpolated between the H200's 8K and 32K
 # timings of the coverage rule: 0.105 against 0.166 ms at 8K, 0.424 against 0.283 at 32K; equal near 15K).
 RADIX_BELOW = 16384
@@ -206,8 +208,8 @@ def select_tokens_padded_sorted(pooled: Tensor, seq_len: int, tau: float, min_to
     descending = torch.sort(pooled, dim=-1, descending=True).values
     _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
                              kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
-                             0 if keep is None else keep, BLOCK=_BLOCK, NORMALIZE=coverage == "paper",
-                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=4)
+                             0 if keep is None else keep, BLOCK=BLOCK, NORMALIZE=coverage == "paper",
+                             DROP_NEXT=coverage == "paper", FORCED=keep is not None, num_warps=SORTED_WARPS)
     return kept, count
 
 
@@ -219,8 +221,8 @@ def select_tokens_padded_radix(pooled: Tensor, seq_len: int, tau: float, min_tok
     averaged = coverage_distribution(pooled, coverage).contiguous()
     _radix_select_kernel[(heads,)](averaged, pooled, count, kept, pooled.stride(0), kept.stride(0), candidates,
                                    seq_len, tau, max(0, min(min_tokens, candidates)), 0 if keep is None else keep,
-                                   BLOCK=_BLOCK, NORMALIZE=coverage == "paper", DROP_NEXT=coverage == "paper",
-                                   FORCED=keep is not None, num_warps=8)
+                                   BLOCK=BLOCK, NORMALIZE=coverage == "paper", DROP_NEXT=coverage == "paper",
+                                   FORCED=keep is not None, num_warps=RADIX_WARPS)
     return kept, count
 
 
