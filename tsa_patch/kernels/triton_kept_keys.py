@@ -102,7 +102,6 @@ if HAS_TRITON:
         block = first_row // block_m
         return tl.where(first_row < seq_len, 2 * block + (first_row % block_m > 0).to(block.dtype), edges)
 
-
     @triton.jit
     def _prepare_kernel(Kept, Count, Key, Value, FirstRows, KeyC, ValueC, Bounds, Cost, stride_kept, stride_first,
                         stride_kh, stride_kl, stride_vh, stride_vl, stride_ch, stride_cl, stride_bh, stride_cost, slots,
