@@ -148,6 +148,18 @@ def uses_descriptors(query: Tensor, key: Tensor, value: Tensor) -> bool:
                for x in (key, value))
 
 
+def key_value_tiles(key: Tensor, value: Tensor, block_n: int, descriptors: bool) -> tuple[object, object, int]:
+    """The K and V operands that ``key_tile`` reads, and the kernels' BLOCK_D: with ``descriptors``, (head, position,
+    dim) tensor descriptors of ``[1, block_n, D]`` tiles and the head dim itself; else the tensors themselves and the
+    head dim padded to a power of two (at least 16)."""
+    head_dim = key.shape[-1]
+    if not descriptors:
+        return key, value, max(16, triton.next_power_of_2(head_dim))
+    tile = [1, block_n, head_dim]
+    key_d, value_d = (TensorDescriptor(x, list(x.shape), list(x.stride()), tile) for x in (key, value))
+    return key_d, value_d, head_dim
+
+
 def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, count: Tensor, block: int,
                            scaling: float, tiling: Tiling | None = None, descriptors: bool | None = None) -> Tensor:
     """Triton twin of ``block_sparse.block_sparse_attention_ref`` (same arguments and result up to rounding).
@@ -177,13 +189,11 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, index: Ten
     block_n = min(tiling.block_n, block)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     use_descriptors = uses_descriptors(query, key, value) if descriptors is None else descriptors
-    key_strides, value_strides, group = key.stride(), value.stride(), num_heads // key.shape[0]
-    if use_descriptors:
-        key, value = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, head_dim]) for x in (key, value))
+    key_tiles, value_tiles, block_d = key_value_tiles(key, value, block_n, use_descriptors)
     _block_sparse_kernel[grid](
-        query, key, value, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1), key_strides[0],
-        key_strides[1], value_strides[0], value_strides[1], out.stride(0), out.stride(1), index.stride(0),
-        index.stride(1), count.stride(0), seq_len, group, BLOCK=block, BLOCK_N=block_n,
-        BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
-        DESCRIPTORS=use_descriptors, PRECISION=precision, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        query, key_tiles, value_tiles, out, index, count, scaling * _LOG2_E, query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), out.stride(0), out.stride(1), index.stride(0),
+        index.stride(1), count.stride(0), seq_len, num_heads // key.shape[0], BLOCK=block, BLOCK_N=block_n,
+        BLOCK_D=block_d, HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors, PRECISION=precision,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return out

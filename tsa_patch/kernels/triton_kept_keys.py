@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_block import Tiling, default_tiling, uses_descriptors
-from .triton_import import HAS_TRITON, TensorDescriptor, tl, triton
+from .triton_block import Tiling, default_tiling, key_value_tiles, uses_descriptors
+from .triton_import import HAS_TRITON, tl, triton
 
 _LOG2_E = 1.4426950408889634
 # Query rows per program (the default).
@@ -220,14 +220,11 @@ def kept_keys_attention(query: Tensor, key: Tensor, value: Tensor, kept: Tensor,
     grid = (triton.cdiv(seq_len, block_m), num_heads)
     strides = key_c.stride()  # value_c's too: both contiguous, of one shape
     use_descriptors = uses_descriptors(query, key_c, value_c) if descriptors is None else descriptors
-    if use_descriptors:
-        tile = [1, common["BLOCK_N"], head_dim]
-        key_c = TensorDescriptor(key_c, list(key_c.shape), list(strides), tile)
-        value_c = TensorDescriptor(value_c, list(value_c.shape), list(strides), tile)
+    key_tiles, value_tiles, block_d = key_value_tiles(key_c, value_c, common["BLOCK_N"], use_descriptors)
     _kept_keys_kernel[grid](
-        query, key_c, value_c, first_rows, out, bounds, key, value, scaling * _LOG2_E, query.stride(0),
+        query, key_tiles, value_tiles, first_rows, out, bounds, key, value, scaling * _LOG2_E, query.stride(0),
         query.stride(1), strides[0], strides[1], first_rows.stride(0), out.stride(0), out.stride(1), bounds.stride(0),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), seq_len, num_heads // selecting,
-        num_heads // key.shape[0], local_keys, HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors,
-        BLOCK_D=head_dim if use_descriptors else max(16, triton.next_power_of_2(head_dim)), **common)
+        num_heads // key.shape[0], local_keys, HEAD_DIM=head_dim, DESCRIPTORS=use_descriptors, BLOCK_D=block_d,
+        **common)
     return out, cost
