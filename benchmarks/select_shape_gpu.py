@@ -25,7 +25,7 @@ from tsa_patch.kernels import triton_select
 
 HEADS = {"qwen2.5-0.5b": 14, "llama-3.1-8b": 32}
 WINDOW = 128
-BLOCKS, WARPS = (1024, 2048, 4096), (4, 8, 16)
+BLOCKS, WARPS = (1024, 2048, 4096, 8192), (4, 8, 16)
 PATHS = {"radix": (triton_select.select_tokens_padded_radix, "RADIX_WARPS"),
          "sorted": (triton_select.select_tokens_padded_sorted, "SORTED_WARPS")}
 

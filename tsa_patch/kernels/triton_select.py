@@ -1,16 +1,16 @@
 """Triton twin of ``reference.select_tokens_padded_ref``: Dynamic Token Coverage and the ordered kept positions.
 
-Two implementations with the same results, chosen by the number of candidates (measured on an H200,
-``benchmarks/launch_cost.py``; ``results/launch-cost-H200-20261202b.json``):
+Two implementations with the same results, chosen by the number of candidates (measured on an H100 at their
+launch shapes below, ``benchmarks/select_shape_gpu.py``; ``results/select-shape-H100-20261207.json``):
 
 - below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one reduction) and
   one kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a
   pass counted in one read of the row, 8 passes) finds where the coverage rule's ascending tail ends and the
-  head's K-th largest score. Two launches: at 8K it takes 0.10 ms of device time and 30 us of host time, against
-  0.17 ms and 170 us for the sorts.
+  head's K-th largest score. Two launches: at 8K it takes 0.08 ms of device time (and 30 us of host time on an
+  H200), against 0.16 ms (and 170 us) for the sorts.
 - from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
   head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
-  head's whole row 16 times in one program, so they lose to the sorts on long rows (0.42 against 0.28 ms at 32K).
+  head's whole row 20 times in one program, so they lose to the sorts on long rows (0.29 against 0.21 ms at 32K).
 
 Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
 above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
@@ -181,12 +181,15 @@ if HAS_TRITON:
         _write_kept(row, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
 
 
-# Candidates per step of the serial loops and warps per program (one program per head); benchmarks/select_shape_gpu.py
-# sweeps them.
-BLOCK, SORTED_WARPS, RADIX_WARPS = 1024, 4, 8
-# The candidate count from which the sorts outrun the radix search (interpolated between the H200's 8K and 32K
-# timings of the coverage rule: 0.105 against 0.166 ms at 8K, 0.424 against 0.283 at 32K; equal near 15K).
-RADIX_BELOW = 16384
+# Candidates per step of the serial loops and warps per program (one program per head): the fastest of
+# benchmarks/select_shape_gpu.py's sweep (1024-8192 x 4-16 warps, every shape bit-equal) on an H100 at 8K and 32K,
+# Qwen2.5-0.5B and Llama-3.1-8B heads; against 1024 with 4 and 8 warps before, the coverage rule's selection went
+# from 0.104 to 0.078 ms (radix, 8K) and from 0.31 to 0.26 ms (sorted, Llama at 32K).
+BLOCK, SORTED_WARPS, RADIX_WARPS = 4096, 8, 16
+# The candidate count from which the sorts outrun the radix search (interpolated between those 8K and 32K timings
+# of the coverage rule: 0.078 against 0.157 ms at 8K, 0.285 against 0.213 at 32K on Qwen's heads, equal near 20.6K;
+# near 27K on Llama's).
+RADIX_BELOW = 20480
 
 
 def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
