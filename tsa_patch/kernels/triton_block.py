@@ -7,9 +7,10 @@ block) applies causality and the sequence end. A query head of a GQA group reads
 ``block_sparse.block_sparse_attention_ref`` is its PyTorch twin.
 
 The online softmax runs in FlashAttention-2's order (``online_step``): the running maximum on the raw logits,
-scale and shift in one fused multiply-add, ``p @ v`` accumulated inside the dot. On a Hopper-class GPU (compute
-capability 9 or later), for 16-bit inputs with a power-of-two head dim, ``key_tile`` loads each K and V tile
-through a tensor descriptor (the tensor-memory accelerator copies the listed block's tile): on an H200 1.04-1.07
+scale and shift in one fused multiply-add, ``p @ v`` accumulated inside the dot (with the logits scaled first where
+tiles load by pointer at head dims up to 64: fewer registers, ``benchmarks/kernel_registers.py``). On a Hopper-class
+GPU (compute capability 9 or later), for 16-bit inputs with a power-of-two head dim, ``key_tile`` loads each K and
+V tile through a tensor descriptor (the tensor-memory accelerator copies the listed block's tile): on an H200 1.04-1.07
 times the throughput of loads by pointer on a full map (0.75 of cuDNN's at head dim 128, 0.93-0.94 at 64;
 ``benchmarks/block_kernel_variants_gpu.py``). Elsewhere tiles load by pointer, the head dim padded to a power of
 two. The kept-keys kernel (``triton_kept_keys.py``) shares ``key_tile`` and the online softmax.
@@ -50,18 +51,24 @@ if HAS_TRITON:
 
     @triton.jit
     def online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2, MASKED: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        # One online-softmax step in FlashAttention-2's order; k: (HEAD_DIM, BLOCK_N), v: (BLOCK_N, HEAD_DIM).
-        # MASKED: a key is visible to a row when its position (``keys``) is at most the row's and inside the
-        # sequence (``allowed_step``).
+                    PRECISION: tl.constexpr, RAW_MAX: tl.constexpr):
+        # One online-softmax step; k: (HEAD_DIM, BLOCK_N), v: (BLOCK_N, HEAD_DIM). MASKED: a key is visible to a
+        # row when its position (``keys``) is at most the row's and inside the sequence (``allowed_step``).
+        # Unmasked with RAW_MAX, FlashAttention-2's order: the maximum on the raw logits, scale and shift in one
+        # fused multiply-add; else the logits are scaled first, which holds fewer registers live (see
+        # ``_block_sparse_kernel``).
         if MASKED:
             allowed = (keys[None, :] <= offs_m[:, None]) & (keys[None, :] < seq_len)
             new_max, row_sum, acc = allowed_step(q, row_max, row_sum, acc, k, v, allowed, scale_log2, PRECISION)
-        else:
+        elif RAW_MAX:
             logits = tl.dot(q, k, input_precision=PRECISION)
             new_max = tl.maximum(row_max, tl.max(logits, 1) * scale_log2)
             row_sum, acc = _accumulate(logits * scale_log2 - new_max[:, None], row_max, new_max, row_sum, acc, v,
                                        PRECISION)
+        else:
+            logits = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+            new_max = tl.maximum(row_max, tl.max(logits, 1))
+            row_sum, acc = _accumulate(logits - new_max[:, None], row_max, new_max, row_sum, acc, v, PRECISION)
         return new_max, row_sum, acc
 
     @triton.jit
@@ -85,7 +92,12 @@ if HAS_TRITON:
                              stride_vh, stride_vl, stride_oh, stride_ol, stride_ih, stride_ib, stride_ch, seq_len,
                              group, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr, PRECISION: tl.constexpr):
-        # K and V by pointer, or (head, position, dim) tensor descriptors with DESCRIPTORS
+        # K and V by pointer, or (head, position, dim) tensor descriptors with DESCRIPTORS. The unmasked steps run
+        # in FlashAttention-2's order (RAW_MAX) except by pointer at head dims up to 64: there that order takes 143
+        # registers a thread on an H100 (sm_90, 8 warps) against 125 with the logits scaled first, so an SM holds
+        # one program instead of two (0.65 of cuDNN's throughput on a full map against 0.87); with descriptors
+        # both orders take 121, and at head dim 128 the order does not change how many programs fit
+        RAW_MAX: tl.constexpr = DESCRIPTORS or HEAD_DIM > 64
         query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
         head = tl.program_id(1)
         kv_head = head // group
@@ -107,14 +119,14 @@ if HAS_TRITON:
                 k, v = key_tile(K, V, kv_head, first_key + n, keys, keys < seq_len, offs_d, d_valid, stride_kh,
                                 stride_kl, stride_vh, stride_vl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
                 row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
-                                                    False, PRECISION)
+                                                    False, PRECISION, RAW_MAX)
         first_key = tl.load(listing + count - 1) * BLOCK  # the diagonal block, wherever the pattern keeps it
         for n in tl.static_range(0, BLOCK, BLOCK_N):
             keys = first_key + n + offs_n
             k, v = key_tile(K, V, kv_head, first_key + n, keys, keys < seq_len, offs_d, d_valid, stride_kh, stride_kl,
                             stride_vh, stride_vl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
-                                                True, PRECISION)
+                                                True, PRECISION, RAW_MAX)
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(Out + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=(offs_m[:, None] < seq_len) & d_valid[None, :])

@@ -70,14 +70,14 @@ if HAS_TRITON:
             k, v = key_tile(K, V, selecting, n_start, keys, keys < unmasked_end, offs_d, d_valid, stride_kh,
                             stride_kl, stride_kh, stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, keys, offs_m, seq_len, scale_log2,
-                                                False, PRECISION)
+                                                False, PRECISION, True)
         for n_start in range(unmasked_end, visible, BLOCK_N):  # the last tile or two: masked by first row
             keys = n_start + offs_n
             k, v = key_tile(K, V, selecting, n_start, keys, keys < visible, offs_d, d_valid, stride_kh, stride_kl,
                             stride_kh, stride_kl, BLOCK_N, HEAD_DIM, DESCRIPTORS)
             first_rows = tl.load(Pos + selecting * stride_ph + keys, mask=keys < visible, other=seq_len)
             row_max, row_sum, acc = online_step(q, row_max, row_sum, acc, k, v, first_rows, offs_m, seq_len,
-                                                scale_log2, True, PRECISION)
+                                                scale_log2, True, PRECISION, True)
         # the local keys: row m sees positions (m - local_keys, m], kept or not
         kv_head = head // kv_group
         first_local = tl.maximum(query_block * BLOCK_M - local_keys + 1, 0)
