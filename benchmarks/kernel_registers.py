@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -52,12 +53,12 @@ def compile_kernel(head_dim: int, descriptors: bool, arch: int) -> dict:
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": tiling.num_warps, "num_stages": tiling.num_stages})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    ptx_path = f"/tmp/block_sparse_{head_dim}_{int(descriptors)}.ptx"
-    with open(ptx_path, "w") as f:
-        f.write(kernel.asm["ptx"])
-    suffix = "a" if arch == 90 else ""
-    report = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", ptx_path, "-o", os.devnull],
-                            capture_output=True, text=True, check=True).stderr
+    suffix = "a" if arch == 90 else ""  # sm_90a: Hopper's wgmma and TMA instructions
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", ptx.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
     threads = tiling.num_warps * 32
