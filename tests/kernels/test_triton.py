@@ -75,6 +75,21 @@ def test_score_keys_merges_many_key_splits(seq_len, brute, monkeypatch):
     assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
 
 
+@pytest.mark.parametrize("edge", [-2, -1, 0, 1])
+def test_score_keys_at_the_causal_edge(edge, brute):
+    """Pass 1 skips the causal mask on the key blocks every window query sees whole: the lengths here put the
+    first window query's position (the last key all of them see) one or two keys either side of a block's end.
+    Same bound as above."""
+    window = 16
+    seq_len = 2 * triton_score.KEY_BLOCK + window - 1 + edge  # keys 0 .. 2 KEY_BLOCK - 1 + edge seen by all
+    q = torch.randn(3, window, 32, device=DEVICE) * 2
+    k = torch.randn(1, seq_len, 32, device=DEVICE)
+    out = score_keys(q, k, window, 32**-0.5)
+    truth = brute.scores(q.cpu(), k.cpu(), window, 32**-0.5).to(DEVICE)
+    ref_error = brute.relative_error(score_keys_ref(q, k, window, 32**-0.5), truth)
+    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+
+
 @pytest.mark.parametrize("pool_kernel", [1, 7])
 @pytest.mark.parametrize("candidates", [5, 1000, 4099] + ([131072 - 128] if DEVICE == "cuda" else []))
 def test_smooth_scores_matches_reference(candidates, pool_kernel, brute):

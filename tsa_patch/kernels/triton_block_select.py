@@ -2,9 +2,9 @@
 
 ``block_masses``, the first step: how much of the last query block's attention falls in each key block (column
 mass) and in each band of diagonals (slash mass), at block resolution, without the (Hq, W, L) probability tensor.
-Pass 1 is TSA's own (``triton_score.window_stats``: each of the W last queries' softmax max and normaliser over
-all keys, split over several programs, merged once). Pass 2 (``_block_masses_kernel``): one program per (query head, key
-block) recomputes its logits against the W queries, normalises them with the merged statistics and sums them:
+Pass 1 is TSA's own (``triton_score.window_log2_norms``: the log2 of each of the W last queries' softmax
+normaliser over all keys, split over several programs, merged once). Pass 2 (``_block_masses_kernel``): one program
+per (query head, key block) recomputes its logits against the W queries, normalises them and sums them:
 over the whole tile for the column mass, and over the tile's diagonals by band for the slash mass (band k holds
 the offsets query position minus key position in ``[kB, (k + 1)B)``; a tile of W <= B queries and B keys
 touches at most three bands, which it adds atomically). Measured on Qwen2.5-Coder-0.5B at 32K, the PyTorch
@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 
 from .triton_import import HAS_TRITON, tl, triton
-from .triton_score import WINDOW_BLOCK, _block_d, _precision, logits_log2, window_stats
+from .triton_score import WINDOW_BLOCK, _block_d, _precision, logits_log2, window_log2_norms
 
 if HAS_TRITON:
 
     @triton.jit
-    def _block_masses_kernel(Q, K, M, InvL, Column, Band, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh,
+    def _block_masses_kernel(Q, K, Log2Norm, Column, Band, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh,
                              stride_ch, stride_bh, kv_len, window, group, scaling, inv_window, blocks,
                              BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                              PRECISION: tl.constexpr):
@@ -42,12 +42,11 @@ if HAS_TRITON:
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m = tl.load(M + head * stride_mh + offs_w, mask=offs_w < window, other=0.0)
-            inv_l = tl.load(InvL + head * stride_mh + offs_w, mask=offs_w < window, other=1.0)
+            log2_norm = tl.load(Log2Norm + head * stride_mh + offs_w, mask=offs_w < window, other=float("inf"))
             query_pos = kv_len - window + offs_w
             visible = (offs_w[:, None] < window) & (offs_n[None, :] <= query_pos[:, None])
             s = logits_log2(q, k, scaling, 0.0, PRECISION)  # (BLOCK_W, BLOCK)
-            p = tl.where(visible, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
+            p = tl.where(visible, tl.exp2(s - log2_norm[:, None]), 0.0)
             column += tl.sum(tl.sum(p, 1), 0)
             offset = query_pos[:, None] - offs_n[None, :]  # >= 0 wherever p > 0
             first_band = tl.maximum(kv_len - window + w - key_block * BLOCK - BLOCK + 1, 0) // BLOCK
@@ -162,12 +161,12 @@ def block_masses(query: Tensor, key: Tensor, block: int, scaling: float) -> tupl
     window = min(block, seq_len)
     blocks = triton.cdiv(seq_len, block)
     q_window = query[:, seq_len - window:]
-    m, inv_l = window_stats(q_window, key, scaling)
+    log2_norm = window_log2_norms(q_window, key, scaling)
     column = torch.empty(num_heads, blocks, device=query.device, dtype=torch.float32)
     band = torch.zeros(num_heads, blocks, device=query.device, dtype=torch.float32)
     _block_masses_kernel[(num_heads, blocks)](
-        q_window, key, m, inv_l, column, band, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-        m.stride(0), column.stride(0), band.stride(0), seq_len, window, num_heads // kv_heads, scaling, 1.0 / window,
+        q_window, key, log2_norm, column, band, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+        log2_norm.stride(0), column.stride(0), band.stride(0), seq_len, window, num_heads // kv_heads, scaling, 1.0 / window,
         blocks, BLOCK=block, BLOCK_W=min(WINDOW_BLOCK, block), BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
         PRECISION=_precision(query), num_warps=4, num_stages=2)
     return column, band

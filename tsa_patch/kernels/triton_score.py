@@ -1,10 +1,11 @@
 """Triton twin of ``score_keys_ref``: recent-window scoring in two passes, fp32 accumulation, no W x L tensor.
 
-Pass 1 (``_window_stats_kernel``, ``_merge_stats_kernel``): for each of the last W queries, the max ``m`` and
-normaliser ``l`` of its causal softmax over ALL keys (online softmax, as in FlashAttention), over key splits that
-fill the GPU, merged once. Pass 2 (``_key_scores_kernel``): for each block of candidate keys, ``mean_w exp(s_wj -
-m_w) / l_w``. Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T
+Pass 1 (``_window_stats_kernel``, ``_merge_stats_kernel``): for each of the last W queries, the log2 of the
+normaliser of its causal softmax over ALL keys (online softmax, as in FlashAttention), over key splits that fill
+the GPU, merged once. Pass 2 (``_key_scores_kernel``): for each block of candidate keys, ``mean_w 2^(s_wj -
+log2_norm_w)``. Both passes read K once per query head (L2 serves the other heads of a GQA group) and compute Q K^T
 on tensor cores. Cost per head: 2 x (2 W Lk D) FLOPs; memory: K twice, Q_window and the (Hq, Lk - W) output.
+Per logit, pass 2 does one fused multiply-add, an exp2 and a sum; pass 1 masks only the blocks the causal edge cuts.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ if HAS_TRITON:
     @triton.jit
     def logits_log2(q, k, scaling, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
         # q k^T * scaling, capped as SOFTCAP * tanh(x / SOFTCAP) when SOFTCAP > 0, in log2 units (for exp2)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if SOFTCAP > 0:
-            s = SOFTCAP * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634 / SOFTCAP)) + 1.0))
-        return s * 1.4426950408889634
+            s = SOFTCAP * (1.0 - 2.0 / (tl.exp2(s * (scaling * 2.0 * 1.4426950408889634 / SOFTCAP)) + 1.0))
+            return s * 1.4426950408889634
+        return s * (scaling * 1.4426950408889634)
 
     @triton.jit
     def _window_stats_kernel(Q, K, M, L, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_ms,
@@ -38,16 +40,26 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                     mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        query_pos = kv_len - window + offs_w
         k_base = K + (head // group) * stride_kh
         m_i = tl.full([BLOCK_W], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_W], tl.float32)
-        for i in range(0, blocks_per_split):
-            offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first = split * blocks_per_split
+        # Blocks every window query sees whole (keys 0 .. kv_len - window), unmasked; then the rest, masked.
+        unmasked_end = tl.minimum(tl.maximum((kv_len - window + 1) // BLOCK_N, first), first + blocks_per_split)
+        for block in range(first, unmasked_end):
+            offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM,
+                        other=0.0)
+            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_i = m_new
+        for block in range(unmasked_end, first + blocks_per_split):
+            offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
-            visible = (offs_n[None, :] < kv_len) & (offs_n[None, :] <= query_pos[:, None])
+            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)
+            visible = (offs_n[None, :] < kv_len) & (offs_n[None, :] <= kv_len - window + offs_w[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a split that sees no key keeps l = 0
@@ -58,9 +70,9 @@ if HAS_TRITON:
         tl.store(L + out, l_i, mask=offs_w < window)
 
     @triton.jit
-    def _merge_stats_kernel(M, L, MergedM, InvL, stride_mh, stride_ms, stride_oh, window, splits,
+    def _merge_stats_kernel(M, L, Log2Norm, stride_mh, stride_ms, stride_oh, window, splits,
                             BLOCK_W: tl.constexpr, SPLITS: tl.constexpr):
-        # Pass 1's splits merged for pass 2: m = max_s m_s and 1 / l, l = sum_s l_s 2^(m_s - m) (SPLITS >= splits)
+        # Pass 1's splits merged: m + log2 l, m = max_s m_s, l = sum_s l_s 2^(m_s - m) (SPLITS >= splits)
         head = tl.program_id(0)
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_s = tl.arange(0, SPLITS)
@@ -69,11 +81,10 @@ if HAS_TRITON:
         m_s = tl.load(M + part, mask=valid, other=float("-inf"))  # (SPLITS, BLOCK_W)
         m = tl.where(offs_w < window, tl.max(m_s, 0), 0.0)
         l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_s - m[None, :]), 0)
-        tl.store(MergedM + head * stride_oh + offs_w, m, mask=offs_w < window)
-        tl.store(InvL + head * stride_oh + offs_w, 1.0 / l, mask=offs_w < window)
+        tl.store(Log2Norm + head * stride_oh + offs_w, m + tl.log2(l), mask=offs_w < window)
 
     @triton.jit
-    def _key_scores_kernel(Q, K, M, InvL, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_mh, stride_oh,
+    def _key_scores_kernel(Q, K, Log2Norm, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_nh, stride_oh,
                            candidates, window, group, scaling, inv_window, BLOCK_W: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                            PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -82,18 +93,16 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         k = tl.load(K + (head // group) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < candidates) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        # Candidate keys precede every window query, so no causal mask is needed here.
+        acc = tl.zeros([BLOCK_W, BLOCK_N], tl.float32)  # summed over the window's rows once, at the end
+        # Candidate keys precede every window query, so no causal mask is needed here; rows past the window get an
+        # infinite normaliser, so they add 2^-inf = 0.
         for w in range(0, window, BLOCK_W):
             offs_w = w + tl.arange(0, BLOCK_W)
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            m = tl.load(M + head * stride_mh + offs_w, mask=offs_w < window, other=0.0)
-            inv_l = tl.load(InvL + head * stride_mh + offs_w, mask=offs_w < window, other=1.0)
-            s = logits_log2(q, k, scaling, SOFTCAP, PRECISION)  # (BLOCK_W, BLOCK_N)
-            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
-            acc += tl.sum(tl.where(offs_w[:, None] < window, p, 0.0), 0)
-        tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
+            log2_norm = tl.load(Log2Norm + head * stride_nh + offs_w, mask=offs_w < window, other=float("inf"))
+            acc += tl.exp2(logits_log2(q, k, scaling, SOFTCAP, PRECISION) - log2_norm[:, None])
+        tl.store(Out + head * stride_oh + offs_n, tl.sum(acc, 0) * inv_window, mask=offs_n < candidates)
 
 
 if not HAS_TRITON:  # the Triton helpers exist only with Triton (triton_gather and triton_block_select import them)
@@ -105,6 +114,7 @@ def _block_d(head_dim: int) -> int:
 
 
 WINDOW_BLOCK = 64  # window queries per program
+KEY_BLOCK = 64  # keys per step of pass 1
 MAX_SPLITS = 32  # key splits of pass 1 (Qwen2.5-0.5B on an H100: 18)
 
 
@@ -114,14 +124,15 @@ def _precision(query: Tensor) -> str:
 
 
 def key_splits(num_heads: int, window: int, kv_len: int, device: torch.device) -> tuple[int, int]:
-    """Pass 1's key splits and 64-key blocks per split: a few programs per SM, at most ``MAX_SPLITS``."""
+    """Pass 1's key splits and key blocks per split: a few programs per SM, at most ``MAX_SPLITS``."""
     programs = 4 * _multiprocessors(device) // (num_heads * triton.cdiv(window, WINDOW_BLOCK))
-    blocks_per_split = triton.cdiv(kv_len, 64 * max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS, programs)))
-    return triton.cdiv(kv_len, blocks_per_split * 64), blocks_per_split
+    blocks_per_split = triton.cdiv(kv_len, KEY_BLOCK * max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS, programs)))
+    return triton.cdiv(kv_len, blocks_per_split * KEY_BLOCK), blocks_per_split
 
 
-def window_stats(q_window: Tensor, key: Tensor, scaling: float, softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    """Pass 1: each window query's max and inverse normaliser of its causal softmax, log2 units: (Hq, W) fp32 each."""
+def window_log2_norms(q_window: Tensor, key: Tensor, scaling: float, softcap: float | None = None) -> Tensor:
+    """Pass 1: the log2 of each window query's causal softmax normaliser, ``log2 sum_j 2^(s_wj)`` with the logits
+    ``s`` in log2 units (max included, so ``2^(s - it)`` are the probabilities): (Hq, W) fp32."""
     num_heads, window, head_dim = q_window.shape
     kv_heads, kv_len, _ = key.shape
     splits, blocks_per_split = key_splits(num_heads, window, kv_len, q_window.device)
@@ -129,13 +140,13 @@ def window_stats(q_window: Tensor, key: Tensor, scaling: float, softcap: float |
     _window_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK), splits)](
         q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
         m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
-        BLOCK_W=WINDOW_BLOCK, BLOCK_N=64, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
+        BLOCK_W=WINDOW_BLOCK, BLOCK_N=KEY_BLOCK, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
         PRECISION=_precision(q_window), SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
-    merged_m, inv_l = (torch.empty(num_heads, window, device=q_window.device, dtype=torch.float32) for _ in range(2))
+    log2_norm = torch.empty(num_heads, window, device=q_window.device, dtype=torch.float32)
     _merge_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK))](
-        m, l, merged_m, inv_l, m.stride(0), m.stride(1), merged_m.stride(0), window, splits, BLOCK_W=WINDOW_BLOCK,
+        m, l, log2_norm, m.stride(0), m.stride(1), log2_norm.stride(0), window, splits, BLOCK_W=WINDOW_BLOCK,
         SPLITS=triton.next_power_of_2(splits))
-    return merged_m, inv_l
+    return log2_norm
 
 
 def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap: float | None = None) -> Tensor:
@@ -158,14 +169,14 @@ def score_keys(query: Tensor, key: Tensor, window: int, scaling: float, softcap:
     q_window = query[:, q_len - window :]  # (Hq, W, D) view
     block_d = _block_d(head_dim)
     block_w, block_n = WINDOW_BLOCK, 128
-    m, inv_l = window_stats(q_window, key, scaling, softcap)
+    log2_norm = window_log2_norms(q_window, key, scaling, softcap)
     precision = _precision(query)
     candidates = kv_len - window
     out = torch.empty(num_heads, candidates, device=query.device, dtype=torch.float32)
     if candidates > 0:
         _key_scores_kernel[(num_heads, triton.cdiv(candidates, block_n))](
-            q_window, key, m, inv_l, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-            m.stride(0), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
+            q_window, key, log2_norm, out, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+            log2_norm.stride(0), out.stride(0), candidates, window, num_heads // kv_heads, scaling, 1.0 / window,
             BLOCK_W=block_w, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim, PRECISION=precision,
             SOFTCAP=float(softcap or 0.0), num_warps=8, num_stages=3)
     return out
