@@ -23,6 +23,9 @@
 #                                                    # default shape on both paths (block_tiling_gpu.py
 #                                                    # --default-only; baseline too) and the selection's launch shapes
 #                                                    # (select_shape_gpu.py)
+#   bash benchmarks/run_kept_keys_gpu.sh scoring     # the scoring, selection and block-mass tests at GPU shapes,
+#                                                    # then the profile (as for profile; KEEP, LENGTHS; with a
+#                                                    # carried .baseline, its profile too)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -75,6 +78,17 @@ elif [ "$1" = fixed-cost ]; then
   python3 benchmarks/select_shape_gpu.py --lengths "${SELECT_LENGTHS:-8192,16384,32768}" --output "$OUT/select-shape.json" \
     2>&1 | tail -30
   pack fixed-cost
+elif [ "$1" = scoring ]; then
+  gpu_tests 240 tests/kernels/test_triton.py -k "score or smooth or select"
+  gpu_tests 120 tests/kernels/test_block_sparse.py -k "masses or selection_equals or sync"
+  pack scoring
+  for code in . .baseline; do
+    [ -d "$code/tsa_patch" ] || continue
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
+      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
+    pack scoring
+  done
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
     | tail -30
