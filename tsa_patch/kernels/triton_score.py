@@ -81,7 +81,8 @@ if HAS_TRITON:
         m_s = tl.load(M + part, mask=valid, other=float("-inf"))  # (SPLITS, BLOCK_W)
         m = tl.where(offs_w < window, tl.max(m_s, 0), 0.0)
         l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_s - m[None, :]), 0)
-        tl.store(Log2Norm + head * stride_oh + offs_w, m + tl.log2(l), mask=offs_w < window)
+        # l >= 1 in every query row (its max adds 2^0); lanes past the window hold 0
+        tl.store(Log2Norm + head * stride_oh + offs_w, m + tl.log2(tl.maximum(l, 1.0)), mask=offs_w < window)
 
     @triton.jit
     def _key_scores_kernel(Q, K, Log2Norm, Out, stride_qh, stride_qw, stride_kh, stride_kn, stride_nh, stride_oh,
