@@ -94,7 +94,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         k = tl.load(K + (head // group) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < candidates) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        acc = tl.zeros([BLOCK_W, BLOCK_N], tl.float32)  # summed over the window's rows once, at the end
+        acc = tl.zeros([BLOCK_N], tl.float32)
         # Candidate keys precede every window query, so no causal mask is needed here; rows past the window get an
         # infinite normaliser, so they add 2^-inf = 0.
         for w in range(0, window, BLOCK_W):
@@ -102,8 +102,8 @@ if HAS_TRITON:
             q = tl.load(Q + head * stride_qh + offs_w[:, None] * stride_qw + offs_d[None, :],
                         mask=(offs_w[:, None] < window) & (offs_d[None, :] < HEAD_DIM), other=0.0)
             log2_norm = tl.load(Log2Norm + head * stride_nh + offs_w, mask=offs_w < window, other=float("inf"))
-            acc += tl.exp2(logits_log2(q, k, scaling, SOFTCAP, PRECISION) - log2_norm[:, None])
-        tl.store(Out + head * stride_oh + offs_n, tl.sum(acc, 0) * inv_window, mask=offs_n < candidates)
+            acc += tl.sum(tl.exp2(logits_log2(q, k, scaling, SOFTCAP, PRECISION) - log2_norm[:, None]), 0)
+        tl.store(Out + head * stride_oh + offs_n, acc * inv_window, mask=offs_n < candidates)
 
 
 if not HAS_TRITON:  # the Triton helpers exist only with Triton (triton_gather and triton_block_select import them)
