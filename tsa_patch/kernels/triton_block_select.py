@@ -161,12 +161,12 @@ def block_masses(query: Tensor, key: Tensor, block: int, scaling: float) -> tupl
     window = min(block, seq_len)
     blocks = triton.cdiv(seq_len, block)
     q_window = query[:, seq_len - window:]
-    log2_norm = window_log2_norms(q_window, key, scaling)
+    norm = window_log2_norms(q_window, key, scaling)  # log2 of each window query's softmax normaliser
     column = torch.empty(num_heads, blocks, device=query.device, dtype=torch.float32)
     band = torch.zeros(num_heads, blocks, device=query.device, dtype=torch.float32)
     _block_masses_kernel[(num_heads, blocks)](
-        q_window, key, log2_norm, column, band, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
-        log2_norm.stride(0), column.stride(0), band.stride(0), seq_len, window, num_heads // kv_heads, scaling, 1.0 / window,
+        q_window, key, norm, column, band, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
+        norm.stride(0), column.stride(0), band.stride(0), seq_len, window, num_heads // kv_heads, scaling, 1.0 / window,
         blocks, BLOCK=block, BLOCK_W=min(WINDOW_BLOCK, block), BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
         PRECISION=_precision(query), num_warps=4, num_stages=2)
     return column, band
