@@ -23,8 +23,8 @@
 #                                                    # default shape on both paths (block_tiling_gpu.py
 #                                                    # --default-only; baseline too) and the selection's launch shapes
 #                                                    # (select_shape_gpu.py)
-#   bash benchmarks/run_kept_keys_gpu.sh scoring     # the scoring, selection and block-mass tests at GPU shapes,
-#                                                    # then the profile (as for profile; KEEP, LENGTHS; with a
+#   bash benchmarks/run_kept_keys_gpu.sh scoring     # the scoring, selection, block-mass and sync-free tests at
+#                                                    # GPU shapes, then the profile (as for profile; KEEP, LENGTHS; with a
 #                                                    # carried .baseline, its profile too)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
@@ -80,7 +80,8 @@ elif [ "$1" = fixed-cost ]; then
   pack fixed-cost
 elif [ "$1" = scoring ]; then
   gpu_tests 240 tests/kernels/test_triton.py -k "score or smooth or select"
-  gpu_tests 120 tests/kernels/test_block_sparse.py -k "masses or selection_equals or sync"
+  gpu_tests 120 tests/kernels/test_block_sparse.py -k "masses or selection_equals"
+  gpu_tests 120 tests/kernels/test_sync_free.py
   pack scoring
   for code in . .baseline; do
     [ -d "$code/tsa_patch" ] || continue
