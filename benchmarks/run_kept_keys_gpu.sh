@@ -26,6 +26,9 @@
 #   bash benchmarks/run_kept_keys_gpu.sh scoring     # the scoring, selection, block-mass and sync-free tests at
 #                                                    # GPU shapes, then the profile (as for profile; KEEP, LENGTHS; with a
 #                                                    # carried .baseline, its profile too)
+#   bash benchmarks/run_kept_keys_gpu.sh score-tiles # the scoring tests at GPU shapes, scoring's passes and pass 2's
+#                                                    # launch shapes (score_tiles_gpu.py), then the profile (KEEP); a
+#                                                    # carried .baseline's scoring and profile too
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -89,6 +92,21 @@ elif [ "$1" = scoring ]; then
     PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
       --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
     pack scoring
+  done
+elif [ "$1" = score-tiles ]; then
+  gpu_tests 200 tests/kernels/test_triton.py -k score
+  for code in . .baseline; do
+    [ -d "$code/tsa_patch" ] || continue
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    PYTHONPATH=$code timeout 200 python3 benchmarks/score_tiles_gpu.py --output "$OUT/score-tiles-$name.json" 2>&1 \
+      | tail -30
+    pack score-tiles
+  done
+  for code in . .baseline; do
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    [ -d "$code/tsa_patch" ] && PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths 8192,32768 \
+      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
+    pack score-tiles
   done
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
