@@ -72,17 +72,8 @@ STAGES = {
 }
 
 
-def token_scores(
-    query: Tensor,
-    key: Tensor,
-    *,
-    window: int,
-    pool_kernel: int,
-    selection: str,
-    scaling: float,
-    softcap: float | None = None,
-    backend: str = "torch",
-) -> Tensor:
+def token_scores(query: Tensor, key: Tensor, *, window: int, pool_kernel: int, selection: str, scaling: float,
+                 softcap: float | None = None, backend: str = "torch") -> Tensor:
     """Steps 1-2: score the candidate tokens with the last ``window`` queries, and smooth the scores.
 
     Args:
@@ -116,22 +107,10 @@ def select_tokens(pooled: Tensor, kv_len: int, *, tau: float, min_tokens: int, c
     return STAGES[backend].select(pooled, kv_len, tau, min_tokens, coverage, keep)
 
 
-def sparse_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    pooled: Tensor,
-    *,
-    tau: float,
-    min_tokens: int,
-    scaling: float,
-    coverage: str = "paper",
-    softcap: float | None = None,
-    dense_backend: str = "auto",
-    keep_fraction: float | None = None,
-    backend: str = "torch",
-    attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def sparse_attention(query: Tensor, key: Tensor, value: Tensor, pooled: Tensor, *, tau: float, min_tokens: int,
+                     scaling: float, coverage: str = "paper", softcap: float | None = None, dense_backend: str = "auto",
+                     keep_fraction: float | None = None, backend: str = "torch",
+                     attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Steps 3-7 for one ``tau``: coverage, selection, compression, attention, decompression (one host sync).
 
     Shapes and arguments as for ``tsa_attention``; ``pooled`` comes from ``token_scores`` (one set of scores
@@ -157,24 +136,11 @@ def sparse_attention(
     return stages.decompress(out_c, rows, q_len), kept
 
 
-def tsa_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    tau: float,
-    window: int,
-    pool_kernel: int,
-    min_tokens: int,
-    selection: str,
-    scaling: float,
-    coverage: str = "paper",
-    softcap: float | None = None,
-    dense_backend: str = "auto",
-    keep_fraction: float | None = None,
-    backend: str = "torch",
-    attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def tsa_attention(query: Tensor, key: Tensor, value: Tensor, *, tau: float, window: int, pool_kernel: int,
+                  min_tokens: int, selection: str, scaling: float, coverage: str = "paper",
+                  softcap: float | None = None, dense_backend: str = "auto", keep_fraction: float | None = None,
+                  backend: str = "torch",
+                  attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Token Sparse Attention for one sequence (no batch dimension).
 
     A full prefill (``Lq == Lk``) follows the paper: the last ``window`` queries score the keys
@@ -211,22 +177,10 @@ def tsa_attention(
                             keep_fraction=keep_fraction, backend=backend, attend=attend)
 
 
-def tsa_attention_sync_free(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    tau: float,
-    window: int,
-    pool_kernel: int,
-    min_tokens: int,
-    selection: str,
-    scaling: float,
-    coverage: str = "paper",
-    softcap: float | None = None,
-    keep_fraction: float | None = None,
-    backend: str = "triton",
-) -> tuple[Tensor, Tensor, Tensor]:
+def tsa_attention_sync_free(query: Tensor, key: Tensor, value: Tensor, *, tau: float, window: int, pool_kernel: int,
+                            min_tokens: int, selection: str, scaling: float, coverage: str = "paper",
+                            softcap: float | None = None, keep_fraction: float | None = None,
+                            backend: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
     """``tsa_attention`` for a full prefill (``Lq == Lk``) without a host synchronisation (same arguments).
 
     Returns:
@@ -241,23 +195,10 @@ def tsa_attention_sync_free(
     return STAGES[backend].gathered(query, key, value, kept, count, scaling, softcap), kept, count
 
 
-def tsa_attention_kept_keys(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    tau: float,
-    window: int,
-    pool_kernel: int,
-    min_tokens: int,
-    selection: str,
-    scaling: float,
-    coverage: str = "paper",
-    softcap: float | None = None,
-    keep_fraction: float | None = None,
-    local_keys: int = 0,
-    backend: str = "triton",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def tsa_attention_kept_keys(query: Tensor, key: Tensor, value: Tensor, *, tau: float, window: int, pool_kernel: int,
+                            min_tokens: int, selection: str, scaling: float, coverage: str = "paper",
+                            softcap: float | None = None, keep_fraction: float | None = None, local_keys: int = 0,
+                            backend: str = "triton") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A full prefill (``Lq == Lk``) that drops keys only (``rows="all"``): the tokens ``tsa_attention`` keeps are
     selected the same way, and every query row attends causally to its head's kept keys and to the ``local_keys``
     keys ending at its own position, so a dropped token still gets this layer's attention output (computed over
@@ -276,21 +217,10 @@ def tsa_attention_kept_keys(
                                       local_keys=local_keys, backend=backend)
 
 
-def sparse_attention_kept_keys(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    pooled: Tensor,
-    *,
-    tau: float,
-    min_tokens: int,
-    scaling: float,
-    coverage: str = "paper",
-    softcap: float | None = None,
-    keep_fraction: float | None = None,
-    local_keys: int = 0,
-    backend: str = "triton",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sparse_attention_kept_keys(query: Tensor, key: Tensor, value: Tensor, pooled: Tensor, *, tau: float,
+                               min_tokens: int, scaling: float, coverage: str = "paper", softcap: float | None = None,
+                               keep_fraction: float | None = None, local_keys: int = 0,
+                               backend: str = "triton") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tsa_attention_kept_keys`` after scoring: coverage, selection and kept-keys attention for one ``tau`` on
     ``pooled`` (``token_scores``), as ``sparse_attention`` is for the paper's compression."""
     kept, count = select_tokens(pooled, key.shape[1], tau=tau, min_tokens=min_tokens, coverage=coverage,
