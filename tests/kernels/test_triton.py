@@ -75,6 +75,20 @@ def test_score_keys_merges_many_key_splits(seq_len, brute, monkeypatch):
     assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
 
 
+def test_score_keys_over_tile_runs_and_window_blocks(brute, monkeypatch):
+    """Pass 2 with each program on a run of key tiles (3 programs per head, the last run short) and a window of
+    three blocks (the last partial), whose shares add up through the stored scores. Same bound as above."""
+    monkeypatch.setattr(triton_score, "_multiprocessors", lambda device: 3)
+    monkeypatch.setattr(triton_score, "SCORE_WINDOW_BLOCK", 32)
+    window, seq_len = 80, 960  # 880 candidates: 14 tiles of 64 (the last partial), runs of 5, 5, 4
+    q = torch.randn(2, window, 32, device=DEVICE) * 2
+    k = torch.randn(1, seq_len, 32, device=DEVICE)
+    out = score_keys(q, k, window, 32**-0.5)
+    truth = brute.scores(q.cpu(), k.cpu(), window, 32**-0.5).to(DEVICE)
+    ref_error = brute.relative_error(score_keys_ref(q, k, window, 32**-0.5), truth)
+    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+
+
 @pytest.mark.parametrize("edge", [-2, -1, 0, 1])
 def test_score_keys_at_the_causal_edge(edge, brute):
     """Pass 1 skips the causal mask on the key blocks every window query sees whole: the lengths here put the
