@@ -121,8 +121,9 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-WINDOW_BLOCK = 64  # window queries per program
+WINDOW_BLOCK = 64  # window queries per program of pass 1 and of the merge
 KEY_BLOCK = 64  # keys per step of pass 1
+STATS_WARPS, STATS_PROGRAMS_PER_SM = 4, 4  # pass 1's warps, and programs per SM that its key splits aim at
 MAX_SPLITS = 32  # key splits of pass 1 (Qwen2.5-0.5B on an H100: 18)
 # Pass 2: window queries held per program, keys per tile, warps, and programs per SM (each takes a run of tiles):
 # the fastest of benchmarks/score_tiles_gpu.py's 24 shapes on an H100 at 8K and 32K (Qwen2.5-0.5B and Llama-3.1-8B
@@ -137,7 +138,7 @@ def _precision(query: Tensor) -> str:
 
 def key_splits(num_heads: int, window: int, kv_len: int, device: torch.device) -> tuple[int, int]:
     """Pass 1's key splits and key blocks per split: a few programs per SM, at most ``MAX_SPLITS``."""
-    programs = 4 * _multiprocessors(device) // (num_heads * triton.cdiv(window, WINDOW_BLOCK))
+    programs = STATS_PROGRAMS_PER_SM * _multiprocessors(device) // (num_heads * triton.cdiv(window, WINDOW_BLOCK))
     blocks_per_split = triton.cdiv(kv_len, KEY_BLOCK * max(1, min(triton.cdiv(kv_len, 1024), MAX_SPLITS, programs)))
     return triton.cdiv(kv_len, blocks_per_split * KEY_BLOCK), blocks_per_split
 
@@ -153,7 +154,7 @@ def window_log2_norms(q_window: Tensor, key: Tensor, scaling: float, softcap: fl
         q_window, key, m, l, q_window.stride(0), q_window.stride(1), key.stride(0), key.stride(1),
         m.stride(0), m.stride(1), kv_len, window, num_heads // kv_heads, scaling, blocks_per_split,
         BLOCK_W=WINDOW_BLOCK, BLOCK_N=KEY_BLOCK, BLOCK_D=_block_d(head_dim), HEAD_DIM=head_dim,
-        PRECISION=_precision(q_window), SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=3)
+        PRECISION=_precision(q_window), SOFTCAP=float(softcap or 0.0), num_warps=STATS_WARPS, num_stages=3)
     log2_norm = torch.empty(num_heads, window, device=q_window.device, dtype=torch.float32)
     _merge_stats_kernel[(num_heads, triton.cdiv(window, WINDOW_BLOCK))](
         m, l, log2_norm, m.stride(0), m.stride(1), log2_norm.stride(0), window, splits, BLOCK_W=WINDOW_BLOCK,
