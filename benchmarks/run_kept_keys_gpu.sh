@@ -29,6 +29,11 @@
 #   bash benchmarks/run_kept_keys_gpu.sh score-tiles # the scoring tests at GPU shapes, scoring's passes and pass 2's
 #                                                    # launch shapes (score_tiles_gpu.py), then the profile (KEEP); a
 #                                                    # carried .baseline's scoring and profile too
+#   bash benchmarks/run_kept_keys_gpu.sh select-and-pass1  # the selection and scoring tests at GPU shapes, pass
+#                                                    # 1's launch shapes (score_tiles_gpu.py --sweep-pass1), the
+#                                                    # profile (KEEP; a carried .baseline's too). On a fresh H100
+#                                                    # (2026-12-07) it took 550 s with select_shape_gpu.py at 8K and
+#                                                    # 16K in it, which did not finish in 150 s: run that alone
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -107,6 +112,17 @@ elif [ "$1" = score-tiles ]; then
     [ -d "$code/tsa_patch" ] && PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths 8192,32768 \
       --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
     pack score-tiles
+  done
+elif [ "$1" = select-and-pass1 ]; then
+  gpu_tests 200 tests/kernels/test_triton.py -k "select or smooth or score"
+  timeout 150 python3 benchmarks/score_tiles_gpu.py --sweep "" --sweep-pass1 "64,128/64,128/4,8/2,4,8" \
+    --output "$OUT/score-pass1.json" 2>&1 | tail -28
+  pack select-and-pass1
+  for code in . .baseline; do
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    [ -d "$code/tsa_patch" ] && PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths 8192,32768 \
+      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
+    pack select-and-pass1
   done
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
