@@ -60,6 +60,14 @@ def test_score_keys_matches_reference(shape, dtype, brute):
     assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
 
 
+def assert_scored_like_brute(q, k, window, brute):
+    """``score_keys`` within the bound above: twice the reference's error against the float64 brute force."""
+    out = score_keys(q, k, window, q.shape[-1] ** -0.5)
+    truth = brute.scores(q.cpu(), k.cpu(), window, q.shape[-1] ** -0.5).to(DEVICE)
+    ref_error = brute.relative_error(score_keys_ref(q, k, window, q.shape[-1] ** -0.5), truth)
+    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+
+
 @pytest.mark.parametrize("seq_len", [2600, 5000])
 def test_score_keys_merges_many_key_splits(seq_len, brute, monkeypatch):
     """Pass 1 split over several key ranges (3 and 5: fewer than the merge's power-of-two block, so masked
@@ -69,10 +77,7 @@ def test_score_keys_merges_many_key_splits(seq_len, brute, monkeypatch):
     q = torch.randn(2, 20, 32, device=DEVICE) * 2
     k = torch.randn(1, seq_len, 32, device=DEVICE)
     assert triton_score.key_splits(2, 16, seq_len, q.device)[0] == math.ceil(seq_len / 1024)  # what this tests
-    out = score_keys(q, k, 16, 32**-0.5)
-    truth = brute.scores(q.cpu(), k.cpu(), 16, 32**-0.5).to(DEVICE)
-    ref_error = brute.relative_error(score_keys_ref(q, k, 16, 32**-0.5), truth)
-    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+    assert_scored_like_brute(q, k, 16, brute)
 
 
 def test_score_keys_over_tile_runs_and_window_blocks(brute, monkeypatch):
@@ -83,10 +88,7 @@ def test_score_keys_over_tile_runs_and_window_blocks(brute, monkeypatch):
     window, seq_len = 80, 960  # 880 candidates: 14 tiles of 64 (the last partial), runs of 5, 5, 4
     q = torch.randn(2, window, 32, device=DEVICE) * 2
     k = torch.randn(1, seq_len, 32, device=DEVICE)
-    out = score_keys(q, k, window, 32**-0.5)
-    truth = brute.scores(q.cpu(), k.cpu(), window, 32**-0.5).to(DEVICE)
-    ref_error = brute.relative_error(score_keys_ref(q, k, window, 32**-0.5), truth)
-    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+    assert_scored_like_brute(q, k, window, brute)
 
 
 @pytest.mark.parametrize("edge", [-2, -1, 0, 1])
@@ -98,10 +100,7 @@ def test_score_keys_at_the_causal_edge(edge, brute):
     seq_len = 2 * triton_score.KEY_BLOCK + window - 1 + edge  # keys 0 .. 2 KEY_BLOCK - 1 + edge seen by all
     q = torch.randn(3, window, 32, device=DEVICE) * 2
     k = torch.randn(1, seq_len, 32, device=DEVICE)
-    out = score_keys(q, k, window, 32**-0.5)
-    truth = brute.scores(q.cpu(), k.cpu(), window, 32**-0.5).to(DEVICE)
-    ref_error = brute.relative_error(score_keys_ref(q, k, window, 32**-0.5), truth)
-    assert brute.relative_error(out, truth) <= 2 * ref_error + SLACK
+    assert_scored_like_brute(q, k, window, brute)
 
 
 @pytest.mark.parametrize("pool_kernel", [1, 7])
