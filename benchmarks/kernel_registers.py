@@ -85,9 +85,9 @@ def compile_scoring(head_dim: int, arch: int) -> list[dict]:
     common = {"BLOCK_D": head_dim, "HEAD_DIM": head_dim, "PRECISION": "tf32", "SOFTCAP": 0.0}
     types = {name: "*fp32" for name in ("M", "L", "InvL", "Log2Norm", "Out")}
     types.update(Q="*bf16", K="*bf16", scaling="fp32", inv_window="fp32")
-    window_block, key_block = triton_score.WINDOW_BLOCK, triton_score.KEY_BLOCK
-    passes = [(triton_score._window_stats_kernel, {"BLOCK_W": window_block, "BLOCK_N": key_block}, 4, 3),
-              (triton_score._key_scores_kernel, {"BLOCK_W": window_block, "BLOCK_N": 128}, 8, 3)]
+    ts = triton_score
+    passes = [(ts._window_stats_kernel, {"BLOCK_W": ts.WINDOW_BLOCK, "BLOCK_N": ts.KEY_BLOCK}, ts.STATS_WARPS, 3),
+              (ts._key_scores_kernel, {"BLOCK_W": ts.SCORE_WINDOW_BLOCK, "BLOCK_N": ts.SCORE_TILE}, ts.SCORE_WARPS, 3)]
     return [{"kernel": fn.__name__, "head_dim": head_dim, "num_warps": warps,
              **compile_report(fn, {**common, **shape}, types, warps, stages, arch)}
             for fn, shape, warps, stages in passes]
