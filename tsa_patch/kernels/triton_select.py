@@ -54,10 +54,11 @@ if HAS_TRITON:
             shift = 28 - 4 * p
             candidate = prefix + (digits << shift)
             valid = (candidate >= 0) & (candidate <= 0x7F800000)
-            threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
             if MASS:
+                threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
                 acc = tl.zeros([16], tl.float32)
             else:
+                prefix_high = (prefix >> shift) >> 4  # the prefix's bits above this pass's digit
                 acc = tl.zeros([16], tl.int32)
                 above = tl.zeros([BLOCK], tl.int32)
             for start in range(0, n, BLOCK):
@@ -68,8 +69,8 @@ if HAS_TRITON:
                 else:  # by bits: above the prefix counts for every candidate, at it by its digit (padding -1: below)
                     x = tl.load(Row + start + offs, mask=inside, other=-1.0)
                     bits = x.to(tl.int32, bitcast=True) >> shift  # (-0.0 is below 0 here: digit 0 holds anyway)
-                    above += ((bits >> 4) > ((prefix >> shift) >> 4)).to(tl.int32)
-                    acc += tl.histogram(bits & 15, 16, mask=(bits >> 4) == ((prefix >> shift) >> 4))
+                    above += ((bits >> 4) > prefix_high).to(tl.int32)
+                    acc += tl.histogram(bits & 15, 16, mask=(bits >> 4) == prefix_high)
             if MASS:
                 holds = valid & (acc < target)
             else:  # values >= each candidate: those above, and those at the prefix with a digit at least its own
