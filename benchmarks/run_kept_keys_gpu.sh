@@ -53,6 +53,15 @@ gpu_tests() {  # gpu_tests SECONDS FILE...: pytest within SECONDS, the log packe
   timeout "$1" python3 -m pytest "${@:2}" -q -p no:warnings -o faulthandler_timeout=200 --durations=5 2>&1 \
     | tee -a "$OUT/gpu-tests.log" | tail -8
 }
+profiles() {  # profiles STEP: profile_kept_keys.py on this tree's runtime, then on a carried .baseline's
+  for code in . .baseline; do
+    [ -d "$code/tsa_patch" ] || continue
+    name=$([ "$code" = . ] && echo current || echo baseline)
+    PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
+      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
+    pack "$1"
+  done
+}
 if [ "$1" = tests ]; then
   gpu_tests 560 tests/kernels/test_kept_keys.py
   pack tests
@@ -91,13 +100,7 @@ elif [ "$1" = scoring ]; then
   gpu_tests 120 tests/kernels/test_block_sparse.py -k "masses or selection_equals"
   gpu_tests 120 tests/kernels/test_sync_free.py
   pack scoring
-  for code in . .baseline; do
-    [ -d "$code/tsa_patch" ] || continue
-    name=$([ "$code" = . ] && echo current || echo baseline)
-    PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
-      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
-    pack scoring
-  done
+  profiles scoring
 elif [ "$1" = score-tiles ]; then
   gpu_tests 200 tests/kernels/test_triton.py -k score
   for code in . .baseline; do
@@ -107,23 +110,13 @@ elif [ "$1" = score-tiles ]; then
       | tail -30
     pack score-tiles
   done
-  for code in . .baseline; do
-    name=$([ "$code" = . ] && echo current || echo baseline)
-    [ -d "$code/tsa_patch" ] && PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths 8192,32768 \
-      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
-    pack score-tiles
-  done
+  profiles score-tiles
 elif [ "$1" = select-and-pass1 ]; then
   gpu_tests 200 tests/kernels/test_triton.py -k "select or smooth or score"
   timeout 150 python3 benchmarks/score_tiles_gpu.py --sweep "" --sweep-pass1 "64,128/64,128/4,8/2,4,8" \
     --output "$OUT/score-pass1.json" 2>&1 | tail -28
   pack select-and-pass1
-  for code in . .baseline; do
-    name=$([ "$code" = . ] && echo current || echo baseline)
-    [ -d "$code/tsa_patch" ] && PYTHONPATH=$code python3 benchmarks/profile_kept_keys.py --lengths 8192,32768 \
-      --output "$OUT/profile-$name.json" ${KEEP:+--keep-fraction $KEEP} 2>&1 | grep -v "^    " | tail -8
-    pack select-and-pass1
-  done
+  profiles select-and-pass1
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
     | tail -30
