@@ -166,6 +166,29 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
     assert torch.equal(kept, expected)
 
 
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_select_cut_at_a_round_score_and_at_ties_an_ulp_apart(selection):
+    """Distinct scores with few mantissa bits (multiples of 2^-12): the head's K-th largest is itself a pattern
+    whose low bits are 0, where the radix search stops early with exactly K scores at or above its candidate. A
+    second row replaces the 249th-251st largest by v + 1 ulp, v, v (v's last 4 bits 3): at K 249 and 250 the cut
+    is tied, the search runs all 8 passes, and the scores above the cut include one inside v's last digit
+    block. A row of zeros has every score at 0, the search's lowest candidate. All give the reference's positions,
+    ties to the earlier token."""
+    generator = torch.Generator(device=DEVICE).manual_seed(12)
+    candidates, window = 700, 8
+    distinct = (torch.randperm(candidates, device=DEVICE, generator=generator) + 1).float() * 2.0**-12
+    by_rank = torch.argsort(distinct, descending=True)
+    v_bits = distinct[by_rank[250]].view(torch.int32) + 3
+    tied = distinct.clone()
+    tied[by_rank[248]] = (v_bits + 1).view(torch.float32)
+    tied[by_rank[249]] = tied[by_rank[250]] = v_bits.view(torch.float32)
+    pooled = torch.stack([distinct, tied, torch.zeros_like(distinct)])  # zeros: no cut below 0 to stop at
+    for keep in (1, 248, 249, 250, 251, candidates):
+        kept, count = SELECTIONS[selection](pooled, candidates + window, 0.0, 1, "paper", keep)
+        expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
+        assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+
+
 def test_select_tokens_padded_dispatches_by_candidate_count(monkeypatch):
     """The radix search below RADIX_BELOW candidates, the sorts from there on; both give the reference's result."""
     monkeypatch.setattr(triton_select, "RADIX_BELOW", 64)  # interpreted Triton: keep the rows short

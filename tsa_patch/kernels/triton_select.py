@@ -5,17 +5,20 @@ launch shapes below, ``benchmarks/select_shape_gpu.py``; ``results/select-shape-
 
 - below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one reduction) and
   one kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a
-  pass counted in one read of the row, 8 passes; for the K-th largest by a histogram of the pass's digit) finds
+  pass counted in one read of the row, 8 passes; for the K-th largest by a histogram of the pass's digit, stopping
+  once exactly K scores lie at or above a candidate, and counting the scores above the cut on the way) finds
   where the coverage rule's ascending tail ends and the head's K-th largest score. Two launches: at 8K it takes
   0.08 ms of device time (and 30 us of host time on an H200), against 0.16 ms (and 170 us) for the sorts; with
-  the histogram, 0.037 ms instead of 0.049 at a forced count (H100, ``benchmarks/profile_kept_keys.py``).
+  the histogram, 0.037 ms instead of 0.049 at a forced count, and 0.028 with the early stop (H100,
+  ``benchmarks/profile_kept_keys.py``, Llama-3.1-8B heads).
 - from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
   head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
   head's whole row 20 times in one program, so they lose to the sorts on long rows (0.29 against 0.21 ms at 32K).
 
 Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
 above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
-always-kept tail and the padding. Nothing is read back to the host: the count stays on the device, so the same
+always-kept tail and the padding. A forced count (``keep``, benchmarks) skips the coverage rule and its
+head-averaged scores. Nothing is read back to the host: the count stays on the device, so the same
 selection serves the synced path (which then reads it once) and a CUDA graph."""
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from .reference import coverage_distribution
 from .triton_import import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _head_mean_kernel(Pooled, Out, stride_p, heads, candidates, HEADS: tl.constexpr, BLOCK: tl.constexpr):
+        # The mean over heads of a block of candidates' pooled scores (every head's row read at once)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rows = tl.arange(0, HEADS)
+        x = tl.load(Pooled + rows[:, None] * stride_p + offs[None, :],
+                    mask=(rows[:, None] < heads) & (offs[None, :] < candidates), other=0.0)
+        tl.store(Out + offs, tl.sum(x, 0) / heads, mask=offs < candidates)
 
     @triton.jit
     def _coverage_limit(Averaged, candidates, tau, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -47,9 +59,14 @@ if HAS_TRITON:
         # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
         # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
         # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
+        # Without MASS it also returns how many values exceed t, and stops early where a candidate c > 0 has
+        # exactly target values at or above it: those are the target largest, so it returns c - 1 (one ulp
+        # below: a cut with no ties to break) and target.
         offs = tl.arange(0, BLOCK)
         digits = tl.arange(0, 16)
         prefix = tl.sum(tl.zeros([1], tl.int32), 0)
+        done = prefix  # 0, or 1 once a candidate had exactly target values at or above it
+        greater = prefix
         for p in tl.static_range(8):
             shift = 28 - 4 * p
             candidate = prefix + (digits << shift)
@@ -57,11 +74,13 @@ if HAS_TRITON:
             if MASS:
                 threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
                 acc = tl.zeros([16], tl.float32)
+                end = n
             else:
                 prefix_high = (prefix >> shift) >> 4  # the prefix's bits above this pass's digit
                 acc = tl.zeros([16], tl.int32)
                 above = tl.zeros([BLOCK], tl.int32)
-            for start in range(0, n, BLOCK):
+                end = tl.where(done > 0, 0, n)  # stopped: no more reads
+            for start in range(0, end, BLOCK):
                 inside = start + offs < n
                 if MASS:  # padding is +inf: never below a threshold
                     x = tl.load(Row + start + offs, mask=inside, other=float("inf"))
@@ -73,10 +92,23 @@ if HAS_TRITON:
                     acc += tl.histogram(bits & 15, 16, mask=(bits >> 4) == prefix_high)
             if MASS:
                 holds = valid & (acc < target)
+                prefix += tl.max(tl.where(holds, digits, 0), 0) << shift
             else:  # values >= each candidate: those above, and those at the prefix with a digit at least its own
-                holds = valid & (tl.sum(above, 0) + tl.sum(acc, 0) - tl.cumsum(acc, 0) + acc >= target)
-            prefix += tl.max(tl.where(holds, digits, 0), 0) << shift
-        return prefix
+                above_all = tl.sum(above, 0)
+                at_least = above_all + tl.sum(acc, 0) - tl.cumsum(acc, 0) + acc
+                holds = valid & (at_least >= target)  # once done, nothing holds: the prefix stays
+                digit = tl.max(tl.where(holds, digits, 0), 0)
+                prefix += digit << shift
+                exact = (done == 0) & (prefix > 0) & (tl.sum(tl.where(holds & (digits == digit), at_least, 0), 0)
+                                                     == target)
+                # after the last pass, the values above t: those at or above the next candidate
+                greater = tl.where(digit < 15, tl.sum(tl.where(digits == digit + 1, at_least, 0), 0), above_all)
+                done = tl.where(exact, 1, done)
+        if MASS:  # one return: the compiler checks every return's types, the pruned branch's too
+            result = prefix
+        else:
+            result, greater = prefix - done, tl.where(done > 0, target, greater)
+        return result, greater
 
     @triton.jit
     def _sorted_tail(Ascending, candidates, limit, BLOCK: tl.constexpr):
@@ -98,7 +130,8 @@ if HAS_TRITON:
         # under the limit (``_largest_bits``): every value below t, and as many of those tied at t as the limit
         # leaves room for. (A limit above the total gives t = inf, every value below it; tau 0 gives t = 0.)
         offs = tl.arange(0, BLOCK)
-        cut = _largest_bits(Averaged, candidates, limit, BLOCK, True).to(tl.float32, bitcast=True)
+        cut, _ = _largest_bits(Averaged, candidates, limit, BLOCK, True)
+        cut = cut.to(tl.float32, bitcast=True)
         below_mass = tl.zeros([BLOCK], tl.float32)
         below_count = tl.zeros([BLOCK], tl.int32)
         tied = tl.zeros([BLOCK], tl.int32)
@@ -132,15 +165,22 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(kept, floor), candidates)
 
     @triton.jit
-    def _write_kept(Row, Out, cut, keep, candidates, seq_len, BLOCK: tl.constexpr):
-        # One head's kept positions, given its K-th largest score ``cut`` (inf when keep is 0): the candidates
-        # above it and those tied at it in position order until ``keep`` (ties go to the earlier token),
-        # ascending by a prefix sum, then the tail [C, seq_len), then padding (seq_len - 1, never read)
+    def _count_greater(Row, cut, candidates, BLOCK: tl.constexpr):
+        # How many of the row's candidates exceed ``cut``
         offs = tl.arange(0, BLOCK)
         greater = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
         for start in range(0, candidates, BLOCK):
             x = tl.load(Row + start + offs, mask=start + offs < candidates, other=float("-inf"))
             greater += tl.sum((x > cut).to(tl.int32), 0)
+        return greater
+
+    @triton.jit
+    def _write_kept(Row, Out, cut, greater, keep, candidates, seq_len, BLOCK: tl.constexpr):
+        # One head's kept positions, given its K-th largest score ``cut`` (inf when keep is 0) and how many
+        # candidates exceed it: those, and those tied at it in position order until ``keep`` (ties go to the
+        # earlier token), ascending by a prefix sum, then the tail [C, seq_len), then padding (seq_len - 1,
+        # never read)
+        offs = tl.arange(0, BLOCK)
         ties_kept = keep - greater
         written = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
         ties_seen = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
@@ -170,7 +210,9 @@ if HAS_TRITON:
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
         cut = tl.where(keep > 0, cut, float("inf"))
-        _write_kept(Pooled + head * stride_p, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
+        row = Pooled + head * stride_p
+        _write_kept(row, Kept + head * stride_k, cut, _count_greater(row, cut, candidates, BLOCK), keep, candidates,
+                    seq_len, BLOCK)
 
     @triton.jit
     def _radix_select_kernel(Averaged, Pooled, Count, Kept, stride_p, stride_k, candidates, seq_len, tau, floor,
@@ -182,9 +224,10 @@ if HAS_TRITON:
         keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, False)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         row = Pooled + head * stride_p
-        cut = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False).to(tl.float32, bitcast=True)
-        cut = tl.where(keep > 0, cut, float("inf"))
-        _write_kept(row, Kept + head * stride_k, cut, keep, candidates, seq_len, BLOCK)
+        cut, greater = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False)
+        cut = tl.where(keep > 0, cut.to(tl.float32, bitcast=True), float("inf"))
+        _write_kept(row, Kept + head * stride_k, cut, tl.where(keep > 0, greater, 0), keep, candidates, seq_len,
+                    BLOCK)
 
 
 # Candidates per step of the serial loops and warps per program (one program per head): the fastest of
@@ -208,12 +251,29 @@ def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     return count, kept
 
 
+def _averaged(pooled: Tensor, coverage: str, keep: int | None) -> Tensor:
+    """The head-averaged scores that the coverage rule reads (``reference.coverage_distribution``), contiguous:
+    for "paper" in one launch (torch's reduction over the heads took 7 us of the 37 us selection of a Llama-3.1-8B
+    layer at 8K on an H100). A forced count reads none: ``pooled`` stands in."""
+    if keep is not None:
+        return pooled
+    if coverage != "paper":
+        return coverage_distribution(pooled, coverage).contiguous()
+    heads, candidates = pooled.shape
+    out = torch.empty(candidates, device=pooled.device, dtype=torch.float32)
+    block = 64
+    _head_mean_kernel[(triton.cdiv(candidates, block),)](pooled, out, pooled.stride(0), heads, candidates,
+                                                         HEADS=triton.next_power_of_2(heads), BLOCK=block)
+    return out
+
+
 def select_tokens_padded_sorted(pooled: Tensor, seq_len: int, tau: float, min_tokens: int, coverage: str = "paper",
                                 keep: int | None = None) -> tuple[Tensor, Tensor]:
     """``select_tokens_padded`` by two sorts and one kernel (the faster on long rows)."""
     count, kept = _checked(pooled, seq_len)
     heads, candidates = pooled.shape
-    ascending = torch.sort(coverage_distribution(pooled, coverage)).values
+    averaged = _averaged(pooled, coverage, keep)
+    ascending = averaged if keep is not None else torch.sort(averaged).values
     descending = torch.sort(pooled, dim=-1, descending=True).values
     _select_kernel[(heads,)](ascending, pooled, descending, count, kept, pooled.stride(0), descending.stride(0),
                              kept.stride(0), candidates, seq_len, tau, max(0, min(min_tokens, candidates)),
@@ -227,7 +287,7 @@ def select_tokens_padded_radix(pooled: Tensor, seq_len: int, tau: float, min_tok
     """``select_tokens_padded`` by a radix search in one kernel, no sorts (the faster on short rows)."""
     count, kept = _checked(pooled, seq_len)
     heads, candidates = pooled.shape
-    averaged = coverage_distribution(pooled, coverage).contiguous()
+    averaged = _averaged(pooled, coverage, keep)
     _radix_select_kernel[(heads,)](averaged, pooled, count, kept, pooled.stride(0), kept.stride(0), candidates,
                                    seq_len, tau, max(0, min(min_tokens, candidates)), 0 if keep is None else keep,
                                    BLOCK=BLOCK, NORMALIZE=coverage == "paper", DROP_NEXT=coverage == "paper",
