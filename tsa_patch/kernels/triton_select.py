@@ -59,9 +59,9 @@ if HAS_TRITON:
         # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
         # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
         # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
-        # Without MASS it also returns how many values exceed t, and stops early where a candidate c > 0 has
-        # exactly target values at or above it: those are the target largest, so it returns c - 1 (one ulp
-        # below: a cut with no ties to break) and target.
+        # Without MASS it also returns how many values exceed t (with MASS, 0), and stops early where a candidate
+        # c > 0 has exactly target values at or above it: those are the target largest, so it returns c - 1 (one
+        # ulp below: a cut with no ties to break) and target.
         offs = tl.arange(0, BLOCK)
         digits = tl.arange(0, 16)
         prefix = tl.sum(tl.zeros([1], tl.int32), 0)
