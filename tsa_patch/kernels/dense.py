@@ -1,8 +1,7 @@
 """The dense attention kernel underneath: SDPA with a chosen backend order, or flash-attn when installed.
 
 TSA runs an ordinary causal kernel on the compact tensors, so its speed is the speed of the best dense kernel on
-the card. Measured on H200 (torch 2.11, bf16, 32 heads, d = 128, 128K tokens): SDPA's cuDNN backend 250 ms,
-its flash backend 429 ms, memory-efficient 799 ms; hence "auto" puts cuDNN first.
+the card: "auto" puts SDPA's cuDNN backend first (at 128K on an H200, 250 ms against flash's 429).
 """
 
 from __future__ import annotations

@@ -10,10 +10,9 @@ The online softmax runs in FlashAttention-2's order (``online_step``): the runni
 scale and shift in one fused multiply-add, ``p @ v`` accumulated inside the dot (with the logits scaled first where
 tiles load by pointer at head dims up to 64: fewer registers, ``benchmarks/kernel_registers.py``). On a Hopper-class
 GPU (compute capability 9 or later), for 16-bit inputs with a power-of-two head dim, ``key_tile`` loads each K and
-V tile through a tensor descriptor (the tensor-memory accelerator copies the listed block's tile): on an H200 1.04-1.07
-times the throughput of loads by pointer on a full map (0.75 of cuDNN's at head dim 128, 0.93-0.94 at 64;
-``benchmarks/block_kernel_variants_gpu.py``). Elsewhere tiles load by pointer, the head dim padded to a power of
-two. The kept-keys kernel (``triton_kept_keys.py``) shares ``key_tile`` and the online softmax.
+V tile through a tensor descriptor (the tensor-memory accelerator copies the listed block's tile; a few % faster
+than loads by pointer). Elsewhere tiles load by pointer, the head dim padded to a power of two. The kept-keys
+kernel (``triton_kept_keys.py``) shares ``key_tile`` and the online softmax.
 """
 
 from __future__ import annotations
@@ -93,10 +92,8 @@ if HAS_TRITON:
                              group, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr, PRECISION: tl.constexpr):
         # K and V by pointer, or (head, position, dim) tensor descriptors with DESCRIPTORS. The unmasked steps run
-        # in FlashAttention-2's order (RAW_MAX) except by pointer at head dims up to 64: there that order takes 143
-        # registers a thread on an H100 (sm_90, 8 warps) against 125 with the logits scaled first, so an SM holds
-        # one program instead of two (0.65 of cuDNN's throughput on a full map against 0.87); with descriptors
-        # both orders take 121, and at head dim 128 the order does not change how many programs fit
+        # in FlashAttention-2's order (RAW_MAX) except by pointer at head dims up to 64, where that order takes 143
+        # registers a thread on an H100 against 125 with the logits scaled first: one program per SM, not two
         RAW_MAX: tl.constexpr = DESCRIPTORS or HEAD_DIM > 64
         query_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first: better load balance
         head = tl.program_id(1)

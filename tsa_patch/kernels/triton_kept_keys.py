@@ -3,9 +3,8 @@
 The paper's compression computes only the kept tokens' query rows and leaves the others 0. With ``rows="all"`` a
 sparse layer drops keys only: every one of the ``L`` query rows attends to the kept keys at or before its own
 position. One launch (``prepare_kept_keys``) gathers the kept keys and values into compact ``(Hs, M, D)`` tensors,
-only as far as each head's count reaches (the buffer is sized for keeping everything, and gathering all of it took
-0.18 ms of a 32K Qwen2.5-0.5B layer on an H100: ``results/profile-kept-keys-H100-20261206.json``), and writes the
-first row that sees each kept key. The positions ascend, so the keys a query block sees are a prefix of the compact
+only as far as each head's count reaches (the buffer is sized for keeping everything), and writes the first row
+that sees each kept key. The positions ascend, so the keys a query block sees are a prefix of the compact
 sequence: every key at or before the block's first row is visible to all of its rows (those tiles run without a
 mask) and only the keys inside the block's own span need the causal mask, a tile or two. The same launch writes
 both bounds of every query block, and the share of query-key pairs computed (the statistics), on the device:
@@ -32,9 +31,8 @@ from .triton_import import HAS_TRITON, tl, triton
 _LOG2_E = 1.4426950408889634
 # Query rows per program (the default).
 BLOCK_M = 128
-# The launch shape for 16-bit inputs: 64 keys per step, 4 warps, 2 stages. In benchmarks/kept_keys_gpu.py's sweep on
-# an H100 (kept fraction 0.1, 128 local keys) it beat the block-sparse kernel's shape by x1.47 (Qwen2.5-0.5B shapes)
-# and x1.22 (Llama-3.1-8B's) at 32K, x1.12-1.17 at 8K, within 6 % of the fastest shape everywhere.
+# The launch shape for 16-bit inputs: 64 keys per step, 4 warps, 2 stages, within 6 % of the fastest shape of
+# benchmarks/kept_keys_gpu.py's sweep on an H100 everywhere (x1.12-1.47 the block-sparse kernel's shape).
 HALF_TILING = Tiling(64, 4, 2)
 
 if HAS_TRITON:

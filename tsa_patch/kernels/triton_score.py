@@ -122,15 +122,12 @@ def _block_d(head_dim: int) -> int:
 
 
 WINDOW_BLOCK = 64  # window queries per program of pass 1 and of the merge
-# Pass 1's keys per step, warps, and programs per SM that its key splits aim at: of score_tiles_gpu.py
-# --sweep-pass1's 24 shapes on an H100 (results/select-histogram-H100-20261207.json), 128 keys at 2 per SM took
-# 10 % off scoring on Llama-3.1-8B heads at 8K and 8 % at 32K, and matched 64 keys at 4 per SM on Qwen2.5-0.5B's.
-# Its fp32 tiles at head dim 128 take 160 KiB of shared memory (an H100 has 227).
+# Pass 1's keys per step, warps, and programs per SM that its key splits aim at: the fastest of score_tiles_gpu.py
+# --sweep-pass1's 24 shapes on an H100 (fp32 tiles at head dim 128: 160 KiB of shared memory; an H100 has 227).
 KEY_BLOCK, STATS_WARPS, STATS_PROGRAMS_PER_SM = 128, 4, 2
 MAX_SPLITS = 32  # key splits of pass 1 (Qwen2.5-0.5B on an H100: 18)
 # Pass 2: window queries held per program, keys per tile, warps, and programs per SM (each takes a run of tiles):
-# the fastest of benchmarks/score_tiles_gpu.py's 24 shapes on an H100 at 8K and 32K (Qwen2.5-0.5B and Llama-3.1-8B
-# heads, within 6 % of the best everywhere); scoring took 12-25 % less than with one tile per program.
+# the fastest of score_tiles_gpu.py's 24 shapes on an H100 at 8K and 32K (within 6 % of the best everywhere).
 SCORE_WINDOW_BLOCK, SCORE_TILE, SCORE_WARPS, SCORE_PROGRAMS_PER_SM = 128, 64, 4, 2
 
 

@@ -1,19 +1,15 @@
 """Triton twin of ``reference.select_tokens_padded_ref``: Dynamic Token Coverage and the ordered kept positions.
 
-Two implementations with the same results, chosen by the number of candidates (measured on an H100 at their
-launch shapes below, ``benchmarks/select_shape_gpu.py``; ``results/select-shape-H100-20261207.json``):
+Two implementations with the same results, chosen by the number of candidates (timings: benchmarks/README.md):
 
-- below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one reduction) and
-  one kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a
-  pass counted in one read of the row, 8 passes; for the K-th largest by a histogram of the pass's digit, stopping
-  once exactly K scores lie at or above a candidate, and counting the scores above the cut on the way) finds
-  where the coverage rule's ascending tail ends and the head's K-th largest score. Two launches: at 8K it takes
-  0.08 ms of device time (and 30 us of host time on an H200), against 0.16 ms (and 170 us) for the sorts; with
-  the histogram, 0.037 ms instead of 0.049 at a forced count, and 0.028 with the early stop (H100,
-  ``benchmarks/profile_kept_keys.py``, Llama-3.1-8B heads).
+- below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one launch) and one
+  kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a pass
+  counted in one read of the row, 8 passes; for the K-th largest by a histogram of the pass's digit, stopping once
+  exactly K scores lie at or above a candidate) finds where the coverage rule's ascending tail ends and the
+  head's K-th largest score: at 8K half the device time of the sorts, and a fifth of their host time.
 - from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
   head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
-  head's whole row 20 times in one program, so they lose to the sorts on long rows (0.29 against 0.21 ms at 32K).
+  head's whole row up to 19 times in one program, so they lose to the sorts on long rows.
 
 Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
 above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
@@ -231,13 +227,10 @@ if HAS_TRITON:
 
 
 # Candidates per step of the serial loops and warps per program (one program per head): the fastest of
-# benchmarks/select_shape_gpu.py's sweep (1024-8192 x 4-16 warps, every shape bit-equal) on an H100 at 8K and 32K,
-# Qwen2.5-0.5B and Llama-3.1-8B heads; against 1024 with 4 and 8 warps before, the coverage rule's selection went
-# from 0.104 to 0.078 ms (radix, 8K) and from 0.31 to 0.26 ms (sorted, Llama at 32K).
+# benchmarks/select_shape_gpu.py's sweep on an H100 at 8K and 32K (results/select-shape-H100-20261207.json).
 BLOCK, SORTED_WARPS, RADIX_WARPS = 4096, 8, 16
-# The candidate count from which the sorts outrun the radix search (interpolated between those 8K and 32K timings
-# of the coverage rule: 0.078 against 0.157 ms at 8K, 0.285 against 0.213 at 32K on Qwen's heads, equal near 20.6K;
-# near 27K on Llama's).
+# The candidate count from which the sorts outrun the radix search under the coverage rule (the same sweep: equal
+# near 20.6K on Qwen2.5-0.5B's heads, near 27K on Llama-3.1-8B's).
 RADIX_BELOW = 20480
 
 
@@ -253,8 +246,7 @@ def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
 
 def _averaged(pooled: Tensor, coverage: str, keep: int | None) -> Tensor:
     """The head-averaged scores that the coverage rule reads (``reference.coverage_distribution``), contiguous:
-    for "paper" in one launch (torch's reduction over the heads took 7 us of the 37 us selection of a Llama-3.1-8B
-    layer at 8K on an H100). A forced count reads none: ``pooled`` stands in."""
+    for "paper" in one launch (a third of torch's reduction). A forced count reads none: ``pooled`` stands in."""
     if keep is not None:
         return pooled
     if coverage != "paper":
