@@ -166,27 +166,58 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
     assert torch.equal(kept, expected)
 
 
-@pytest.mark.parametrize("selection", list(SELECTIONS))
-def test_select_cut_at_a_round_score_and_at_ties_an_ulp_apart(selection):
+def round_and_tied_rows() -> torch.Tensor:
     """Distinct scores with few mantissa bits (multiples of 2^-12): the head's K-th largest is itself a pattern
     whose low bits are 0, where the radix search stops early with exactly K scores at or above its candidate. A
     second row replaces the 249th-251st largest by v + 1 ulp, v, v (v's last 4 bits 3): at K 249 and 250 the cut
-    is tied, the search runs all 8 passes, and the scores above the cut include one inside v's last digit
-    block. A row of zeros has every score at 0, the search's lowest candidate. All give the reference's positions,
-    ties to the earlier token."""
+    is tied, the search runs all its passes, and the scores above the cut include one inside v's last digit
+    block. A row of zeros has every score at 0, the search's lowest candidate."""
     generator = torch.Generator(device=DEVICE).manual_seed(12)
-    candidates, window = 700, 8
+    candidates = 700
     distinct = (torch.randperm(candidates, device=DEVICE, generator=generator) + 1).float() * 2.0**-12
     by_rank = torch.argsort(distinct, descending=True)
     v_bits = distinct[by_rank[250]].view(torch.int32) + 3
     tied = distinct.clone()
     tied[by_rank[248]] = (v_bits + 1).view(torch.float32)
     tied[by_rank[249]] = tied[by_rank[250]] = v_bits.view(torch.float32)
-    pooled = torch.stack([distinct, tied, torch.zeros_like(distinct)])  # zeros: no cut below 0 to stop at
+    return torch.stack([distinct, tied, torch.zeros_like(distinct)])  # zeros: no cut below 0 to stop at
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_select_cut_at_a_round_score_and_at_ties_an_ulp_apart(selection):
+    """``round_and_tied_rows`` at counts around the tied scores: the reference's positions, ties to the earlier
+    token."""
+    pooled, window = round_and_tied_rows(), 8
+    candidates = pooled.shape[1]
     for keep in (1, 248, 249, 250, 251, candidates):
         kept, count = SELECTIONS[selection](pooled, candidates + window, 0.0, 1, "paper", keep)
         expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
         assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("count_bits,mass_bits", [(1, 1), (2, 2), (8, 4)])
+def test_radix_search_at_every_digit_width(count_bits, mass_bits, monkeypatch):
+    """The radix search with other bits a pass than the defaults (tested above): 1, 2 and 8 for the K-th largest,
+    1, 2 and 4 for the coverage rule's tail: the same positions as the reference at the tied and round cuts, and the
+    count the rule allows (``counts_within_rounding``) under it, and the reference's positions for that count."""
+    monkeypatch.setattr(triton_select, "COUNT_BITS", count_bits)
+    monkeypatch.setattr(triton_select, "MASS_BITS", mass_bits)
+    pooled, window = round_and_tied_rows(), 8
+    candidates = pooled.shape[1]
+    for keep in (1, 249, 250, candidates):
+        kept, count = select_tokens_padded_radix(pooled, candidates + window, 0.0, 1, "paper", keep)
+        expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
+        assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+    generator = torch.Generator(device=DEVICE).manual_seed(count_bits)
+    for rounding, tau in ((None, 0.01), (8, 0.05)):
+        pooled = torch.rand(5, 1000, device=DEVICE, generator=generator) ** 6
+        if rounding:  # few distinct values: exact ties at the tail's end
+            pooled = (pooled * rounding).round() / rounding
+        kept, count = select_tokens_padded_radix(pooled, 1000 + window, tau, 4, "paper", None)
+        chosen = int(count[0]) - window
+        assert (count == count[0]).all() and 1000 - chosen in counts_within_rounding(pooled, tau, "paper")
+        expected, _ = select_tokens_padded_ref(pooled, 1000 + window, tau, 4, "paper", keep=chosen)
+        assert torch.equal(kept, expected)
 
 
 def test_select_tokens_padded_dispatches_by_candidate_count(monkeypatch):

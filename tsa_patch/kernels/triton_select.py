@@ -3,13 +3,12 @@
 Two implementations with the same results, chosen by the number of candidates (timings: benchmarks/README.md):
 
 - below ``RADIX_BELOW`` candidates, ``select_tokens_padded_radix``: the head-averaged scores (one launch) and one
-  kernel, one program per head. A radix search over fp32 bit patterns (4 bits a pass, the 16 candidates of a pass
-  counted in one read of the row, 8 passes; for the K-th largest by a histogram of the pass's digit, stopping once
-  exactly K scores lie at or above a candidate) finds where the coverage rule's ascending tail ends and the
-  head's K-th largest score: at 8K half the device time of the sorts, and a fifth of their host time.
+  kernel, one program per head. A radix search over fp32 bit patterns finds where the coverage rule's ascending
+  tail ends (``MASS_BITS`` a pass, a sum per candidate) and the head's K-th largest score (``COUNT_BITS`` a pass,
+  a histogram of the pass's digit, stopping once exactly K scores lie at or above a candidate).
 - from ``RADIX_BELOW`` on, ``select_tokens_padded_sorted``: the head-averaged scores, their ascending sort, each
   head's descending sort (only its values: the K-th largest is the cut) and one kernel. The radix passes read a
-  head's whole row up to 19 times in one program, so they lose to the sorts on long rows.
+  head's whole row up to 27 times in one program, so they lose to the sorts on long rows.
 
 Both kernels derive the layer's count in every program (cheaper than a second launch), then write the candidates
 above the head's cut and those tied at it in position order until K, ascending by a prefix sum, then the
@@ -49,31 +48,31 @@ if HAS_TRITON:
         return limit
 
     @triton.jit
-    def _largest_bits(Row, n, target, BLOCK: tl.constexpr, MASS: tl.constexpr):
+    def _largest_bits(Row, n, target, BLOCK: tl.constexpr, MASS: tl.constexpr, BITS: tl.constexpr):
         # The largest fp32 bit pattern t (which orders the non-negative floats) in [0, +inf] whose predicate
         # holds over the row's n values, all >= 0: with MASS the sum of the values below t stays under target,
         # else at least target (>= 1) values are >= t. Both predicates hold at 0 and fail from some t on, so a
-        # radix search finds t exactly: 4 bits a pass, all 16 candidates of a pass counted in one read of the
-        # row, 8 passes for the 31 bits (the first pass's candidates with the sign bit set are not candidates).
-        # Without MASS it also returns how many values exceed t (with MASS, 0), and stops early where a candidate
-        # c > 0 has exactly target values at or above it: those are the target largest, so it returns c - 1 (one
-        # ulp below: a cut with no ties to break) and target.
+        # radix search finds t exactly: BITS bits a pass (1, 2, 4; 8 without MASS), all 2**BITS candidates of a
+        # pass counted in one read of the row (those with the sign bit set are not candidates). Without MASS it
+        # also returns how many values exceed t (with MASS, 0), and stops early where a candidate c > 0 has exactly
+        # target values at or above it (the target largest): it returns c - 1 (one ulp below: no ties) and target.
+        RADIX: tl.constexpr = 1 << BITS
         offs = tl.arange(0, BLOCK)
-        digits = tl.arange(0, 16)
+        digits = tl.arange(0, RADIX)
         prefix = tl.sum(tl.zeros([1], tl.int32), 0)
         done = prefix  # 0, or 1 once a candidate had exactly target values at or above it
         greater = prefix
-        for p in tl.static_range(8):
-            shift = 28 - 4 * p
+        for p in tl.static_range(32 // BITS):
+            shift = 32 - BITS * (p + 1)
             candidate = prefix + (digits << shift)
             valid = (candidate >= 0) & (candidate <= 0x7F800000)
             if MASS:
                 threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
-                acc = tl.zeros([16], tl.float32)
+                acc = tl.zeros([RADIX], tl.float32)
                 end = n
             else:
-                prefix_high = (prefix >> shift) >> 4  # the prefix's bits above this pass's digit
-                acc = tl.zeros([16], tl.int32)
+                prefix_high = (prefix >> shift) >> BITS  # the prefix's bits above this pass's digit
+                acc = tl.zeros([RADIX], tl.int32)
                 above = tl.zeros([BLOCK], tl.int32)
                 end = tl.where(done > 0, 0, n)  # stopped: no more reads
             for start in range(0, end, BLOCK):
@@ -84,8 +83,8 @@ if HAS_TRITON:
                 else:  # by bits: above the prefix counts for every candidate, at it by its digit (padding -1: below)
                     x = tl.load(Row + start + offs, mask=inside, other=-1.0)
                     bits = x.to(tl.int32, bitcast=True) >> shift  # (-0.0 is below 0 here: digit 0 holds anyway)
-                    above += ((bits >> 4) > prefix_high).to(tl.int32)
-                    acc += tl.histogram(bits & 15, 16, mask=(bits >> 4) == prefix_high)
+                    above += ((bits >> BITS) > prefix_high).to(tl.int32)
+                    acc += tl.histogram(bits & (RADIX - 1), RADIX, mask=(bits >> BITS) == prefix_high)
             if MASS:
                 holds = valid & (acc < target)
                 prefix += tl.max(tl.where(holds, digits, 0), 0) << shift
@@ -98,7 +97,8 @@ if HAS_TRITON:
                 exact = (done == 0) & (prefix > 0) & (tl.sum(tl.where(holds & (digits == digit), at_least, 0), 0)
                                                      == target)
                 # after the last pass, the values above t: those at or above the next candidate
-                greater = tl.where(digit < 15, tl.sum(tl.where(digits == digit + 1, at_least, 0), 0), above_all)
+                greater = tl.where(digit < RADIX - 1, tl.sum(tl.where(digits == digit + 1, at_least, 0), 0),
+                                   above_all)
                 done = tl.where(exact, 1, done)
         if MASS:  # one return: the compiler checks every return's types, the pruned branch's too
             result = prefix
@@ -121,12 +121,12 @@ if HAS_TRITON:
         return below
 
     @triton.jit
-    def _radix_tail(Averaged, candidates, limit, BLOCK: tl.constexpr):
+    def _radix_tail(Averaged, candidates, limit, BLOCK: tl.constexpr, BITS: tl.constexpr):
         # ``_sorted_tail`` without the sort: the ascending tail ends at the value t where the mass below t stays
         # under the limit (``_largest_bits``): every value below t, and as many of those tied at t as the limit
         # leaves room for. (A limit above the total gives t = inf, every value below it; tau 0 gives t = 0.)
         offs = tl.arange(0, BLOCK)
-        cut, _ = _largest_bits(Averaged, candidates, limit, BLOCK, True)
+        cut, _ = _largest_bits(Averaged, candidates, limit, BLOCK, True, BITS)
         cut = cut.to(tl.float32, bitcast=True)
         below_mass = tl.zeros([BLOCK], tl.float32)
         below_count = tl.zeros([BLOCK], tl.int32)
@@ -144,7 +144,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _kept_count(Averaged, candidates, tau, floor, keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr,
-                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr, SORTED: tl.constexpr):
+                    DROP_NEXT: tl.constexpr, FORCED: tl.constexpr, SORTED: tl.constexpr,
+                    MASS_BITS: tl.constexpr):
         # reference.kept_count_ref on the head-averaged scores (ascending when SORTED): unless FORCED, the tail
         # whose cumulative mass stays below the limit (``_coverage_limit``) is dropped, one more with DROP_NEXT
         # (the authors' rule: nothing when the tail is empty); then the floor and the ceiling
@@ -154,7 +155,7 @@ if HAS_TRITON:
             if SORTED:
                 below = _sorted_tail(Averaged, candidates, limit, BLOCK)
             else:
-                below = _radix_tail(Averaged, candidates, limit, BLOCK)
+                below = _radix_tail(Averaged, candidates, limit, BLOCK, MASS_BITS)
             if DROP_NEXT:
                 below = tl.where(below > 0, below + 1, below)
             kept = candidates - below
@@ -202,7 +203,7 @@ if HAS_TRITON:
         # One head: the layer's count (every program derives the same one: cheaper than a second launch), then
         # the head's top ``keep`` candidates (the K-th largest score read from the descending sort)
         head = tl.program_id(0)
-        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, True)
+        keep = _kept_count(Ascending, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, True, 4)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         cut = tl.load(Descending + head * stride_d + tl.maximum(keep - 1, 0))
         cut = tl.where(keep > 0, cut, float("inf"))
@@ -213,25 +214,28 @@ if HAS_TRITON:
     @triton.jit
     def _radix_select_kernel(Averaged, Pooled, Count, Kept, stride_p, stride_k, candidates, seq_len, tau, floor,
                              keep, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr, DROP_NEXT: tl.constexpr,
-                             FORCED: tl.constexpr):
+                             FORCED: tl.constexpr, COUNT_BITS: tl.constexpr, MASS_BITS: tl.constexpr):
         # One head: the layer's count (every program derives the same one), its K-th largest score by the radix
         # search, then the write-out
         head = tl.program_id(0)
-        keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, False)
+        keep = _kept_count(Averaged, candidates, tau, floor, keep, BLOCK, NORMALIZE, DROP_NEXT, FORCED, False,
+                           MASS_BITS)
         tl.store(Count + head, (keep + seq_len - candidates).to(tl.int64))
         row = Pooled + head * stride_p
-        cut, greater = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False)
+        cut, greater = _largest_bits(row, candidates, tl.maximum(keep, 1), BLOCK, False, COUNT_BITS)
         cut = tl.where(keep > 0, cut.to(tl.float32, bitcast=True), float("inf"))
         _write_kept(row, Kept + head * stride_k, cut, tl.where(keep > 0, greater, 0), keep, candidates, seq_len,
                     BLOCK)
 
 
-# Candidates per step of the serial loops and warps per program (one program per head): the fastest of
-# benchmarks/select_shape_gpu.py's sweep on an H100 at 8K and 32K (results/select-shape-H100-20261207.json).
-BLOCK, SORTED_WARPS, RADIX_WARPS = 4096, 8, 16
-# The candidate count from which the sorts outrun the radix search under the coverage rule (the same sweep: equal
-# near 20.6K on Qwen2.5-0.5B's heads, near 27K on Llama-3.1-8B's).
-RADIX_BELOW = 20480
+# Candidates per step of the serial loops, warps per program (one program per head) and the radix search's bits a
+# pass for the K-th largest (a histogram) and for the coverage rule's tail (a sum per candidate: 8 bits would hold
+# 2**8 sums a value): the fastest of benchmarks/select_shape_gpu.py's sweeps on an H100
+# (results/select-shape-H100-20261207.json; --digits: results/select-digits-H100-20261207.json).
+BLOCK, SORTED_WARPS, RADIX_WARPS, COUNT_BITS, MASS_BITS = 4096, 8, 16, 4, 2
+# The candidate count from which the sorts outrun the radix search under the coverage rule (the --digits sweep:
+# the radix ahead at 32K, behind at 48K on Qwen2.5-0.5B's heads and at 64K on Llama-3.1-8B's).
+RADIX_BELOW = 36864
 
 
 def _checked(pooled: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -283,7 +287,8 @@ def select_tokens_padded_radix(pooled: Tensor, seq_len: int, tau: float, min_tok
     _radix_select_kernel[(heads,)](averaged, pooled, count, kept, pooled.stride(0), kept.stride(0), candidates,
                                    seq_len, tau, max(0, min(min_tokens, candidates)), 0 if keep is None else keep,
                                    BLOCK=BLOCK, NORMALIZE=coverage == "paper", DROP_NEXT=coverage == "paper",
-                                   FORCED=keep is not None, num_warps=RADIX_WARPS)
+                                   FORCED=keep is not None, COUNT_BITS=COUNT_BITS, MASS_BITS=MASS_BITS,
+                                   num_warps=RADIX_WARPS)
     return kept, count
 
 
