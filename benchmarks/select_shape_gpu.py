@@ -28,7 +28,7 @@ from tsa_patch.kernels import triton_select
 HEADS = {"qwen2.5-0.5b": 14, "llama-3.1-8b": 32}
 WINDOW = 128
 BLOCKS, WARPS = (1024, 2048, 4096, 8192), (4, 8, 16)
-COUNT_BITS, MASS_BITS = (2, 4, 8), (1, 2, 4)  # 8 bits of mass: 256 sums a value (on an H100 it did not finish)
+SWEPT_COUNT_BITS, SWEPT_MASS_BITS = (2, 4, 8), (1, 2, 4)  # 8 bits of mass: 256 sums a value (it did not finish)
 PATHS = {"radix": (triton_select.select_tokens_padded_radix, "RADIX_WARPS"),
          "sorted": (triton_select.select_tokens_padded_sorted, "SORTED_WARPS")}
 
@@ -52,8 +52,8 @@ def shapes(path: str, warps_name: str, forced: bool, digits: bool) -> list[dict]
         return [{"BLOCK": block, warps_name: warps} for block, warps in itertools.product(BLOCKS, WARPS)]
     if path == "sorted":
         return [{"BLOCK": triton_select.BLOCK}]
-    mass = (triton_select.MASS_BITS,) if forced else MASS_BITS
-    return [{"COUNT_BITS": count, "MASS_BITS": m} for count, m in itertools.product(COUNT_BITS, mass)]
+    mass = (triton_select.MASS_BITS,) if forced else SWEPT_MASS_BITS
+    return [{"COUNT_BITS": count, "MASS_BITS": m} for count, m in itertools.product(SWEPT_COUNT_BITS, mass)]
 
 
 def main() -> None:

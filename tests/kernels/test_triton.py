@@ -183,16 +183,21 @@ def round_and_tied_rows() -> torch.Tensor:
     return torch.stack([distinct, tied, torch.zeros_like(distinct)])  # zeros: no cut below 0 to stop at
 
 
+def assert_round_and_tied_cuts_like_reference(select, keeps):
+    """``select`` on ``round_and_tied_rows`` at each forced count: the reference's count and positions."""
+    pooled, window = round_and_tied_rows(), 8
+    candidates = pooled.shape[1]
+    for keep in keeps:
+        kept, count = select(pooled, candidates + window, 0.0, 1, "paper", keep)
+        expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
+        assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+
+
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 def test_select_cut_at_a_round_score_and_at_ties_an_ulp_apart(selection):
     """``round_and_tied_rows`` at counts around the tied scores: the reference's positions, ties to the earlier
     token."""
-    pooled, window = round_and_tied_rows(), 8
-    candidates = pooled.shape[1]
-    for keep in (1, 248, 249, 250, 251, candidates):
-        kept, count = SELECTIONS[selection](pooled, candidates + window, 0.0, 1, "paper", keep)
-        expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
-        assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+    assert_round_and_tied_cuts_like_reference(SELECTIONS[selection], (1, 248, 249, 250, 251, 700))
 
 
 @pytest.mark.parametrize("count_bits,mass_bits", [(1, 1), (2, 2), (8, 4)])
@@ -202,12 +207,8 @@ def test_radix_search_at_every_digit_width(count_bits, mass_bits, monkeypatch):
     count the rule allows (``counts_within_rounding``) under it, and the reference's positions for that count."""
     monkeypatch.setattr(triton_select, "COUNT_BITS", count_bits)
     monkeypatch.setattr(triton_select, "MASS_BITS", mass_bits)
-    pooled, window = round_and_tied_rows(), 8
-    candidates = pooled.shape[1]
-    for keep in (1, 249, 250, candidates):
-        kept, count = select_tokens_padded_radix(pooled, candidates + window, 0.0, 1, "paper", keep)
-        expected, ref_count = select_tokens_padded_ref(pooled, candidates + window, 0.0, 1, "paper", keep)
-        assert torch.equal(count, ref_count) and torch.equal(kept, expected)
+    assert_round_and_tied_cuts_like_reference(select_tokens_padded_radix, (1, 249, 250, 700))
+    window = 8
     generator = torch.Generator(device=DEVICE).manual_seed(count_bits)
     for rounding, tau in ((None, 0.01), (8, 0.05)):
         pooled = torch.rand(5, 1000, device=DEVICE, generator=generator) ** 6
