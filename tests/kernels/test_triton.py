@@ -133,7 +133,7 @@ def counts_within_rounding(pooled, tau, coverage):
 
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("coverage", ["paper", "normalized"])
-@pytest.mark.parametrize("case", ["peaked", "ties", "forced", "tau0", "floor", "no_mass"])
+@pytest.mark.parametrize("case", ["peaked", "ties", "forced", "tau0", "floor", "no_mass", "lone_top"])
 @pytest.mark.parametrize("heads,candidates", [(1, 7), (5, 1000), (14, 2500)]
                          + ([(32, 8064), (32, 131072 - 128)] if DEVICE == "cuda" else []))
 def test_select_tokens_padded_matches_reference(heads, candidates, case, coverage, selection):
@@ -146,10 +146,12 @@ def test_select_tokens_padded_matches_reference(heads, candidates, case, coverag
         pooled = (pooled * 8).round() / 8
     if case == "no_mass":  # nothing to cover: the whole tail is dropped down to the floor, ties to the earliest
         pooled = torch.zeros_like(pooled)
+    if case == "lone_top":  # tau above 1: every candidate dropped down to the floor, the radix search's tail
+        pooled[:, -1] = 3.0  # ending past a largest score above 2
     window = 16
     tau, min_tokens, keep = {"peaked": (0.01, 4, None), "ties": (0.05, 4, None), "forced": (0.01, 4, candidates // 3),
                              "tau0": (0.0, 4, None), "floor": (0.3, candidates // 2, None),
-                             "no_mass": (0.01, 4, None)}[case]
+                             "no_mass": (0.01, 4, None), "lone_top": (1.5, 4, None)}[case]
     kept, count = SELECTIONS[selection](pooled, candidates + window, tau, min_tokens, coverage, keep)
     _, ref_count = select_tokens_padded_ref(pooled, candidates + window, tau, min_tokens, coverage, keep)
     assert kept.shape == (heads, candidates + window) and kept.dtype == torch.int64 and count.shape == (heads,)

@@ -68,7 +68,7 @@ if HAS_TRITON:
             valid = (candidate >= 0) & (candidate <= 0x7F800000)
             if MASS:
                 threshold = tl.where(valid, candidate, 0).to(tl.float32, bitcast=True)
-                acc = tl.zeros([RADIX], tl.float32)
+                below = tl.zeros([BLOCK, RADIX], tl.float32)  # summed once a pass, not once a step
                 end = n
             else:
                 prefix_high = (prefix >> shift) >> BITS  # the prefix's bits above this pass's digit
@@ -79,14 +79,14 @@ if HAS_TRITON:
                 inside = start + offs < n
                 if MASS:  # padding is +inf: never below a threshold
                     x = tl.load(Row + start + offs, mask=inside, other=float("inf"))
-                    acc += tl.sum(tl.where(x[:, None] < threshold[None, :], x[:, None], 0.0), 0)
+                    below += tl.where(x[:, None] < threshold[None, :], x[:, None], 0.0)
                 else:  # by bits: above the prefix counts for every candidate, at it by its digit (padding -1: below)
                     x = tl.load(Row + start + offs, mask=inside, other=-1.0)
                     bits = x.to(tl.int32, bitcast=True) >> shift  # (-0.0 is below 0 here: digit 0 holds anyway)
                     above += ((bits >> BITS) > prefix_high).to(tl.int32)
                     acc += tl.histogram(bits & (RADIX - 1), RADIX, mask=(bits >> BITS) == prefix_high)
             if MASS:
-                holds = valid & (acc < target)
+                holds = valid & (tl.sum(below, 0) < target)
                 prefix += tl.max(tl.where(holds, digits, 0), 0) << shift
             else:  # values >= each candidate: those above, and those at the prefix with a digit at least its own
                 above_all = tl.sum(above, 0)
