@@ -205,13 +205,25 @@ def test_select_cut_at_a_round_score_and_at_ties_an_ulp_apart(selection):
 @pytest.mark.parametrize("count_bits,mass_bits", [(1, 1), (2, 2), (8, 4)])
 def test_radix_search_at_every_digit_width(count_bits, mass_bits, monkeypatch):
     """The radix search with other bits a pass than the defaults (tested above): 1, 2 and 8 for the K-th largest,
-    1, 2 and 4 for the coverage rule's tail: the same positions as the reference at the tied and round cuts, and the
-    count the rule allows (``counts_within_rounding``) under it, and the reference's positions for that count."""
+    1, 2 and 4 for the coverage rule's tail."""
     monkeypatch.setattr(triton_select, "COUNT_BITS", count_bits)
     monkeypatch.setattr(triton_select, "MASS_BITS", mass_bits)
+    assert_radix_search_like_reference(seed=count_bits)
+
+
+def test_radix_search_over_several_steps_a_pass(monkeypatch):
+    """Rows longer than ``BLOCK`` are read in several steps a pass, the mass passes' sums carried across them (here
+    256 candidates a step: 3 and 4 steps; the CPU's other rows fit in one): the same results as above."""
+    monkeypatch.setattr(triton_select, "BLOCK", 256)
+    assert_radix_search_like_reference(seed=0)
+
+
+def assert_radix_search_like_reference(seed):
+    """The radix search at the tied and round cuts, and the count the rule allows (``counts_within_rounding``) with
+    the reference's positions for that count, on random and on rounded (tied) scores."""
     assert_round_and_tied_cuts_like_reference(select_tokens_padded_radix, (1, 249, 250, 700))
     window = 8
-    generator = torch.Generator(device=DEVICE).manual_seed(count_bits)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     for rounding, tau in ((None, 0.01), (8, 0.05)):
         pooled = torch.rand(5, 1000, device=DEVICE, generator=generator) ** 6
         if rounding:  # few distinct values: exact ties at the tail's end
