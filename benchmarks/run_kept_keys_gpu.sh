@@ -34,6 +34,10 @@
 #                                                    # profile (KEEP; a carried .baseline's too). On a fresh H100
 #                                                    # (2026-12-07) it took 550 s with select_shape_gpu.py at 8K and
 #                                                    # 16K in it, which did not finish in 150 s: run that alone
+#   bash benchmarks/run_kept_keys_gpu.sh select-variants  # the selection tests at GPU shapes, then for this tree, a
+#                                                    # carried .baseline and every untracked exp/NAME/tsa_patch: the
+#                                                    # radix selection alone (select_variants_gpu.py, outputs compared
+#                                                    # with the first) and the layer profile (LENGTHS, MODELS)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -117,6 +121,19 @@ elif [ "$1" = select-and-pass1 ]; then
     --output "$OUT/score-pass1.json" 2>&1 | tail -28
   pack select-and-pass1
   profiles select-and-pass1
+elif [ "$1" = select-variants ]; then
+  gpu_tests 300 tests/kernels/test_triton.py -k "select or radix"  # 200 s ran out compiling on a fresh H100
+  pack select-variants
+  variants=$(for code in .baseline . exp/*; do [ -d "$code/tsa_patch" ] && echo "$code"; done)
+  for code in $variants; do
+    name=$(basename "$(realpath "$code")")
+    PYTHONPATH=$code timeout 120 python3 benchmarks/select_variants_gpu.py "$name" "$OUT" 2>&1 | tail -12
+    python3 benchmarks/select_variants_gpu.py --compare "$(basename "$(realpath "$(echo "$variants" | head -1)")")" \
+      "$name" "$OUT"
+    PYTHONPATH=$code timeout 150 python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
+      --output "$OUT/profile-$name.json" ${MODELS:+--models $MODELS} 2>&1 | grep -v "^    " | tail -8
+    pack select-variants
+  done
 elif [ "$1" = kernel ]; then
   python3 benchmarks/kept_keys_gpu.py --lengths "${LENGTHS:-8192,32768,131072}" --output "$OUT/kept-keys.json" 2>&1 \
     | tail -30
