@@ -124,12 +124,13 @@ elif [ "$1" = select-and-pass1 ]; then
 elif [ "$1" = select-variants ]; then
   gpu_tests 300 tests/kernels/test_triton.py -k "select or radix"  # 200 s ran out compiling on a fresh H100
   pack select-variants
-  variants=$(for code in .baseline . exp/*; do [ -d "$code/tsa_patch" ] && echo "$code"; done)
-  for code in $variants; do
+  first=""  # the variant every other one's outputs are compared with
+  for code in .baseline . exp/*; do
+    [ -d "$code/tsa_patch" ] || continue
     name=$(basename "$(realpath "$code")")
+    first=${first:-$name}
     PYTHONPATH=$code timeout 120 python3 benchmarks/select_variants_gpu.py "$name" "$OUT" 2>&1 | tail -12
-    python3 benchmarks/select_variants_gpu.py --compare "$(basename "$(realpath "$(echo "$variants" | head -1)")")" \
-      "$name" "$OUT"
+    python3 benchmarks/select_variants_gpu.py --compare "$first" "$name" "$OUT"
     PYTHONPATH=$code timeout 150 python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
       --output "$OUT/profile-$name.json" ${MODELS:+--models $MODELS} 2>&1 | grep -v "^    " | tail -8
     pack select-variants
