@@ -49,7 +49,7 @@ from tsa_patch.models import load_model, resolve_model
 from tsa_patch.suite import TASKS
 
 BOUND_KEY = "tsa_bound_probe"  # ``speed --bound``: dense attention with some layers' attention skipped
-ROUNDS = 5  # timing rounds per prompt length in ``speed``, variants interleaved
+ROUNDS = 5  # timing rounds per prompt length in ``speed`` (``--rounds``), variants interleaved
 SEQ_LEN = 32000  # with the 64-token continuation, within the model's 32,768-token context
 CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: rows "all", 128 local keys)
     "tsa-paper-coverage": {"rows": "kept"},  # TSA as the paper computes it; the default before 2026-12-06
@@ -166,8 +166,11 @@ def _time_export(folder: Path, args) -> list[dict]:
                     "attention_free": set(range(model.config.num_hidden_layers))}
             variants.update({name: (BOUND_KEY, "cudnn") for name in free})
         times = {name: [] for name in variants}
-        for _round in range(ROUNDS):  # interleaved: drifts of the host (these prefills are launch-bound) hit all
-            for name, (implementation, backend) in variants.items():
+        names = list(variants)
+        for round_ in range(args.rounds):  # interleaved: drifts of the host (these prefills are launch-bound) hit
+            # all; the order rotates each round, so that none always runs first after the switch of implementation
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                implementation, backend = variants[name]
                 if implementation == BOUND_KEY:
                     skipped.clear()
                     skipped.update(free[name])
@@ -380,6 +383,8 @@ def main() -> None:
     parser.add_argument("--bound", action="store_true", help="speed: also time the dense model with the policy's "
                         "engaged layers' attention skipped, and with all attention skipped: the most any sparse "
                         "attention there could gain")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="speed: interleaved timing rounds per length "
+                        "(more settle the launch-bound short prompts, whose rounds the host's jitter spreads)")
     parser.add_argument("--layer-taus", default="0.005,0.02", help="layers: the taus of each layer alone")
     parser.add_argument("--layer-rows", default="kept", help="layers: comma-separated rows modes: kept, all (every "
                         "row over the kept keys), local (and over its 128 latest keys)")
