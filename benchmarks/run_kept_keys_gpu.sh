@@ -130,7 +130,7 @@ elif [ "$1" = select-variants ]; then
     name=$(basename "$(realpath "$code")")
     first=${first:-$name}
     PYTHONPATH=$code timeout 120 python3 benchmarks/select_variants_gpu.py "$name" "$OUT" 2>&1 | tail -12
-    python3 benchmarks/select_variants_gpu.py --compare "$first" "$name" "$OUT"
+    [ "$name" = "$first" ] || python3 benchmarks/select_variants_gpu.py --compare "$first" "$name" "$OUT"
     PYTHONPATH=$code timeout 150 python3 benchmarks/profile_kept_keys.py --lengths "${LENGTHS:-8192,32768}" \
       --output "$OUT/profile-$name.json" ${MODELS:+--models $MODELS} 2>&1 | grep -v "^    " | tail -8
     pack select-variants
