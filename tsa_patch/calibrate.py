@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from tsa_patch import __version__
 from tsa_patch.calibration.budget import DEFAULT_MAX_KL, Budget
 from tsa_patch.calibration.endtoend import RECALL_CUE
+from tsa_patch.calibration.measure import TAU_GRID
 from tsa_patch.data import DEFAULT_CALIBRATION_DATA, DataSourceError, load_documents, token_samples
 from tsa_patch.errors import DataError, PolicyError
 from tsa_patch.kernels.policy import CONFIG_KEY, POLICY_KNOBS, LayerPolicy, TsaPolicy, knob_defaults
@@ -72,6 +73,8 @@ class CalibrationConfig:
         holdout: held-out sequences that verify the chosen policy.
         continuation: tokens after each prompt, decoded densely over the TSA-prefilled cache and compared.
         tau, delta: the drift method's tau and drift quantile (paper: 0.005, 0.5).
+        taus: budget: the coverage thresholds measured in every layer, each one an option of the front (dense
+            always is one too).
         check_layers: budget: run each layer alone, sparse at the reference taus, end to end, and rescale its
             error estimates by what it measured (``calibration.layer_check``); False keeps the residual estimates.
         block_sparse: budget: the block-sparse kernel alone is one more option of every layer, next to its taus:
@@ -102,6 +105,7 @@ class CalibrationConfig:
     continuation: int = 64
     tau: float = PAPER_TAU
     delta: float = PAPER_DELTA
+    taus: tuple[float, ...] = TAU_GRID
     check_layers: bool = True
     block_sparse: bool = False
     window: int = _KNOBS["window"]
@@ -220,6 +224,14 @@ def _validate(model, config: CalibrationConfig) -> None:
         raise PolicyError(f"--target-speedup must be above 1; got {config.target_speedup}.")
     if config.block_sparse and (not budget_method or config.target_speedup is not None):
         raise PolicyError("--block-sparse needs the budget method with --max-kl, --min-agreement or --match-paper.")
+    if not config.taus or len(set(config.taus)) < len(config.taus) or not all(0.0 < t < 1.0 for t in config.taus):
+        raise PolicyError(f"--taus must be distinct values in (0, 1), e.g. 0.005,0.02,0.2; got "
+                          f"{','.join(f'{t:g}' for t in config.taus)}.")
+    if not budget_method and tuple(config.taus) != TAU_GRID:
+        raise PolicyError("--taus is for the budget method; --method drift sparsifies its layers at one --tau.")
+    if PAPER_TAU not in config.taus:  # measured in every layer for the paper's rule, and by the layer check
+        raise PolicyError(f"--taus must include the paper's tau {PAPER_TAU}: the paper's rule is measured beside "
+                          "every calibration.")
     if budget_method and (config.holdout < 1 or config.continuation < 1):
         raise DataError("--holdout and --continuation must be at least 1 for the budget method.")
     if budget_method and config.seq_len <= config.window:
@@ -270,7 +282,7 @@ def _accuracy_budget(model, tokenizer, config: CalibrationConfig, samples, sourc
 
     calibration, held_out = samples[: config.samples], samples[config.samples :]
     template = TsaPolicy.uniform(model.config.num_hidden_layers, 0.0, **config.policy_options())
-    measurements = new_measurements(model.config.num_hidden_layers, rows=config.rows_mode())
+    measurements = new_measurements(model.config.num_hidden_layers, tuple(sorted(config.taus)), config.rows_mode())
     drift_recorder = DriftRecorder(model.config.num_hidden_layers)
 
     @contextlib.contextmanager

@@ -17,8 +17,8 @@ SMALL = ["--samples", "1", "--holdout", "1", "--seq-len", "256", "--continuation
 
 def test_budget_calibration_writes_policy_report_plot_and_json(cli, tmp_path, smollm2):
     out, report_file, plot = tmp_path / "policy.json", tmp_path / "report.json", tmp_path / "tradeoff.png"
-    result = cli.invoke("calibrate", *SMALL, "--data", "kjv", "--max-kl", "0.1", "-o", out, "--report", report_file,
-                        "--plot", plot, "--json")
+    result = cli.invoke("calibrate", *SMALL, "--data", "kjv", "--max-kl", "0.1", "--taus", "0.6,0.005,0.3", "-o", out,
+                        "--report", report_file, "--plot", plot, "--json")
     assert result.exit_code == 0, result.stderr
     document = cli.json(result.stdout)  # exactly one JSON document on stdout
     policy = read_policy(out)
@@ -27,6 +27,8 @@ def test_budget_calibration_writes_policy_report_plot_and_json(cli, tmp_path, sm
     assert policy.calibration["data"] == "kjv" and policy.calibration["budget"] == {"kind": "max_kl", "value": 0.1}
     assert cli.json(report_file.read_text()) == document["report"] == policy.calibration
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert policy.calibration["taus"] == [0.005, 0.3, 0.6]  # the grid given, measured in ascending order
+    assert {layer.tau for layer in policy.layers} <= {0.0, 0.005, 0.3, 0.6}
 
 
 def test_drift_method_prints_table_without_json(cli, tmp_path, smollm2):
@@ -58,9 +60,15 @@ def _unsupported_model(tmp_path):
         (["--rows", "some"], "rows = 'some'; use one of ['kept', 'all']"),
         (["--rows", "kept", "--local-keys", "64"], "local_keys = 64; local keys need rows \"all\""),
         (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+        (["--taus", "0.1,abc"], "--taus must be a comma-separated list; got '0.1,abc'"),
+        (["--taus", "0,0.5"], "--taus must be distinct values in (0, 1), e.g. 0.005,0.02,0.2; got 0,0.5"),
+        (["--taus", "0.1,0.1"], "--taus must be distinct values in (0, 1)"),
+        (["--taus", "0.1,0.5"], "--taus must include the paper's tau 0.005"),
+        (["--method", "drift", "--taus", "0.1"], "--taus is for the budget method"),
     ],
     ids=["missing-folder", "missing-hub-id", "unsupported-arch", "tau-high", "tau-negative", "two-budgets", "seq-len",
-         "missing-data", "selection", "rows", "local-keys", "device"],
+         "missing-data", "selection", "rows", "local-keys", "device", "taus-not-numbers", "taus-zero",
+         "taus-repeated", "taus-without-paper-tau", "taus-drift"],
 )
 def test_bad_input_one_line_error_nothing_written(cli, tmp_path, args, fragment, smollm2):
     args = [str(_unsupported_model(tmp_path)) if a == "UNSUPPORTED" else a for a in args]

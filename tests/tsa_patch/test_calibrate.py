@@ -61,7 +61,7 @@ def test_budget_policy_meets_its_budget_and_is_reproducible(budget_run, smollm2_
     # every sparse layer engages at the calibration length here (activation length 96 < 320)
     assert chosen["served_at_seq_len"] == {"layers": budget_run.policy.sparse_layers,
                                            "attention_removed": chosen["attention_removed"]}
-    assert {layer.tau for layer in budget_run.policy.layers} <= {0.0, *TAU_GRID}
+    assert {layer.tau for layer in budget_run.policy.layers} <= {0.0, *TAU_GRID} and report["taus"] == list(TAU_GRID)
     assert budget_run.policy.calibration == report  # the report travels with the policy (and into exports)
     # the same seed gives the same policy
     assert calibrate(model, tokenizer, SMALL, source_model="SmolLM2-135M-Instruct").policy == budget_run.policy

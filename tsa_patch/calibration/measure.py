@@ -23,7 +23,7 @@ from tsa_patch.kernels.policy import TsaPolicy
 from tsa_patch.kernels.reference import kept_count_ref
 from tsa_patch.kernels.tsa import HAS_TRITON, sparse_attention, sparse_attention_kept_keys, token_scores
 
-# Candidate coverage thresholds (0 = dense is always an option too).
+# Candidate coverage thresholds, calibrate's default (``--taus``; 0 = dense is always an option too).
 TAU_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 # Registered only while measuring: the model runs dense, and the function measures TSA on the side.
 _MEASURE_KEY = "tsa_calibration_measure"

@@ -90,6 +90,7 @@ class CalibrationReport:
     def to_dict(self) -> dict:
         report = {
             "method": "accuracy-budget", **self.data, "holdout": self.holdout, "continuation": self.continuation,
+            "taus": list(self.measurements[0].taus),
             "budget": self.budget.to_dict(), "chosen": self.chosen.to_dict(), "paper_rule": self.paper_rule.to_dict(),
             "evaluations": [{k: e[k] for k in ("index", "attention_removed", "predicted_error", "kl", "top1_agreement")}
                             for e in sorted(self.evaluations, key=lambda e: e["index"])],

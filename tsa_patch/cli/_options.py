@@ -31,6 +31,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def comma_separated(text: str, cast, name: str) -> tuple:
+    """The values of a comma-separated option ``--name``, each through ``cast``; raises TsaError when one fails."""
+    from tsa_patch.errors import TsaError
+
+    try:
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TsaError(f"--{name} must be a comma-separated list; got '{text}'.") from None
+
+
 def check_writable(path: Path, option: str) -> None:
     """Raise TsaError unless a file can be created at ``path`` (checked before minutes of work, by creating and
     removing a probe file in the nearest existing folder; as root, permissions alone say nothing)."""

@@ -14,7 +14,7 @@ from tsa_patch.calibrate import (CONSERVATIVE_ACTIVATION_LENGTH, DEFAULT_LOCAL_K
 from tsa_patch.models import load_model, resolve_model
 from tsa_patch.plots import plot_calibration
 from tsa_patch.policy_file import write_policy
-from tsa_patch.cli._options import DEFAULT_POLICY_PATH, DeviceOpt, JsonOpt, resolve_device
+from tsa_patch.cli._options import DEFAULT_POLICY_PATH, DeviceOpt, JsonOpt, comma_separated, resolve_device
 from tsa_patch.cli._output import Output, handle_errors
 
 CALIBRATE_EXAMPLES = f"""
@@ -33,6 +33,8 @@ Examples:
   tsa-patch calibrate --seq-len 4096 --rows kept       # the paper's compression: only kept tokens' rows computed
 
   tsa-patch calibrate qwen.gguf --device cuda --seq-len 32000   # timed on the GPU: options priced by time saved
+
+  tsa-patch calibrate qwen.gguf --device cuda --seq-len 32000 --taus 0.005,0.02,0.05,0.1,0.2,0.3,0.5   # other taus
 """
 _DEFAULTS = CalibrationConfig()
 
@@ -53,6 +55,7 @@ def calibrate_command(
     continuation: Annotated[int, typer.Option(help="Tokens after each prompt decoded densely and compared with dense.")] = _DEFAULTS.continuation,
     tau: Annotated[float, typer.Option(help="drift method: coverage threshold of the sparse layers, in [0, 1).")] = _DEFAULTS.tau,
     delta: Annotated[float, typer.Option(help="drift method: layers at or below this drift quantile go sparse.")] = _DEFAULTS.delta,
+    taus: Annotated[str, typer.Option(help="Budget: comma-separated taus measured in every layer, each one an option of the search (dense always is one).")] = ",".join(f"{t:g}" for t in _DEFAULTS.taus),
     window: Annotated[int, typer.Option(help="Trailing queries that score tokens; always kept.")] = _DEFAULTS.window,
     pool_kernel: Annotated[int, typer.Option("--pool-kernel", help="Width of the average pool that smooths token scores (odd).")] = _DEFAULTS.pool_kernel,
     min_tokens: Annotated[int, typer.Option("--min-tokens", help="Tokens a sparse layer keeps at least, besides the window.")] = _DEFAULTS.min_tokens,
@@ -79,11 +82,11 @@ def calibrate_command(
     config = CalibrationConfig(
         data=data, samples=samples, seq_len=seq_len, seed=seed, method=method, max_kl=max_kl,
         min_agreement=min_agreement, target_speedup=target_speedup, match_paper=match_paper, holdout=holdout,
-        continuation=continuation, tau=tau, delta=delta, check_layers=check_layers, block_sparse=block_sparse,
-        window=window, pool_kernel=pool_kernel, min_tokens=min_tokens, activation_length=activation_length,
-        selection=selection, coverage=coverage, rows=rows, local_keys=local_keys, dense_backend=dense_backend,
-        block_size=block_size, block_gamma=block_gamma, block_min_budget=block_min_budget,
-        block_js_threshold=block_js_threshold)
+        continuation=continuation, tau=tau, delta=delta, taus=comma_separated(taus, float, "taus"),
+        check_layers=check_layers, block_sparse=block_sparse, window=window, pool_kernel=pool_kernel,
+        min_tokens=min_tokens, activation_length=activation_length, selection=selection, coverage=coverage,
+        rows=rows, local_keys=local_keys, dense_backend=dense_backend, block_size=block_size,
+        block_gamma=block_gamma, block_min_budget=block_min_budget, block_js_threshold=block_js_threshold)
     device = resolve_device(device)
     with out.status("Resolving model"):
         source = resolve_model(model)

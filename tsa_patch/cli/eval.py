@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tsa_patch.suite import TASKS
 from tsa_patch.errors import TsaError
-from tsa_patch.cli._options import DeviceOpt, JsonOpt, check_writable, resolve_device
+from tsa_patch.cli._options import DeviceOpt, JsonOpt, check_writable, comma_separated, resolve_device
 from tsa_patch.cli._output import Output, handle_errors
 
 EVAL_EXAMPLES = """
@@ -22,13 +22,6 @@ Examples:
 
   tsa-patch eval org/name-tsa --output eval.json --plot eval.png --json
 """
-
-
-def _csv(text: str, cast, name: str) -> tuple:
-    try:
-        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise TsaError(f"--{name} must be a comma-separated list; got '{text}'.") from None
 
 
 @handle_errors
@@ -51,8 +44,8 @@ def eval_command(
     from tsa_patch.models import load_patched
 
     out = Output(json_output)
-    config = EvalConfig(tasks=_csv(tasks, str, "tasks"), lengths=_csv(lengths, int, "lengths"), samples=samples,
-                        seed=seed, perplexity_samples=perplexity_samples, batch_size=batch_size)
+    config = EvalConfig(tasks=comma_separated(tasks, str, "tasks"), lengths=comma_separated(lengths, int, "lengths"),
+                        samples=samples, seed=seed, perplexity_samples=perplexity_samples, batch_size=batch_size)
     for path, option in ((output, "--output"), (plot, "--plot")):
         if path is not None:
             check_writable(path, option)
