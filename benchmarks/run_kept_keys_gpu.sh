@@ -35,9 +35,11 @@
 #                                                    # (2026-12-07) it took 550 s with select_shape_gpu.py at 8K and
 #                                                    # 16K in it, which did not finish in 150 s: run that alone
 #   bash benchmarks/run_kept_keys_gpu.sh select-variants  # the selection tests at GPU shapes, then for this tree, a
-#                                                    # carried .baseline and every untracked exp/NAME/tsa_patch: the
-#                                                    # radix selection alone (select_variants_gpu.py, outputs compared
-#                                                    # with the first) and the layer profile (LENGTHS, MODELS)
+#                                                    # carried .baseline and every untracked exp/NAME/tsa_patch (and
+#                                                    # benchmarks/variants/NAME.patch applied to a copy of this
+#                                                    # tree's as exp/NAME): the radix selection alone
+#                                                    # (select_variants_gpu.py, outputs compared with the first) and
+#                                                    # the layer profile (LENGTHS, MODELS)
 #   bash benchmarks/run_kept_keys_gpu.sh calibrate   # on a machine staged with the real model (~/stage): the
 #                                                    # default calibration of Qwen2.5-Coder-0.5B at 32K (rows all,
 #                                                    # 128 local keys, the front priced in time), its export
@@ -124,6 +126,10 @@ elif [ "$1" = select-and-pass1 ]; then
 elif [ "$1" = select-variants ]; then
   gpu_tests 300 tests/kernels/test_triton.py -k "select or radix"  # 200 s ran out compiling on a fresh H100
   pack select-variants
+  for patch in benchmarks/variants/*.patch; do  # a variant kept as a patch of this tree's runtime
+    name=exp/$(basename "$patch" .patch)
+    [ -d "$name/tsa_patch" ] || { mkdir -p "$name" && cp -r tsa_patch "$name/" && patch -s -d "$name" -p1 <"$patch"; }
+  done
   first=""  # the variant every other one's outputs are compared with
   for code in .baseline . exp/*; do
     [ -d "$code/tsa_patch" ] || continue
