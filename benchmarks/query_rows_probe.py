@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--together", action="store_true", help="the layers of --layers sparse at once, not alone")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16)")
     parser.add_argument("--modes", default="kept,all", help="comma-separated: kept, all, local")
-    parser.add_argument("--local-keys", type=int, default=128, help="the local keys of the local mode")
+    parser.add_argument("--local-keys", default="128", help="the local keys of the local mode (comma-separated: one "
+                        "run of the mode per value)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -79,10 +80,14 @@ def main() -> None:
     # one judge: its stored traces are keyed by each layer's policy, rows included
     judge = EndToEnd(model, {"calibration": samples}, args.seq_len, tokenizer, config.seed, make_policy,
                      lambda description, total: None)
-    knobs = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0},
-             "local": {"rows": "all", "local_keys": args.local_keys}}
-    names = {"kept": "paper", "all": "all rows", "local": f"all rows, {args.local_keys} local keys"}
-    for mode in args.modes.split(","):
+    knobs = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0}}
+    names = {"kept": "paper", "all": "all rows"}
+    for local in args.local_keys.split(","):
+        knobs[f"local-{local}"] = {"rows": "all", "local_keys": int(local)}
+        names[f"local-{local}"] = f"all rows, {local} local keys"
+    modes = [m for mode in args.modes.split(",") for m in ([k for k in knobs if k.startswith("local-")]
+                                                           if mode == "local" else [mode])]
+    for mode in modes:
         for chosen in [layers] if args.together else [[layer] for layer in layers]:
             for tau in taus:
                 metrics = judge.metrics([tau if i in chosen else 0.0 for i in range(num_layers)], "calibration",
