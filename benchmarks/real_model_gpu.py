@@ -62,6 +62,7 @@ CALIBRATIONS = {  # name -> CalibrationConfig changes (calibrate's defaults: row
     "tsa-local-keys-kl-0.01": {"rows": "all", "max_kl": 0.01},  # the same at half the default budget
     "tsa-local-keys-kl-0.04": {"rows": "all", "max_kl": 0.04},  # and at twice the default budget
     "tsa-flop-priced": {"rows": "all"},  # the default with its front priced in FLOPs (FLOP_PRICED), an ablation
+    "tsa-local-keys-1024": {"rows": "all", "local_keys": 1024},  # eight times the local keys (6 % of 32K attention)
 }
 FLOP_PRICED = {"tsa-flop-priced"}  # calibrated with calibrate's time pricing switched off: the previous default
 # ``layers --layer-rows``: what each mode computes (rows, local keys)
