@@ -24,6 +24,8 @@ Small models on a CPU; the real model at 32K runs the same comparison in ``real_
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -36,7 +38,9 @@ from tsa_patch.bench import environment
 from tsa_patch.calibrate import CalibrationConfig
 from tsa_patch.calibration.endtoend import EndToEnd
 from tsa_patch.data import load_documents, token_samples
+from tsa_patch.kernels import tsa
 from tsa_patch.kernels.policy import LayerPolicy, TsaPolicy
+from tsa_patch.kernels.reference import score_keys_ref
 from tsa_patch.models import load_model, resolve_model
 
 
@@ -45,6 +49,26 @@ def _sha256(path: str | None) -> str | None:
     if path is None or not Path(path).is_file():
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def far_voter_scores(query, key, window, scaling, softcap=None, far_from=128):
+    """``score_keys_ref`` with half its voters moved: the last ``window // 2`` queries, and ``window // 2`` queries
+    spread evenly over the prompt before the window, each voting with its causal softmax renormalised over the keys
+    more than ``far_from`` positions back (what a mid-prompt row needs beyond its local keys). Full prefills only."""
+    num_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len, _ = key.shape
+    half, candidates = window // 2, kv_len - window
+    last = score_keys_ref(query, key, half, scaling, softcap)[:, :candidates] * half  # summed votes
+    positions = torch.linspace(far_from + 1, candidates - 1, half, device=key.device).long()
+    q = query[:, positions].float()  # (Hq, half, D): full prefill, so query position = row
+    k = key.float().repeat_interleave(num_heads // kv_heads, dim=0)[:, :candidates]  # (Hq, C, D)
+    logits = torch.matmul(q, k.transpose(1, 2)) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    key_pos = torch.arange(candidates, device=key.device)
+    far = key_pos[None, :] < (positions[:, None] - far_from)  # (half, C): far and causal
+    probs = torch.softmax(logits.masked_fill(~far[None], float("-inf")), dim=-1)
+    return (last + probs.sum(dim=1)) / window
 
 
 def main() -> None:
@@ -59,9 +83,18 @@ def main() -> None:
     parser.add_argument("--modes", default="kept,all", help="comma-separated: kept, all, local")
     parser.add_argument("--local-keys", default="128", help="the local keys of the local mode (comma-separated: one "
                         "run of the mode per value)")
+    parser.add_argument("--scoring", default="window", choices=("window", "far-voters"),
+                        help="window: the paper's last W queries score the tokens; far-voters: a variant (on the CPU "
+                        "path): W/2 of them, and W/2 queries spread over the prompt that each vote, renormalised, "
+                        "only for keys farther back than --far-from")
+    parser.add_argument("--far-from", type=int, default=128, help="far-voters: the band before each spread query "
+                        "that it does not vote for (its local keys cover it)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.scoring == "far-voters":
+        tsa.STAGES["torch"] = dataclasses.replace(tsa.STAGES["torch"],
+                                                  score=functools.partial(far_voter_scores, far_from=args.far_from))
     source = resolve_model(args.model)
     model, tokenizer = load_model(source, device=args.device)
     num_layers = model.config.num_hidden_layers
@@ -101,6 +134,7 @@ def main() -> None:
                 rows.append(row)
     result = {**environment(), "command": " ".join(["python"] + sys.argv), "seconds": time.perf_counter() - begin,
               "model": source.spec, "sha256": _sha256(args.model), "seq_len": args.seq_len, "samples": args.samples,
+              "scoring": args.scoring, "far_from": args.far_from if args.scoring == "far-voters" else None,
               "rows": rows}
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
