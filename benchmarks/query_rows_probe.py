@@ -55,8 +55,7 @@ def far_voter_scores(query, key, window, scaling, softcap=None, far_from=128):
     """``score_keys_ref`` with half its voters moved: the last ``window // 2`` queries, and ``window // 2`` queries
     spread evenly over the prompt before the window, each voting with its causal softmax renormalised over the keys
     more than ``far_from`` positions back (what a mid-prompt row needs beyond its local keys). Full prefills only."""
-    num_heads, q_len, head_dim = query.shape
-    kv_heads, kv_len, _ = key.shape
+    num_heads, (kv_heads, kv_len, _) = query.shape[0], key.shape
     half, candidates = window // 2, kv_len - window
     last = score_keys_ref(query, key, half, scaling, softcap)[:, :candidates] * half  # summed votes
     positions = torch.linspace(far_from + 1, candidates - 1, half, device=key.device).long()
@@ -115,12 +114,12 @@ def main() -> None:
                      lambda description, total: None)
     knobs = {"kept": {"rows": "kept"}, "all": {"rows": "all", "local_keys": 0}}
     names = {"kept": "paper", "all": "all rows"}
+    local_modes = []  # the local mode once per --local-keys value
     for local in args.local_keys.split(","):
-        knobs[f"local-{local}"] = {"rows": "all", "local_keys": int(local)}
-        names[f"local-{local}"] = f"all rows, {local} local keys"
-    modes = [m for mode in args.modes.split(",") for m in ([k for k in knobs if k.startswith("local-")]
-                                                           if mode == "local" else [mode])]
-    for mode in modes:
+        local_modes.append(f"local-{local}")
+        knobs[local_modes[-1]] = {"rows": "all", "local_keys": int(local)}
+        names[local_modes[-1]] = f"all rows, {local} local keys"
+    for mode in [m for mode in args.modes.split(",") for m in (local_modes if mode == "local" else [mode])]:
         for chosen in [layers] if args.together else [[layer] for layer in layers]:
             for tau in taus:
                 metrics = judge.metrics([tau if i in chosen else 0.0 for i in range(num_layers)], "calibration",
